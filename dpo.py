@@ -106,7 +106,7 @@ class Config:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
-    num_samples: int = 4  # samples per prompt in compare
+    num_samples: int = 8  # samples per prompt in compare
 
 
 def _convert(key, text, typ):
@@ -184,7 +184,8 @@ def parse_config(argv):
 class PairData:
     """all pairs of one split; pair i -> (prompt, chosen, rejected) int64 arrays"""
 
-    def __init__(self, data_dir, split, block_size, truncate=False):
+    def __init__(self, data_dir, split, block_size, truncate=False, chosen_only=False):
+        self.chosen_only = chosen_only  # sft never looks at the rejected responses: don't compute them
         self.shards = [load_pairs(p) for p in list_shards(data_dir, split)]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)  # (N, 3)
@@ -199,6 +200,8 @@ class PairData:
                 f"(GPT-2 has 1024 positions), or re-run prepare.py with --max_length={block_size}")
         if self.n_cut:
             self.lengths = np.array([[len(x) for x in self._cut(*self._raw(i))] for i in range(len(self))], dtype=np.int64)
+        if chosen_only:
+            self.lengths[:, 2] = 0
         self.data_dir, self.split = data_dir, split
 
     def __len__(self):
@@ -219,6 +222,8 @@ class PairData:
         p, c, r = self._raw(i)
         if self.n_cut:
             p, c, r = self._cut(p, c, r)
+        if self.chosen_only:
+            r = r[:0]
         return p.astype(np.int64), c.astype(np.int64), r.astype(np.int64)
 
     def fingerprint(self):
@@ -321,7 +326,7 @@ def packed_batch(data, ids, plan, rows, row_len):
         branch[row, o + P + C: o + P + C + R] = 2
         base = row * row_len + o
         # chosen token t is predicted from the position before it; the first of both responses from the prompt's end
-        src += [base + P - 1 + np.arange(C), base + np.r_[P - 1, P + C + np.arange(R - 1)]]
+        src += [base + P - 1 + np.arange(C), base + np.r_[P - 1, P + C + np.arange(R - 1)][:R]]
         tgt += [c, r]
         seq += [np.full(C, 2 * k), np.full(R, 2 * k + 1)]
         pair_ids.append(ids[j])
@@ -769,8 +774,9 @@ def train(cfg):
     model.to(device)
     block = model.config.block_size
 
-    train_data = PairData(cfg.data_dir, "train", block, cfg.truncate)
-    val_data = PairData(cfg.data_dir, "val", block, cfg.truncate) if _has_split(cfg.data_dir, "val") else None
+    sft = cfg.loss_type == "sft" and cfg.sft_weight == 0
+    train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, chosen_only=sft)
+    val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft) if _has_split(cfg.data_dir, "val") else None
     pack_len = cfg.pack_len or max(layout_len(d, cfg.layout) for d in (train_data, val_data) if d is not None)
     if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
         raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
@@ -827,8 +833,9 @@ def train(cfg):
               f"layout {cfg.layout} ({pack_len} tokens a row), compile {compile_}", flush=True)
     history, t_start = [], time.time()
     for it in range(start, cfg.max_iters + 1):
-        if val_data is not None and cfg.eval_interval and it % cfg.eval_interval == 0 and not (ck and it == start) \
-                or (it == cfg.max_iters and val_data is not None):
+        resumed_here = ck is not None and it == start  # evaluated just before that checkpoint was saved
+        if val_data is not None and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters) \
+                and not resumed_here:
             ev = evaluate(module, val_data, ref_val, cfg, pack_len, device, ctx, rank, world, ddp, use_flex)
             if master:
                 print(f"eval {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
@@ -912,7 +919,7 @@ def load_pair_of_models(cfg, device):
 def sample(cfg):
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
-    _, _, device = setup_device(cfg)
+    *_, device = setup_device(cfg)
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     for prompt in (cfg.prompts.split("|") if cfg.prompts else ["Review of the pizza:"]):
@@ -942,7 +949,7 @@ def compare(cfg):
     import tiktoken
     from prepare import toy_reward
     enc = tiktoken.get_encoding("gpt2")
-    _, _, device = setup_device(cfg)
+    *_, device = setup_device(cfg)
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     if reference is None:
         raise ValueError(f"{cfg.init_from} records no reference model to compare against")
@@ -963,20 +970,25 @@ def compare(cfg):
             if name == "policy":  # KL(policy || reference) ~ mean over policy samples of log pi - log pi_ref
                 lp, lr = response_logps(policy, list(p), toks), response_logps(reference, list(p), toks)
                 kl += [a - b for a, b in zip(lp, lr)]
-    for name, m in (("reference", reference), ("policy", policy)):  # likelihood preference accuracy on val pairs
-        res[name]["acc"] = float(np.mean([np.subtract(*response_logps(m, val[i][0].tolist(), [val[i][1].tolist(), val[i][2].tolist()])) > 0
-                                          for i in range(min(len(val), 400))]))
+    # held-out preference accuracy: by likelihood (each model alone), and by DPO's implicit reward (policy vs reference)
+    pairs = [(val[i][0].tolist(), [val[i][1].tolist(), val[i][2].tolist()]) for i in range(min(len(val), 400))]
+    margins = {name: np.array([np.subtract(*response_logps(m, p, cr)) for p, cr in pairs])
+               for name, m in (("reference", reference), ("policy", policy))}
+    for name in res:
+        res[name]["acc"] = float(np.mean(margins[name] > 0))
+    implicit_acc = float(np.mean(margins["policy"] - margins["reference"] > 0))
     mean = lambda xs: float(np.mean(xs))
     sem = lambda xs: float(np.std(xs) / math.sqrt(len(xs)))
     rows = [("reward, greedy", *(f"{mean(res[n]['greedy']):+.3f}" for n in res)),
             (f"reward, sampled (T={cfg.temperature})", *(f"{mean(res[n]['sampled']):+.3f} ± {sem(res[n]['sampled']):.3f}" for n in res)),
             ("log p(chosen) > log p(rejected)", *(f"{res[n]['acc']:.3f}" for n in res)),
+            ("implicit reward accuracy", "", f"{implicit_acc:.3f}"),
             ("KL(policy || reference), nats", "", f"{mean(kl):.2f}")]
     print(f"\nheld-out prompts: {len(prompts)}, {cfg.num_samples} samples each; reference = {ref_from}, policy = {cfg.init_from}")
     print(f"{'':34s} {'reference (SFT)':>18s} {'policy (DPO)':>18s}")
     for r in rows:
         print(f"{r[0]:34s} {r[1]:>18s} {r[2]:>18s}")
-    return {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items() if k != "logps"} for n, d in res.items()} | {"kl": mean(kl)}
+    return {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items() if k != "logps"} for n, d in res.items()} | {"kl": mean(kl), "implicit_acc": implicit_acc}
 
 
 def _response(row, prompt_len, keep_eot=False):

@@ -103,6 +103,49 @@ class Block(nn.Module):
         return x
 
 
+class TokenLogprobs(torch.autograd.Function):
+    """log_softmax(h @ W.T)[target] chunk by chunk, with a hand-written backward.
+    one chunk: its logits are kept and turned into the gradient in place (no extra (n, V) buffers).
+    several chunks: only h is kept and each chunk's logits are recomputed in backward, so at most one chunk of
+    (chunk_size, V) float32 logits is alive at a time. d logp / d logits = onehot(target) - softmax(logits)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        ctx.dtype, ctx.chunk = dtype, chunk_size
+        out, lses, kept = [], [], None
+        for i in range(0, h.size(0), chunk_size):
+            logits = F.linear(h[i:i + chunk_size].to(dtype), weight.to(dtype)).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            out.append(logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1) - lse)
+            lses.append(lse)
+            kept = logits if h.size(0) <= chunk_size else None
+        ctx.kept = kept
+        ctx.save_for_backward(h, weight, targets, torch.cat(lses))
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, lse = ctx.saved_tensors
+        dtype, w = ctx.dtype, weight.to(ctx.dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        for i in range(0, h.size(0), ctx.chunk):
+            hc, g, t = h[i:i + ctx.chunk], grad_out[i:i + ctx.chunk].float(), targets[i:i + ctx.chunk]
+            logits = ctx.kept if ctx.kept is not None else F.linear(hc.to(dtype), w).float()
+            # in place: logits -> -g * softmax, then + g at the target
+            grad = logits.sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            grad[torch.arange(len(t), device=t.device), t] += g
+            grad = grad.to(dtype)
+            if grad_h is not None:
+                grad_h[i:i + ctx.chunk] = (grad @ w).to(h.dtype)
+            if ctx.needs_input_grad[1]:
+                part = (grad.t() @ hc.to(dtype)).float()  # (V, C)
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        ctx.kept = None
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None
+
+
 class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
@@ -156,9 +199,9 @@ class GPT(nn.Module):
         or a flex_attention BlockMask (rows with no keys give zeros)."""
         B, T = idx.size()
         bs = self.config.block_size
-        if T > bs:
-            raise ValueError(f"sequence length {T} > block_size {bs}: crop the input to at most {bs} tokens")
         if pos is None:
+            if T > bs:  # with explicit positions a packed row may be longer: only the positions must fit
+                raise ValueError(f"sequence length {T} > block_size {bs}: crop the input to at most {bs} tokens")
             pos = torch.arange(T, device=idx.device)  # (T,)
         else:
             if pos.dtype != torch.long or pos.shape not in ((T,), (B, T)):
@@ -189,26 +232,13 @@ class GPT(nn.Module):
 
     def token_logprobs(self, h, targets, chunk_size=4096) -> torch.Tensor:
         """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd).
-        Rows are processed chunk_size at a time; with grad enabled each chunk is checkpointed, so backward
-        recomputes its logits instead of keeping the whole (N, vocab) float32 matrix alive."""
+        Rows go through the lm_head chunk_size at a time (see TokenLogprobs), so the full (N, vocab) float32
+        logits and their gradient never exist at once."""
         shape = targets.shape
         h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-        out = []
-        for i in range(0, h.size(0), chunk_size):
-            hc, tc = h[i:i + chunk_size], targets[i:i + chunk_size]
-            if torch.is_grad_enabled():
-                out.append(checkpoint(self._chunk_logprobs, hc, tc, use_reentrant=False))
-            else:
-                out.append(self._chunk_logprobs(hc, tc))
-        if not out:  # no rows at all
+        if h.size(0) == 0:
             return h.new_zeros(shape, dtype=torch.float32)
-        return torch.cat(out).view(shape)
-
-    def _chunk_logprobs(self, h, targets):
-        logits = self.lm_head(h).float()  # (n, V); the matmul may run under autocast, the rest may not
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            # = log_softmax gathered, without materializing the (n, V) log_softmax output for backward
-            return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return TokenLogprobs.apply(h, self.lm_head.weight, targets, chunk_size).view(shape)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=50256,
