@@ -94,6 +94,7 @@ class Config:
     eval_pairs: int = 0  # val pairs per eval, 0 = all
     log_interval: int = 1
     save_checkpoint: bool = True
+    export_hf: bool = False  # at the end also write out_dir/hf: config.json + model.safetensors for transformers
     wandb_log: bool = False
     wandb_project: str = "nanodpo"
     wandb_run_name: str = "dpo"
@@ -555,15 +556,15 @@ def compute_reference(ref_model, data, cfg, pack_len, device, ctx, rank=0, world
     module = SequenceLogps(ref_model, chunk=cfg.logprob_chunk).eval()
     out = torch.zeros(2, len(data), dtype=torch.float32, device=device)
     ids = np.arange(rank, len(data), world)
-    t0 = time.time()
+    t0 = last = time.time()
     for i in range(0, len(ids), 16 * cfg.batch_size):
         for b in micro_batches(data, ids[i: i + 16 * cfg.batch_size], cfg, pack_len):
             with ctx:
                 c, r, _, _ = batch_logps(module, b, device, use_flex)
             j = torch.from_numpy(b.pair_ids).to(device)
             out[0, j], out[1, j] = c.float(), r.float()
-        if rank == 0 and time.time() - t0 > 5:
-            done = min(i + 16 * cfg.batch_size, len(ids))
+        if rank == 0 and time.time() - last > 5:
+            last, done = time.time(), min(i + 16 * cfg.batch_size, len(ids))
             print(f"reference log-probs {data.split}: {done}/{len(ids)} pairs, "
                   f"eta {(time.time() - t0) / done * (len(ids) - done):.0f}s", flush=True)
     if world > 1:
@@ -575,9 +576,18 @@ def cached_reference(ref_model, data, cfg, pack_len, device, ctx, rank, world, u
     """reference log-probs stored beside the shards, keyed by the reference weights and the data"""
     key = f"{weights_hash(ref_model)}_{data.fingerprint()}"
     path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{key}.pt")
-    if os.path.exists(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved["chosen"], saved["rejected"]
+    # rank 0 decides and shares what it has: other nodes may not see its filesystem
+    found = torch.tensor([rank == 0 and os.path.exists(path)], dtype=torch.float32, device=device)
+    if world > 1:
+        torch.distributed.broadcast(found, 0)
+    if found.item():
+        both = torch.zeros(2, len(data), dtype=torch.float32, device=device)
+        if rank == 0:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            both[0], both[1] = saved["chosen"], saved["rejected"]
+        if world > 1:
+            torch.distributed.broadcast(both, 0)
+        return both[0].cpu(), both[1].cpu()
     chosen, rejected = compute_reference(ref_model, data, cfg, pack_len, device, ctx, rank, world, use_flex)
     if rank == 0:
         tmp = path + f".tmp{os.getpid()}"
@@ -838,7 +848,8 @@ def train(cfg):
                 and not resumed_here:
             ev = evaluate(module, val_data, ref_val, cfg, pack_len, device, ctx, rank, world, ddp, use_flex)
             if master:
-                print(f"eval {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
+                shown = ("loss", "chosen_logp") if val_data.chosen_only else ev
+                print(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in shown), flush=True)
             log({"iter": it, **{f"val/{k}": v for k, v in ev.items()}})
         if it == cfg.max_iters:
             break
@@ -884,13 +895,15 @@ def train(cfg):
         log(rec)
         if master and it % cfg.log_interval == 0:
             eta = (time.time() - t_start) / (it - start + 1) * (cfg.max_iters - it - 1)
-            print(f"iter {it}: loss {stats['loss']:.4f}, acc {stats['accuracy']:.2f}, margin {stats['margin']:.3f}, "
-                  f"lr {lr:.2e}, {1000 * dt:.0f}ms, {rec['pairs_per_s']:.1f} pairs/s, mfu {100 * rec['mfu']:.1f}%, "
+            pref = "" if train_data.chosen_only else f", acc {stats['accuracy']:.2f}, margin {stats['margin']:.3f}"
+            print(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, {rec['pairs_per_s']:.1f} pairs/s, mfu {100 * rec['mfu']:.1f}%, "
                   f"eta {eta:.0f}s", flush=True)
         if master and cfg.save_checkpoint and cfg.eval_interval and (it + 1) % cfg.eval_interval == 0:
             save_checkpoint(cfg.out_dir, model, optimizer, cfg, it + 1, ref_from)
     if master and cfg.save_checkpoint:
         save_checkpoint(cfg.out_dir, model, optimizer, cfg, cfg.max_iters, ref_from)
+    if master and cfg.export_hf:
+        model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
     if log_file:
         log_file.close()
     return history

@@ -1,0 +1,179 @@
+"""
+Hugging Face TRL's DPOTrainer on this machine's CPU: the speed we quote ours against, and a check that
+TRL's per-pair log-probs and loss equal ours (model.py + dpo.dpo_loss) on the same weights and tokens.
+TRL is not a dependency of this project: it lives in its own venv, next to the main one.
+    python3 -m venv .venv-trl
+    .venv-trl/bin/pip install torch==2.13.0          # first, so pip keeps this torch (the CPU wheel)
+    .venv-trl/bin/pip install trl tiktoken           # + transformers, datasets, accelerate
+    export TIKTOKEN_CACHE_DIR=/work/shared/tiktoken   # GPT-2's BPE files, read offline
+    .venv-trl/bin/python bench_trl.py --steps=6      # speed: 4x256 GPT-2, 8 HH pairs/step, max_length 512
+    .venv-trl/bin/python bench_trl.py --check=1      # TRL vs ours: logps and loss, tiny GPT-2, 6 HH pairs
+Prints one JSON line last. Options: --steps, --check, --data, --seed.
+"""
+import copy
+import gzip
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never ask the hub for anything
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+import datasets
+import transformers
+import trl
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+DATA = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+EOT = 50256
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE as an HF tokenizer, from tiktoken's cache (its files are named by the SHA-1 of their URL)"""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
+    path = lambda name: os.path.join(cache, hashlib.sha1((BPE_URL + name).encode()).hexdigest())
+    for name in ("encoder.json", "vocab.bpe"):
+        if not os.path.isfile(path(name)):
+            sys.exit(f"{path(name)} ({name}) not found: set TIKTOKEN_CACHE_DIR to tiktoken's cache of GPT-2's BPE")
+    with open(path("encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)  # token -> id, 50257 entries
+    with open(path("vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]  # after the '#version' line
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    tok.pad_token = tok.eos_token  # GPT-2 has no pad token; TRL's collator masks the padding anyway
+    return tok
+
+
+def hh_pairs(path, limit=None):
+    """HH rows -> {prompt, chosen, rejected}: prompt = chosen transcript up to its last '\\n\\nAssistant:'"""
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            ex = json.loads(line)
+            cut = ex["chosen"].rfind("\n\nAssistant:")
+            if cut < 0:
+                continue
+            prompt = ex["chosen"][:cut + len("\n\nAssistant:")]
+            if not ex["rejected"].startswith(prompt):  # the two transcripts differ before the last turn
+                continue
+            rows.append(dict(prompt=prompt, chosen=ex["chosen"][len(prompt):], rejected=ex["rejected"][len(prompt):]))
+    return rows[:limit]
+
+
+def gpt2(n_layer, n_embd, n_head, seed):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257, n_positions=1024)
+    return GPT2LMHeadModel(cfg).float()
+
+
+def make_trainer(model, ref_model, tok, rows, batch_size, max_steps, seed, out_dir):
+    args = DPOConfig(  # TRL's defaults (sigmoid, beta 0.1, lr 1e-6, reference run every step) except the below
+        output_dir=out_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+        max_length=512, max_steps=max_steps, seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False,
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**9, disable_tqdm=True,
+        dataloader_num_workers=0)
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
+                      train_dataset=datasets.Dataset.from_list(rows))
+
+
+class StepTimer(TrainerCallback):
+    """wall time between consecutive optimizer steps (data, forward, reference, backward, AdamW, metrics)"""
+
+    def __init__(self):
+        self.ends = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def bench(steps, seed, data, warmup=2):
+    tok = gpt2_tokenizer()
+    rows = hh_pairs(data)
+    model = gpt2(4, 256, 4, seed)
+    ref_model = copy.deepcopy(model)  # reference = the initial policy, as in TRL when none is given
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = make_trainer(model, ref_model, tok, rows, 8, warmup + steps, seed, out_dir)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        t_start = time.perf_counter()
+        trainer.train()
+    dts = [b - a for a, b in zip(timer.ends[warmup - 1:], timer.ends[warmup:])]  # (steps,) after the warmup
+    print(f"{len(rows)} pairs; first step {timer.ends[0] - t_start:.2f}s; timed steps: "
+          + " ".join(f"{dt:.2f}" for dt in dts), file=sys.stderr)
+    med = statistics.median(dts)
+    return dict(trl_pairs_per_s=round(8 / med, 4), trl_s_per_step_median=round(med, 4), steps=len(dts),
+                trl_version=trl.__version__, transformers_version=transformers.__version__,
+                torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                load_avg_1m=round(os.getloadavg()[0], 2))  # > ~2.5: something else shared the 2 cores
+
+
+def naive_logps(model, prompt_ids, response_ids):
+    """summed log p(response | prompt) from full logits, one unpadded sequence at a time"""
+    idx = torch.tensor([prompt_ids + response_ids])  # (1, T)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(idx).double(), dim=-1)  # (1, T, V)
+    targets = idx[0, 1:]  # (T-1,) token t+1 is predicted at position t
+    per_token = logp[0, :-1].gather(-1, targets[:, None])[:, 0]  # (T-1,)
+    return per_token[len(prompt_ids) - 1:].sum()  # the response tokens only
+
+
+def check(seed, data, n_pairs=6):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tiktoken
+    import dpo
+    from model import GPT
+    tok = gpt2_tokenizer()
+    rows = sorted(hh_pairs(data), key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))
+    rows = rows[:n_pairs]  # the shortest pairs: a quick check, no truncation
+    policy, ref = gpt2(2, 64, 2, seed), gpt2(2, 64, 2, seed + 1)  # a different reference: loss != log 2
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(policy, ref, tok, rows, n_pairs, 1, seed, tmp)
+        ex = [trainer.train_dataset[i] for i in range(n_pairs)]  # TRL's token ids, in row order
+        batch = trainer._prepare_inputs(trainer.data_collator(ex))
+        trainer.model.eval()
+        with torch.no_grad():
+            trl_pc, trl_pr = trainer.compute_ref_log_probs(trainer.model, batch)  # policy: same code, other model
+            trl_rc, trl_rr = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+            trl_loss = trainer.compute_loss(trainer.model, batch)
+        for name, m in (("policy", policy), ("ref", ref)):
+            m.save_pretrained(os.path.join(tmp, name))
+        ours = {name: GPT.from_pretrained(os.path.join(tmp, name)).eval() for name in ("policy", "ref")}
+    # does TRL tokenize as tiktoken (prompt, response and EOT encoded apart) would? report, don't assume
+    enc = tiktoken.get_encoding("gpt2")
+    same_ids = sum(e["prompt_ids"] == enc.encode(r["prompt"]) and
+                   e["chosen_ids"] == enc.encode(r["chosen"]) + [EOT] and
+                   e["rejected_ids"] == enc.encode(r["rejected"]) + [EOT] for e, r in zip(ex, rows))
+    lp = {(name, side): torch.stack([naive_logps(m, e["prompt_ids"], e[f"{side}_ids"]) for e in ex])
+          for name, m in ours.items() for side in ("chosen", "rejected")}  # (B,) float64 each
+    losses, _, _ = dpo.dpo_loss(lp["policy", "chosen"], lp["policy", "rejected"], lp["ref", "chosen"],
+                                lp["ref", "rejected"], beta=trainer.beta, loss_type="sigmoid")
+    diff = lambda a, b: (a.double() - b.double()).abs().max().item()
+    res = dict(pairs=n_pairs, tiktoken_same_ids=same_ids, trl_loss=trl_loss.item(), our_loss=losses.mean().item(),
+               max_diff_policy_chosen=diff(trl_pc, lp["policy", "chosen"]),
+               max_diff_policy_rejected=diff(trl_pr, lp["policy", "rejected"]),
+               max_diff_ref_chosen=diff(trl_rc, lp["ref", "chosen"]),
+               max_diff_ref_rejected=diff(trl_rr, lp["ref", "rejected"]),
+               loss_diff=abs(trl_loss.item() - losses.mean().item()), trl_version=trl.__version__)
+    print("policy chosen logps, TRL:", [round(x, 4) for x in trl_pc.tolist()], file=sys.stderr)
+    print("policy chosen logps, ours:", [round(x, 4) for x in lp["policy", "chosen"].tolist()], file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    opts = dict(steps=6, check=0, seed=1337, data=DATA)
+    for arg in sys.argv[1:]:
+        key, _, val = arg.removeprefix("--").partition("=")
+        if key not in opts or not val:
+            sys.exit(f"unknown or empty option {arg!r}; expected --key=value with key in {sorted(opts)}")
+        opts[key] = type(opts[key])(val)
+    if not os.path.isfile(opts["data"]):
+        sys.exit(f"{opts['data']} not found: expected Anthropic HH jsonl.gz (rows with 'chosen' and 'rejected')")
+    torch.set_num_threads(2)
+    res = check(opts["seed"], opts["data"]) if opts["check"] else bench(opts["steps"], opts["seed"], opts["data"])
+    print(json.dumps(res))

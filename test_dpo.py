@@ -1,0 +1,1647 @@
+"""
+All tests, CPU, tiny configs: python -m pytest -q test_dpo.py
+(GPU-only tests skip cleanly without CUDA; tests of the real HH file skip only when ../shared is missing.)
+"""
+import collections
+import gzip
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+import dpo
+import model as model_module
+import prepare as P
+from dpo import LOSS_TYPES, Config, PairData, dpo_loss, parse_config, train
+from model import GPT, GPTConfig
+
+
+# =============================================================================
+# model.py: GPT-2 against Hugging Face
+
+# Tests for model.py against independent references: Hugging Face transformers' GPT-2 (eager attention),
+# the safetensors package, naive loops and hand counts. Tiny configs, CPU, a few seconds.
+
+
+
+import safetensors.torch as safetensors_torch  # noqa: E402  test-only references (requirements-dev.txt)
+import transformers  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, block_size=64)
+
+
+def hf_tiny(seed=0):
+    """A random-weight HF GPT-2 with every tensor (biases, LayerNorms too) perturbed away from its init."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64,
+                                  bos_token_id=None, eos_token_id=None, attn_implementation="eager")
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def our_tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**{**TINY, **kw}))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    hf = hf_tiny()
+    hf.save_pretrained(d)  # safetensors
+    assert os.path.isfile(d / "model.safetensors")
+    return d, hf
+
+
+def copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def tokens(B=2, T=20, seed=1):
+    return torch.randint(0, 1000, (B, T), generator=torch.Generator().manual_seed(seed))
+
+# -----------------------------------------------------------------------------
+# loading and saving against transformers
+
+
+def test_load_hf_safetensors(hf_dir):
+    d, hf = hf_dir
+    m = GPT.from_pretrained(d).eval()
+    idx = tokens()
+    assert (m(idx) - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+    assert m.lm_head.weight is m.transformer.wte.weight  # still tied after loading
+    assert m.num_params(non_embedding=False) == sum(p.numel() for p in hf.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in m.parameters())
+
+
+def test_load_hf_pytorch_bin(hf_dir, tmp_path):
+    d, hf = hf_dir
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    sd = dict(hf.state_dict())  # includes lm_head.weight
+    # old checkpoints also carry the causal-mask buffers; they must be ignored
+    sd["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    m = GPT.from_pretrained(tmp_path).eval()
+    idx = tokens()
+    assert (m(idx) - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_unprefixed_half_precision(hf_dir, tmp_path, dtype):
+    # the hub's gpt2 files name tensors without 'transformer.' and include attn.bias buffers
+    d, hf = hf_dir
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    sd = {k.removeprefix("transformer."): v.to(dtype).contiguous() for k, v in hf.state_dict().items()
+          if k != "lm_head.weight"}
+    sd["h.1.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64)).to(dtype)
+    safetensors_torch.save_file(sd, tmp_path / "model.safetensors")
+    m = GPT.from_pretrained(tmp_path).eval()
+    ref = hf_tiny()
+    with torch.no_grad():  # the reference gets the same rounding
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).float())
+    idx = tokens()
+    assert (m(idx) - hf_logits(ref, idx)).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path, hf_dir):
+    m = our_tiny(seed=3)
+    m.save_pretrained(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]  # no temp files
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    idx = tokens()
+    assert (m(idx) - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+    # same tensor names and shapes as transformers writes, readable by the safetensors package
+    theirs = safetensors_torch.load_file(hf_dir[0] / "model.safetensors")
+    ours = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    with open(tmp_path / "out" / "model.safetensors", "rb") as f:
+        assert int.from_bytes(f.read(8), "little") % 8 == 0  # header padded to 8-byte alignment
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["n_ctx"] == cfg["n_positions"] == 64
+    # and back into our model
+    m2 = GPT.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(m2(idx), m(idx))
+
+
+def test_save_pretrained_failure_leaves_old_files(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    our_tiny(seed=1).save_pretrained(out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    def boom(tensors, path):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(model_module, "save_safetensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        our_tiny(seed=2).save_pretrained(out)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_save_pretrained_rejects_no_bias(tmp_path):
+    with pytest.raises(ValueError, match="biases"):
+        GPT(GPTConfig(**TINY, bias=False)).save_pretrained(tmp_path)
+
+# -----------------------------------------------------------------------------
+# download path, for real, from a file:// "hub"
+
+
+def make_hub(tmp_path, hf_dir, name, truncate=False):
+    src = tmp_path / "hub" / name / "resolve" / "main"
+    src.mkdir(parents=True)
+    data = (hf_dir[0] / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:len(data) // 2] if truncate else data)
+    return (tmp_path / "hub").as_uri(), src / "model.safetensors"
+
+
+def test_download_and_cache(hf_dir, tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(model_module.PRETRAINED, "tiny-gpt", TINY)
+    base, src = make_hub(tmp_path, hf_dir, "tiny-gpt")
+    monkeypatch.setenv("NANODPO_HF_BASE_URL", base)
+    monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
+    m = GPT.from_pretrained("tiny-gpt").eval()
+    idx = tokens()
+    assert (m(idx) - hf_logits(hf_dir[1], idx)).abs().max().item() <= 1e-4
+    err = capfd.readouterr().err
+    assert "MB" in err and "100.0%" in err  # progress on stderr
+    assert os.listdir(tmp_path / "cache" / "tiny-gpt") == ["model.safetensors"]
+    os.remove(src)  # second load must come from the cache
+    m2 = GPT.from_pretrained("tiny-gpt", dropout=0.1)
+    assert m2.config.dropout == 0.1
+    assert torch.equal(m2.eval()(idx), m(idx))
+
+
+def test_download_truncated_leaves_nothing(hf_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(model_module.PRETRAINED, "tiny-gpt", TINY)
+    base, _ = make_hub(tmp_path, hf_dir, "tiny-gpt", truncate=True)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="tiny-gpt.*truncated"):
+        GPT.from_pretrained("tiny-gpt", cache_dir=cache, base_url=base)
+    assert [f for _, _, fs in os.walk(cache) for f in fs] == []
+
+
+def test_download_missing_source(tmp_path, monkeypatch):
+    monkeypatch.setitem(model_module.PRETRAINED, "tiny-gpt", TINY)
+    with pytest.raises(OSError, match="could not download .*tiny-gpt/resolve/main/model.safetensors"):
+        GPT.from_pretrained("tiny-gpt", cache_dir=tmp_path / "c", base_url=(tmp_path / "nohub").as_uri())
+    assert [f for _, _, fs in os.walk(tmp_path / "c") for f in fs] == []
+
+# -----------------------------------------------------------------------------
+# bad inputs
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="unknown model name 'gpt3'.*gpt2-medium"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_folder_without_weights(hf_dir, tmp_path):
+    shutil.copy(hf_dir[0] / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no weights file, expected model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(tmp_path)
+
+
+def edit_config(d, **kw):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(kw)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_shape_mismatch(hf_dir, tmp_path):
+    d = copy_dir(hf_dir[0], tmp_path / "m")
+    edit_config(d, vocab_size=999)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'transformer.wte.weight' has shape "
+                                         r"\(1000, 64\), expected \(999, 64\)"):
+        GPT.from_pretrained(d)
+
+
+def test_config_more_layers_than_file(hf_dir, tmp_path):
+    d = copy_dir(hf_dir[0], tmp_path / "m")
+    edit_config(d, n_layer=3)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['transformer.h.2.ln_1.weight'"):
+        GPT.from_pretrained(d)
+
+
+def test_config_bad(hf_dir, tmp_path):
+    d = copy_dir(hf_dir[0], tmp_path / "m")
+    (d / "config.json").write_text('{"n_layer": 2,\n "n_head": }')
+    with pytest.raises(ValueError, match="config.json, line 2: invalid JSON"):
+        GPT.from_pretrained(d)
+    (d / "config.json").write_text('{"n_layer": 2}')
+    with pytest.raises(ValueError, match="missing GPT-2 config keys .*n_head"):
+        GPT.from_pretrained(d)
+    shutil.copy(hf_dir[0] / "config.json", d / "config.json")
+    edit_config(d, activation_function="relu")
+    with pytest.raises(ValueError, match="activation_function = 'relu' is not supported"):
+        GPT.from_pretrained(d)
+
+
+def test_truncated_safetensors(hf_dir, tmp_path):
+    d = copy_dir(hf_dir[0], tmp_path / "m")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"m/model.safetensors: truncated"):
+        GPT.from_pretrained(d)
+    (d / "model.safetensors").write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        GPT.from_pretrained(d)
+
+
+def write_modified(hf_dir, tmp_path, change):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(hf_dir[0] / "config.json", d / "config.json")
+    sd = {k: v.contiguous() for k, v in hf_dir[1].state_dict().items() if k != "lm_head.weight"}
+    change(sd)
+    if sd.get("__bin__"):
+        sd.pop("__bin__")
+        torch.save(sd, d / "pytorch_model.bin")
+    else:
+        safetensors_torch.save_file(sd, d / "model.safetensors")
+    return d
+
+
+def test_unexpected_tensor(hf_dir, tmp_path):
+    d = write_modified(hf_dir, tmp_path, lambda sd: sd.update({"transformer.h.0.attn.q_attn.weight": torch.zeros(3)}))
+    with pytest.raises(ValueError, match="unexpected tensor 'transformer.h.0.attn.q_attn.weight'"):
+        GPT.from_pretrained(d)
+
+
+def test_missing_tensor(hf_dir, tmp_path):
+    d = write_modified(hf_dir, tmp_path, lambda sd: sd.pop("transformer.ln_f.bias"))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['transformer.ln_f.bias'\]"):
+        GPT.from_pretrained(d)
+
+
+def test_unsupported_dtype(hf_dir, tmp_path):
+    d = write_modified(hf_dir, tmp_path, lambda sd: sd.update(
+        {"transformer.ln_f.bias": sd["transformer.ln_f.bias"].to(torch.int8)}))
+    with pytest.raises(ValueError, match="'transformer.ln_f.bias' has dtype 'I8'"):
+        GPT.from_pretrained(d)
+
+
+def test_untied_lm_head(hf_dir, tmp_path):
+    d = write_modified(hf_dir, tmp_path, lambda sd: sd.update(
+        {"__bin__": True, "lm_head.weight": torch.zeros(1000, 64)}))
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        GPT.from_pretrained(d)
+
+
+def test_forward_bad_inputs():
+    m = our_tiny()
+    with pytest.raises(ValueError, match="sequence length 65 > block_size 64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"position ids must lie in \[0, block_size=64\)"):
+        m(torch.zeros(1, 4, dtype=torch.long), pos=torch.tensor([0, 1, 2, 64]))
+    with pytest.raises(ValueError, match="pos must be a long tensor"):
+        m(torch.zeros(1, 4, dtype=torch.long), pos=torch.arange(3))
+    with pytest.raises(ValueError, match="attn_mask must be a bool tensor"):
+        m(torch.zeros(1, 4, dtype=torch.long), attn_mask=torch.ones(1, 4, 4))
+
+# -----------------------------------------------------------------------------
+# packed sequences, log-probs, checkpointing, generation, flops
+
+
+def packed_inputs(m):
+    # row 0: sequence a (5 tokens), sequence b (7 tokens), 3 padding tokens; row 1: one sequence of 15
+    a, b, c = tokens(1, 5, seed=2), tokens(1, 7, seed=3), tokens(1, 15, seed=4)
+    idx = torch.cat([torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1), c])
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(7), torch.zeros(3, dtype=torch.long)]),
+                       torch.arange(15)])
+    doc = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 3, [0] * 15])  # -1 = padding
+    T = 15
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    mask = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & causal  # padding attends to nothing
+    refs = [m(a)[0], m(b)[0], m(c)[0]]
+    return idx, pos, doc, mask, refs
+
+
+def test_packed_sequences_match_separate_runs():
+    m = our_tiny()
+    idx, pos, doc, mask, (ra, rb, rc) = packed_inputs(m)
+    for msk in (mask, mask[:, None]):
+        out = m(idx, pos=pos, attn_mask=msk)
+        assert torch.isfinite(out).all()  # padding rows included
+        assert (out[0, :5] - ra).abs().max() <= 1e-5
+        assert (out[0, 5:12] - rb).abs().max() <= 1e-5
+        assert (out[1] - rc).abs().max() <= 1e-5
+        # documented: a padding row that attends to nothing attends to itself alone
+        assert (out[0, 12] - m(idx[:1, 12:13], pos=pos[:1, 12:13])[0, 0]).abs().max() <= 1e-5
+    # (T,) positions broadcast over the batch
+    assert (m(idx[1:], pos=torch.arange(15))[0] - rc).abs().max() <= 1e-5
+
+
+def test_packed_sequences_flex_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+    m = our_tiny()
+    idx, pos, doc, mask, (ra, rb, rc) = packed_inputs(m)
+
+    def mask_mod(b, h, q, k):
+        return (doc[b, q] == doc[b, k]) & (doc[b, q] >= 0) & (q >= k)
+    with warnings.catch_warnings(), torch.no_grad():  # flex_attention has no backward on CPU
+        warnings.simplefilter("ignore")  # eager flex_attention on CPU warns that it is slow
+        bm = create_block_mask(mask_mod, 2, None, 15, 15, device="cpu")
+        out = m(idx, pos=pos, attn_mask=bm)
+    assert (out[0, :5] - ra).abs().max() <= 1e-5
+    assert (out[0, 5:12] - rb).abs().max() <= 1e-5
+    assert (out[1] - rc).abs().max() <= 1e-5
+
+
+def test_token_logprobs_matches_log_softmax():
+    m = our_tiny()
+    idx = tokens(3, 17)
+    targets = tokens(3, 17, seed=5)
+    w = torch.randn(3, 17)  # arbitrary weights so every position's gradient matters
+
+    m.zero_grad()
+    lp = m.token_logprobs(m.hidden(idx), targets, chunk_size=7)  # 51 rows: chunks of 7, last one partial
+    (lp * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    m.zero_grad()
+    ref = F.log_softmax(m(idx).float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    (ref * w).sum().backward()
+    assert lp.dtype == torch.float32 and lp.shape == (3, 17)
+    assert (lp - ref).abs().max() <= 1e-5
+    for n, p in m.named_parameters():
+        assert (grads[n] - p.grad).abs().max() <= 1e-5, n
+    with torch.no_grad():
+        assert (m.token_logprobs(m.hidden(idx), targets, chunk_size=5) - ref).abs().max() <= 1e-5
+
+
+def test_token_logprobs_never_saves_full_logits():
+    m = our_tiny()
+    idx, targets = tokens(4, 16), tokens(4, 16, seed=7)  # N = 64 rows, V = 1000
+    h = m.hidden(idx).detach().requires_grad_()
+    saved = []
+    params = list(m.parameters())  # the lm_head weight itself is saved, but it is no new memory
+    pack = lambda t: saved.append(0 if any(t is p for p in params) else t.numel()) or t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = m.token_logprobs(h, targets, chunk_size=16)
+    assert max(saved, default=0) < 64 * 1000 / 2  # at most one chunk's logits, here none
+    lp.sum().backward()
+    ref = F.log_softmax(m.lm_head(h).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    assert torch.allclose(torch.autograd.grad(ref.sum(), h)[0], h.grad, atol=1e-6)
+
+
+def test_token_logprobs_float32_under_bf16_autocast():
+    m = our_tiny()
+    idx, targets = tokens(2, 9), tokens(2, 9, seed=6)
+    with torch.no_grad():
+        ref = F.log_softmax(m(idx).double(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = m.token_logprobs(m.hidden(idx), targets)
+    assert lp.dtype == torch.float32
+    assert (lp.double() - ref).abs().max() <= 0.2  # bf16 matmuls, float32 normalization
+
+
+def test_gradient_checkpointing_same_grads_less_memory():
+    m = our_tiny().train()
+    idx = tokens(2, 32)
+
+    def run():
+        m.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = m(idx).float().logsumexp(-1).mean()
+        loss.backward()
+        return sum(saved), {n: p.grad.clone() for n, p in m.named_parameters()}
+    saved_plain, g_plain = run()
+    m.gradient_checkpointing = True
+    saved_ckpt, g_ckpt = run()
+    assert saved_ckpt < saved_plain / 2  # block internals are not kept for backward
+    for n in g_plain:
+        assert (g_plain[n] - g_ckpt[n]).abs().max() <= 1e-6, n
+
+
+def naive_greedy(m, idx, n):
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = m(idx[:, -m.config.block_size:])[:, -1].argmax(-1)
+        idx = torch.cat([idx, nxt[:, None]], 1)
+    return idx
+
+
+def test_generate_greedy_and_eos():
+    m = our_tiny(block_size=16)  # generating past 16 tokens exercises the context crop
+    idx = tokens(2, 10)
+    ref = naive_greedy(m, idx, 12)
+    assert torch.equal(m.generate(idx, 12, temperature=0, eos_token_id=None), ref)
+    # eos = a token row 0 produces; each row stops there and is padded with eos afterwards
+    eos = ref[0, 13].item()
+    out = m.generate(idx, 12, temperature=0, eos_token_id=eos)
+    expected, ends = [], []
+    for row in ref[:, 10:].tolist():
+        end = row.index(eos) + 1 if eos in row else len(row)
+        expected.append(row[:end] + [eos] * (len(row) - end))
+        ends.append(end)
+    assert out.shape == (2, 10 + max(ends))  # stops once every row has ended
+    assert out[:, 10:].tolist() == [r[:max(ends)] for r in expected]
+    assert torch.equal(out[:, :10], idx)
+
+
+def test_generate_sampling():
+    m = our_tiny()
+    idx = tokens(2, 5)
+    top1 = m.generate(idx, 6, temperature=0.7, top_k=1, eos_token_id=None)
+    assert torch.equal(top1, naive_greedy(m, idx, 6))  # top_k=1 sampling is greedy
+    a = m.generate(idx, 6, top_k=50, generator=torch.Generator().manual_seed(0), eos_token_id=None)
+    b = m.generate(idx, 6, top_k=50, generator=torch.Generator().manual_seed(0), eos_token_id=None)
+    assert torch.equal(a, b) and a.shape == (2, 11)
+    assert not m.training
+
+
+def test_flops_per_token_hand_count():
+    m = GPT(GPTConfig(**TINY))
+    L, C, V, T = 2, 64, 1000, 64
+    per_layer = (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C  # attn, mlp, 2 LN
+    n = L * per_layer + 2 * C + V * C  # + ln_f + the lm_head matmul (tied wte counted once, wpe not at all)
+    assert m.flops_per_token(T) == 6 * n + 12 * L * C * T
+    assert m.num_params(non_embedding=False) == L * per_layer + 2 * C + V * C + 64 * C
+
+
+def test_init_scales():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=128, vocab_size=500, block_size=32))
+    assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+    assert abs(m.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.0005
+    assert abs(m.transformer.h[0].attn.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.0005
+    assert m.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention kernels and bf16 autocast need CUDA")
+def test_cuda_flex_and_sdpa_mask_agree_bf16():
+    from torch.nn.attention.flex_attention import create_block_mask
+    m = our_tiny().cuda().train()
+    m.gradient_checkpointing = True
+    idx, pos, doc, mask, _ = packed_inputs(m.cpu())
+    m.cuda()
+    idx, pos, doc, mask = idx.cuda(), pos.cuda(), doc.cuda(), mask.cuda()
+    targets = torch.roll(idx, -1, 1)
+    bm = create_block_mask(lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (doc[b, q] >= 0) & (q >= k),
+                           2, None, 15, 15, device="cuda")
+    results = []
+    for msk in (mask, bm):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp = m.token_logprobs(m.hidden(idx, pos=pos, attn_mask=msk), targets, chunk_size=8)
+        assert lp.dtype == torch.float32
+        lp[doc >= 0].sum().backward()
+        results.append((lp.detach()[doc >= 0], m.transformer.h[0].attn.c_attn.weight.grad.clone()))
+    (lp_sdpa, g_sdpa), (lp_flex, g_flex) = results
+    assert torch.isfinite(lp_sdpa).all() and torch.isfinite(g_sdpa).all()
+    assert (lp_sdpa - lp_flex).abs().max() <= 0.05
+    assert (g_sdpa - g_flex).norm() <= 0.05 * g_sdpa.norm()
+
+
+# =============================================================================
+# prepare.py: formats, shards, toy task
+# Tests for prepare.py: formats, tokens, truncation, split, skip accounting, fatal inputs, shard reader, toy task.
+# Run: python -m pytest -q test_prepare.py
+# References are independent of prepare.py: literal expected strings, tiktoken's own encode(), a naive
+# byte-level parse of the shard layout, and a separate re-implementation of the HH prompt rule.
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+if not os.environ.get("TIKTOKEN_CACHE_DIR") and (SHARED / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+
+
+
+ENC = tiktoken.get_encoding("gpt2")
+EOT = 50256
+HH_FILE = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+ASSIST = "\n\nAssistant:"
+
+
+def enc(text):  # the reference encoding: plain text, special-looking strings included
+    return ENC.encode(text, disallowed_special=())
+
+
+def ref_pair(prompt, chosen, rejected):
+    return enc(prompt), enc(chosen) + [EOT], enc(rejected) + [EOT]
+
+
+def write_rows(path, rows):
+    """rows: dicts (json-dumped) or raw strings (written as-is), one per line; .gz compresses, .json = array."""
+    path = Path(path)
+    if path.name.endswith(".json"):
+        path.write_text(json.dumps(rows))
+        return path
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(tmp_path, rows, *args, name="in.jsonl", out="out"):
+    path = rows if isinstance(rows, Path) else write_rows(tmp_path / name, rows)
+    cfg = P.parse_args([f"--input={path}", f"--out_dir={tmp_path / out}", "--val_fraction=0", *args])
+    return P.prepare(cfg, log=None), tmp_path / out
+
+
+def read_split(out, split="train"):
+    pairs = []
+    for path in P.list_shards(out, split):
+        shard = P.load_pairs(path)
+        pairs += [tuple(x.tolist() for x in shard[i]) for i in range(len(shard))]
+    return pairs
+
+
+def read_all(out):
+    return [p for s in ("train", "val") if list(Path(out).glob(f"{s}_*.bin")) for p in read_split(out, s)]
+
+# -----------------------------------------------------------------------------
+# formats: decoded tokens equal the source prompt and responses (+ end token)
+
+
+HH_ROWS = [
+    {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
+     "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."},
+    {"chosen": "\n\nHuman: a?\n\nAssistant: b.\n\nHuman: c?\n\nAssistant: d!",
+     "rejected": "\n\nHuman: a?\n\nAssistant: b.\n\nHuman: c?\n\nAssistant: e?"},
+]
+HH_EXPECTED = [
+    ("\n\nHuman: Hi there\n\nAssistant:", " Hello! How can I help?", " Go away."),
+    ("\n\nHuman: a?\n\nAssistant: b.\n\nHuman: c?\n\nAssistant:", " d!", " e?"),
+]
+
+
+def test_hh_format(tmp_path):
+    meta, out = run(tmp_path, HH_ROWS)
+    assert meta["format"] == "hh"  # auto-detected
+    pairs = read_split(out)
+    assert pairs == [ref_pair(*e) for e in HH_EXPECTED]
+    for (p, c, r), (ep, ec, er) in zip(pairs, HH_EXPECTED):
+        assert (ENC.decode(p), ENC.decode(c), ENC.decode(r)) == (ep, ec + "<|endoftext|>", er + "<|endoftext|>")
+
+
+def test_standard_format_custom_keys(tmp_path):
+    rows = [{"q": "Question: 2+2?", "good": " Four.", "bad": " Five.", "extra": 1},
+            {"q": "Name a color:", "good": " blue", "bad": " seven"}]
+    for fmt in ("auto", "standard"):
+        meta, out = run(tmp_path, rows, "--prompt_key=q", "--chosen_key=good", "--rejected_key=bad", f"--format={fmt}")
+        assert meta["format"] == "standard"
+        assert read_split(out) == [ref_pair("Question: 2+2?", " Four.", " Five."), ref_pair("Name a color:", " blue", " seven")]
+
+
+def test_implicit_format(tmp_path):
+    rows = [{"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Rome."},
+            {"chosen": "\n\nHuman: hi\n\nAssistant: I like it", "rejected": "\n\nHuman: hi\n\nAssistant: I hate it"},
+            {"chosen": "Answer: yes", "rejected": "Answer: yes, but no"}]
+    meta, out = run(tmp_path, rows, "--format=implicit")
+    assert read_split(out) == [ref_pair("The capital of France is", " Paris.", " Rome."),  # cut at whitespace
+                               ref_pair("\n\nHuman: hi\n\nAssistant:", " I like it", " I hate it"),  # turn boundary
+                               ref_pair("Answer:", " yes", " yes, but no")]
+    meta, out = run(tmp_path, rows[:1])
+    assert meta["format"] == "implicit"  # auto: no prompt field, no HH transcript
+
+
+def test_conversational_format(tmp_path):
+    u = lambda c: {"role": "user", "content": c}
+    a = lambda c: {"role": "assistant", "content": c}
+    rows = [{"chosen": [u("What is 2+2?"), a("4")], "rejected": [u("What is 2+2?"), a("5")]},
+            {"prompt": [{"role": "system", "content": "Be nice."}, u("Hi")], "chosen": [a("Hello!")], "rejected": [a("What?")]},
+            {"prompt": "Tell a joke", "chosen": [u("Tell a joke"), a("Knock knock")], "rejected": [u("Tell a joke"), a("No.")]},
+            {"chosen": [u("q"), a("a1"), u("more?"), a("a2")], "rejected": [u("q"), a("b1")]}]
+    meta, out = run(tmp_path, rows)
+    assert meta["format"] == "conversational"
+    expected = [("\n\nHuman: What is 2+2?\n\nAssistant:", " 4", " 5"),
+                ("\n\nSystem: Be nice.\n\nHuman: Hi\n\nAssistant:", " Hello!", " What?"),
+                ("\n\nHuman: Tell a joke\n\nAssistant:", " Knock knock", " No."),
+                ("\n\nHuman: q\n\nAssistant:", " a1\n\nHuman: more?\n\nAssistant: a2", " b1")]
+    assert read_split(out) == [ref_pair(*e) for e in expected]
+    # the template is HH's: the same pair as an HH transcript gives the same tokens
+    _, out2 = run(tmp_path, [{"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4",
+                              "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"}], out="out2")
+    assert read_split(out2)[0] == read_split(out)[0]
+
+
+@pytest.mark.parametrize("name", ["in.json", "in.jsonl.gz", "in.json.gz"])
+def test_json_array_and_gzip_inputs(tmp_path, name):
+    path = tmp_path / name
+    if name == "in.json.gz":
+        with gzip.open(path, "wt") as f:
+            json.dump(HH_ROWS, f)
+    else:
+        write_rows(path, HH_ROWS)
+    meta, out = run(tmp_path, path)
+    assert meta["rows_read"] == 2 and meta["pairs"]["train"] == 2
+    assert read_split(out) == [ref_pair(*e) for e in HH_EXPECTED]
+
+
+def test_endoftext_in_text_is_plain_text(tmp_path):
+    rows = [{"prompt": "a <|endoftext|> b:", "chosen": " x<|endoftext|>y", "rejected": " <|endoftext|>"}]
+    _, out = run(tmp_path, rows)
+    (p, c, r), = read_split(out)
+    assert (p, c, r) == ref_pair("a <|endoftext|> b:", " x<|endoftext|>y", " <|endoftext|>")
+    assert EOT not in p and EOT not in c[:-1] and EOT not in r[:-1] and c[-1] == r[-1] == EOT
+    assert ENC.decode(c[:-1]) == " x<|endoftext|>y"
+
+# -----------------------------------------------------------------------------
+# truncation
+
+
+def words(n, tag):  # text of n distinct words
+    return "".join(f" {tag}{i}" for i in range(n))
+
+
+def test_truncation_rules(tmp_path):
+    long_prompt, mid_prompt = "Q:" + words(60, "p"), "Q:" + words(12, "m")
+    rows = [{"prompt": long_prompt, "chosen": " yes", "rejected": words(40, "r")},  # prompt and rejected cut
+            {"prompt": mid_prompt, "chosen": " ok", "rejected": " no"},  # fits: nothing cut
+            {"prompt": mid_prompt, "chosen": words(20, "c"), "rejected": " no"}]  # too long: only the prompt is cut
+    meta, out = run(tmp_path, rows, "--max_length=64", "--max_prompt_length=16")
+    got = read_split(out)
+    P0, C0, R0 = ref_pair(*rows[0].values())
+    assert len(P0) > 16 and len(R0) > 48
+    assert got[0] == (P0[-16:], C0, R0[:48])  # prompt keeps its end; rejected loses its end (and its EOT)
+    assert got[0][2][-1] != EOT
+    assert got[1] == ref_pair(*rows[1].values())
+    P2, C2, R2 = ref_pair(*rows[2].values())
+    assert len(P2) + len(C2) > 64 and len(P2) > 16 and 16 + len(C2) <= 64
+    assert got[2] == (P2[-16:], C2, R2)
+    assert meta["truncated"] == {"prompts": 2, "chosen": 0, "rejected": 1, "pairs": 2}
+    assert all(len(p) + max(len(c), len(r)) <= 64 for p, c, r in got)
+
+
+def test_truncation_skips(tmp_path):
+    rows = [{"prompt": "Q:", "chosen": " fine", "rejected": " bad"},
+            {"prompt": "Q:" + words(30, "p"), "chosen": " a", "rejected": " b"},  # prompt fills max_length: no room
+            {"prompt": "Q:", "chosen": words(40, "s") + " A", "rejected": words(40, "s") + " B"}]  # same after cut
+    meta, out = run(tmp_path, rows, "--max_length=16", "--max_prompt_length=16")
+    assert meta["skipped"]["empty_after_truncation"] == {"count": 1, "first_lines": [2]}
+    assert meta["skipped"]["identical_after_truncation"] == {"count": 1, "first_lines": [3]}
+    assert read_split(out) == [ref_pair("Q:", " fine", " bad")]
+
+# -----------------------------------------------------------------------------
+# split by prompt, determinism, sharding
+
+
+def test_split_by_prompt_and_determinism(tmp_path):
+    rows = [{"prompt": f"Prompt number {i}:", "chosen": f" good {j}", "rejected": f" bad {j}"}
+            for i in range(120) for j in range(3)]
+    path = write_rows(tmp_path / "in.jsonl", rows)
+    outs = []
+    for k, args in enumerate([["--num_workers=1"], ["--num_workers=2", "--batch_rows=7"], ["--num_workers=1"]]):
+        cfg = P.parse_args([f"--input={path}", f"--out_dir={tmp_path / f'o{k}'}", "--val_fraction=0.3", *args])
+        P.prepare(cfg, log=None)
+        outs.append(tmp_path / f"o{k}")
+    prompts = {s: {ENC.decode(p) for p, _, _ in read_split(outs[0], s)} for s in ("train", "val")}
+    assert prompts["train"] and prompts["val"] and not prompts["train"] & prompts["val"]
+    assert 0.1 < len(prompts["val"]) / 120 < 0.5
+    assert len(read_split(outs[0], "train")) + len(read_split(outs[0], "val")) == 360
+    for o in outs[1:]:  # byte-identical across runs and worker counts
+        for f in ("train_000000.bin", "val_000000.bin"):
+            assert (o / f).read_bytes() == (outs[0] / f).read_bytes()
+
+
+def test_shards_bounded_and_ordered(tmp_path):
+    rows = [{"prompt": f"P{i}:", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(20)]
+    meta, out = run(tmp_path, rows, "--shard_pairs=7", "--batch_rows=3", "--num_workers=1")
+    paths = P.list_shards(out, "train")
+    assert [Path(p).name for p in paths] == ["train_000000.bin", "train_000001.bin", "train_000002.bin"]
+    assert [len(P.load_pairs(p)) for p in paths] == [7, 7, 6]
+    assert [s["pairs"] for s in meta["shards"]["train"]] == [7, 7, 6]
+    assert read_split(out) == [ref_pair(*r.values()) for r in rows]
+    # a rerun with fewer shards replaces the whole folder: no stale shard is left behind
+    run(tmp_path, rows, "--shard_pairs=100")
+    assert sorted(f.name for f in out.iterdir()) == ["meta.json", "train_000000.bin"]
+
+# -----------------------------------------------------------------------------
+# every row accounted for: bad rows are skipped with a reason and line number
+
+
+def test_bad_rows_counted(tmp_path, capsys):
+    good = HH_ROWS[0]
+    lines = [good,                                                                             # 1
+             '{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", "rejected": ',                   # 2 malformed json
+             {"chosen": "\n\nHuman: x\n\nAssistant: y"},                                        # 3 missing field
+             {"chosen": 5, "rejected": "\n\nHuman: x\n\nAssistant: y"},                         # 4 wrong type
+             "",                                                                                # 5 blank: not a row
+             {"chosen": "\n\nHuman: x\n\nAssistant: ", "rejected": "\n\nHuman: x\n\nAssistant: y"},  # 6 empty
+             {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: y"},  # 7 identical
+             "[1, 2]",                                                                          # 8 not an object
+             {"chosen": "no turns here", "rejected": "none here"},                              # 9 no assistant
+             {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: b"},  # 10 mismatch
+             {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",             # 11 recoverable
+              "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: X\n\nAssistant: e"},
+             HH_ROWS[1]]                                                                        # 12
+    path = write_rows(tmp_path / "in.jsonl", lines)
+    cfg = P.parse_args([f"--input={path}", f"--out_dir={tmp_path / 'out'}", "--val_fraction=0"])
+    meta = P.prepare(cfg)  # prints the summary
+    expected_skips = {"malformed_json": [2], "missing_field": [3], "wrong_type": [4, 8], "empty_text": [6],
+                      "identical": [7], "no_assistant_turn": [9], "prompt_mismatch": [10]}
+    assert meta["skipped"] == {k: {"count": len(v), "first_lines": v} for k, v in expected_skips.items()}
+    assert meta["notes"] == {"prompt_mismatch_recovered": {"count": 1, "first_lines": [11]}}
+    assert meta["rows_read"] == 11 and meta["pairs"] == {"train": 3, "val": 0}
+    assert read_split(tmp_path / "out") == [
+        ref_pair(*HH_EXPECTED[0]),
+        ref_pair("\n\nHuman: a\n\nAssistant:", " b\n\nHuman: c\n\nAssistant: d", " b\n\nHuman: X\n\nAssistant: e"),
+        ref_pair(*HH_EXPECTED[1])]
+    printed = capsys.readouterr().out
+    assert "rows read" in printed and "malformed_json" in printed and "prompt_mismatch" in printed
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped"]["wrong_type"]["first_lines"] == [4, 8]
+    # --hh_mismatch=skip: the recoverable row is skipped too
+    meta, _ = run(tmp_path, path, "--hh_mismatch=skip", out="out2")
+    assert meta["skipped"]["prompt_mismatch"] == {"count": 2, "first_lines": [10, 11]} and meta["notes"] == {}
+
+
+@pytest.mark.parametrize("fmt,row,reason", [
+    ("standard", {"prompt": ["x"], "chosen": " a", "rejected": " b"}, "wrong_type"),
+    ("standard", {"prompt": "  ", "chosen": " a", "rejected": " b"}, "empty_text"),
+    ("implicit", {"chosen": "abc", "rejected": "xyz"}, "no_shared_prompt"),
+    ("conversational", {"chosen": [{"role": "robot", "content": "x"}], "rejected": []}, "wrong_type"),
+    ("conversational", {"chosen": "text", "rejected": [{"role": "user", "content": "x"}]}, "wrong_type"),
+    ("conversational", {"chosen": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                        "rejected": [{"role": "user", "content": "a"}, {"role": "user", "content": "c"}]}, "prompt_mismatch"),
+    ("conversational", {"chosen": [{"role": "assistant", "content": "a"}],
+                        "rejected": [{"role": "assistant", "content": "b"}]}, "no_shared_prompt"),
+])
+def test_bad_rows_per_format(tmp_path, fmt, row, reason):
+    good = {"standard": {"prompt": "Q:", "chosen": " a", "rejected": " b"},
+            "implicit": {"chosen": "Q: a", "rejected": "Q: b"},
+            "conversational": {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
+                               "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]}}[fmt]
+    meta, _ = run(tmp_path, [good, row], f"--format={fmt}")
+    assert meta["skipped"] == {reason: {"count": 1, "first_lines": [2]}} and meta["pairs"]["train"] == 1
+
+# -----------------------------------------------------------------------------
+# input that is not the claimed format at all: a clear error naming file and line, nothing written
+
+
+def _gzip_truncated(path):
+    write_rows(path, HH_ROWS * 400)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+FATAL = [  # (file name, writer, error regex after the file name)
+    ("notjson.jsonl", lambda p: p.write_text("hello world\n" + json.dumps(HH_ROWS[0]) + "\n"), r":1: not valid JSON"),
+    ("late.jsonl", lambda p: p.write_text("\n\nthis is prose\n"), r":3: not valid JSON"),
+    ("trunc.jsonl.gz", _gzip_truncated, r": broken gzip file after line \d+"),
+    ("notgzip.jsonl.gz", lambda p: p.write_text(json.dumps(HH_ROWS[0])), r": broken gzip file after line 0"),
+    ("empty.jsonl", lambda p: p.write_text(""), r":1: empty file"),
+    ("blank.jsonl", lambda p: p.write_text("\n  \n"), r":1: empty file"),
+    ("empty.json", lambda p: p.write_text("[]"), r":1: empty file"),
+    ("unknown.jsonl", lambda p: write_rows(p, [{"foo": 1}, HH_ROWS[0]]), r":1: unknown format"),
+    ("obj.json", lambda p: p.write_text('{"a": 1}'), r":1: expected a JSON array"),
+    ("bad.json", lambda p: p.write_text('[\n{"chosen": }]'), r":2: not a valid JSON array"),
+    ("mostly.jsonl", lambda p: write_rows(p, [HH_ROWS[0]] + ["garbage"] * 5), r": 5 of 6 lines are not valid JSON"),
+    ("allskipped.jsonl", lambda p: write_rows(p, [{"chosen": "x", "rejected": "x"}] * 3), r": .*no train pairs"),
+]
+
+
+@pytest.mark.parametrize("name,make,pattern", FATAL, ids=[f[0] for f in FATAL])
+def test_fatal_inputs_write_nothing(tmp_path, name, make, pattern):
+    path = tmp_path / name
+    make(path)
+    out = tmp_path / "out"
+    cfg = P.parse_args([f"--input={path}", f"--out_dir={out}"])
+    with pytest.raises(P.PrepareError, match=re.escape(str(path)) + pattern):
+        P.prepare(cfg, log=None)
+    assert not out.exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == [name]  # no staging folders left behind
+
+
+def test_failed_run_keeps_previous_output(tmp_path):
+    _, out = run(tmp_path, HH_ROWS)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    bad = tmp_path / "bad.jsonl.gz"
+    _gzip_truncated(bad)
+    with pytest.raises(P.PrepareError):
+        run(tmp_path, bad)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.jsonl.gz", "in.jsonl", "out"]
+    (out / "notes.txt").write_text("mine")  # a folder with foreign files is never replaced
+    with pytest.raises(P.PrepareError, match="refusing"):
+        run(tmp_path, HH_ROWS)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_options_errors():
+    with pytest.raises(P.PrepareError, match=r"did you mean --max_length\?.*valid keys: .*max_prompt_length"):
+        P.parse_args(["--max_lenght=3"])
+    with pytest.raises(P.PrepareError, match="expects int"):
+        P.parse_args(["--max_length=big"])
+    cfg = P.parse_args(["--max_length=1_024", "--val_fraction=0.1", "--format=hh"])
+    assert (cfg.max_length, cfg.val_fraction, cfg.format) == (1024, 0.1, "hh")
+    for bad in (["--max_prompt_length=600"], ["--format=xml"], ["--dataset=imdb"]):
+        with pytest.raises(P.PrepareError):
+            P.validate(P.parse_args(bad))
+
+# -----------------------------------------------------------------------------
+# shard reader
+
+
+def naive_read(path):
+    """Reference parse of the documented layout, straight from the bytes."""
+    raw = Path(path).read_bytes()
+    header = np.frombuffer(raw[:1024], dtype=np.int32)
+    n, ntok = int(header[2]), int(header[3])
+    lengths = np.frombuffer(raw[1024:1024 + 12 * n], dtype=np.int32).reshape(n, 3)
+    tokens = np.frombuffer(raw[1024 + 12 * n:], dtype=np.uint16)
+    assert len(tokens) == ntok
+    pairs, pos = [], 0
+    for p, c, r in lengths:
+        pairs.append((tokens[pos:pos + p].tolist(), tokens[pos + p:pos + p + c].tolist(),
+                      tokens[pos + p + c:pos + p + c + r].tolist()))
+        pos += p + c + r
+    return header, pairs
+
+
+def test_reader_matches_layout(tmp_path):
+    rows = [{"prompt": f"Prompt {i}:", "chosen": " yes" * (i % 5 + 1), "rejected": " no" * (i % 3 + 1)} for i in range(30)]
+    _, out = run(tmp_path, rows)
+    path = P.list_shards(out, "train")[0]
+    header, ref = naive_read(path)
+    assert header[0] == 20241127 and header[1] == 1 and header[2] == 30 and not header[4:].any()
+    pairs = P.load_pairs(path)
+    assert len(pairs) == 30 and pairs.lengths.shape == (30, 3) and pairs.offsets.shape == (30,)
+    assert [tuple(x.tolist() for x in pairs[i]) for i in range(30)] == ref == [ref_pair(*r.values()) for r in rows]
+    assert int(pairs.offsets[3]) == int(pairs.lengths[:3].sum())
+    p, c, r = pairs[-1]
+    assert p.dtype == np.uint16 and np.shares_memory(c, pairs.tokens)  # views into the memmap
+    assert isinstance(pairs.tokens, np.memmap)
+    with pytest.raises(IndexError):
+        pairs[30]
+
+
+def _corrupt(src, dst, edit):
+    raw = bytearray(Path(src).read_bytes())
+    edit(raw)
+    Path(dst).write_bytes(bytes(raw))
+    return dst
+
+
+def _set_int(raw, i, value):
+    raw[4 * i:4 * i + 4] = np.int32(value).tobytes()
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda b: _set_int(b, 0, 12345), r"bad magic 12345"),
+    (lambda b: _set_int(b, 1, 2), r"version 2"),
+    (lambda b: b.__delitem__(slice(-2, None)), r"truncated or corrupted"),
+    (lambda b: b.__delitem__(slice(500, None)), r"too small"),
+    (lambda b: _set_int(b, 2, 99), r"header \(99 pairs"),
+    (lambda b: _set_int(b, 256, int.from_bytes(b[1024:1028], "little") + 1), r"lengths sum to"),  # a length changed
+    (lambda b: (_set_int(b, 256, int.from_bytes(b[1024:1028], "little") + int.from_bytes(b[1028:1032], "little")),
+                _set_int(b, 257, 0)), r"empty response"),  # same sum, but chosen has no tokens
+], ids=["magic", "version", "truncated", "tiny", "pair_count", "length_sum", "empty_response"])
+def test_reader_errors(tmp_path, edit, pattern):
+    _, out = run(tmp_path, HH_ROWS)
+    bad = _corrupt(out / "train_000000.bin", out / "train_000001.bin", edit)
+    with pytest.raises(ValueError, match=pattern) as e:
+        P.load_pairs(bad)
+    assert str(bad) in str(e.value) and "python prepare.py" in str(e.value)
+
+
+def test_list_shards_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + r".*python prepare.py"):
+        P.list_shards(tmp_path, "train")
+
+# -----------------------------------------------------------------------------
+# real data: every row of HH harmless-base test is accounted for and round-trips
+
+
+def test_real_hh_file(tmp_path):
+    if not HH_FILE.exists():
+        pytest.skip(f"{HH_FILE} not present")
+    out = tmp_path / "hh"
+    meta = P.prepare(P.parse_args([f"--input={HH_FILE}", f"--out_dir={out}"]))
+    rows = [json.loads(line) for line in gzip.open(HH_FILE)]
+    assert len(rows) == meta["rows_read"] == 2312
+    nskip = sum(v["count"] for v in meta["skipped"].values())
+    assert meta["pairs"]["train"] + meta["pairs"]["val"] + nskip == 2312
+    print(f"\nHH harmless-base test: read {len(rows)}, written {meta['pairs']}, skipped {nskip} "
+          f"{ {k: v['count'] for k, v in meta['skipped'].items()} }, truncated {meta['truncated']}")
+    # independent reference: the longest prefix of chosen that ends with "\n\nAssistant:" and starts rejected
+    expected, truncated, empty, mismatched = collections.Counter(), 0, 0, 0
+    for row in rows:
+        c, r = row["chosen"], row["rejected"]
+        ends = [m.end() for m in re.finditer(re.escape(ASSIST), c)]
+        k = max(e for e in ends if r.startswith(c[:e]))
+        mismatched += k != ends[-1]
+        if not c[k:].strip() or not r[k:].strip():
+            empty += 1
+            continue
+        p, ch, rj = ref_pair(c[:k], c[k:], r[k:])
+        if len(p) + max(len(ch), len(rj)) > 512:
+            truncated += 1
+        else:
+            expected[(c[:k], c[k:] + "<|endoftext|>", r[k:] + "<|endoftext|>")] += 1
+    assert mismatched == 4 == meta["notes"]["prompt_mismatch_recovered"]["count"]
+    assert empty == nskip == meta["skipped"]["empty_text"]["count"]
+    written = collections.Counter(tuple(ENC.decode(x) for x in pair) for pair in read_all(out))
+    assert sum(written.values()) == 2312 - empty
+    assert not expected - written  # every untruncated pair decodes back to exactly its source text
+    assert sum((written - expected).values()) == truncated == meta["truncated"]["pairs"]
+    for p, c, r in read_all(out):
+        assert len(p) <= 256 or len(p) + max(len(c), len(r)) <= 512
+        assert len(p) + max(len(c), len(r)) <= 512
+
+# -----------------------------------------------------------------------------
+# toy task
+
+
+def test_toy_reward_reference():
+    assert P.toy_reward(" good great bad the .") == pytest.approx((2 - 1) / 4)
+    assert P.toy_reward(" terrible awful .") == -1.0 and P.toy_reward(" the pizza was .") == 0.0
+    assert P.toy_reward("") == 0.0
+    assert P.toy_reward(" Great nice .<|endoftext|> bad bad bad") == 1.0  # text after the end token is ignored
+
+
+def test_toy_pairs():
+    a, b = P.make_toy_pairs(400, seed=1), P.make_toy_pairs(400, seed=1)
+    assert a == b and a != P.make_toy_pairs(400, seed=2)
+    assert all(P.toy_reward(x["chosen"]) > P.toy_reward(x["rejected"]) for x in a)
+    train, val = P.toy_prompts("train"), P.toy_prompts("val")
+    assert set(x["prompt"] for x in a) <= set(train) | set(val) and not set(train) & set(val)
+    assert P.toy_prompts("val", seed=3) != val and sorted(P.toy_prompts("val", seed=3)) == sorted(val)
+    assert "Review of the pizza:" in train + val
+    item = lambda prompt: prompt.split(" the ")[-1].rstrip(":")
+    assert not {item(p) for p in train} & {item(p) for p in val} and len({item(p) for p in val}) >= 5
+    # every word is one GPT-2 token, so sequences stay short
+    for w in P.TOY_ITEMS + P.TOY_POSITIVE + P.TOY_NEGATIVE + P.TOY_NEUTRAL:
+        assert len(enc(w)) == 1 and w.startswith(" "), w
+    assert len(P.TOY_ITEMS) >= 50 and len(P.TOY_POSITIVE) >= 10 and len(P.TOY_NEGATIVE) >= 10
+    for x in a:
+        assert len(enc(x["prompt"])) <= 10 and len(enc(x["chosen"])) <= 13 and len(enc(x["rejected"])) <= 13
+        assert 6 <= len(x["chosen"].split()) - 1 <= 10  # 6-10 words, then " ."
+
+
+def test_toy_prepare(tmp_path):
+    out = tmp_path / "toy"
+    meta = P.prepare(P.parse_args(["--toy_pairs=600", f"--out_dir={out}"]), log=None)
+    assert meta["pairs"]["train"] + meta["pairs"]["val"] == 600 and meta["pairs"]["val"] > 30
+    decoded = {s: [tuple(ENC.decode(x) for x in pair) for pair in read_split(out, s)] for s in ("train", "val")}
+    item = lambda prompt: prompt.split(" the ")[-1].rstrip(":")
+    train_items = {item(p) for p, _, _ in decoded["train"]}
+    assert not train_items & {item(p) for p, _, _ in decoded["val"]}  # held-out items never seen in train
+    assert {p for p, _, _ in decoded["val"]} <= set(P.toy_prompts("val"))
+    for p, c, r in decoded["train"] + decoded["val"]:
+        assert c.endswith(" .<|endoftext|>") and P.toy_reward(c) > P.toy_reward(r)
+    again = P.prepare(P.parse_args(["--toy_pairs=600", f"--out_dir={tmp_path / 'toy2'}"]), log=None)
+    assert (tmp_path / "toy2" / "train_000000.bin").read_bytes() == (out / "train_000000.bin").read_bytes()
+    assert again["tokens"] == meta["tokens"]
+
+# -----------------------------------------------------------------------------
+# downloads (file:// stands in for Hugging Face) and the command line
+
+
+def test_hh_download_file_url(tmp_path):
+    hub = tmp_path / "hub"
+    for subset, rows in (("harmless-base", HH_ROWS), ("helpful-base", HH_ROWS[:1])):
+        (hub / subset).mkdir(parents=True)
+        write_rows(hub / subset / "train.jsonl.gz", rows)
+    dl, out = tmp_path / "dl", tmp_path / "out"
+    args = ["--dataset=hh", "--hh_subsets=harmless-base,helpful-base", f"--hh_base_url=file://{hub}",
+            f"--download_dir={dl}", f"--out_dir={out}", "--val_fraction=0"]
+    meta = P.prepare(P.parse_args(args), log=None)
+    assert meta["rows_read"] == 3 and meta["pairs"]["train"] == 3 and meta["format"] == "hh"
+    assert sorted(str(p.relative_to(dl)) for p in dl.rglob("*") if p.is_file()) == \
+        ["harmless-base/train.jsonl.gz", "helpful-base/train.jsonl.gz"]  # no .partial left
+    assert read_split(out) == [ref_pair(*e) for e in HH_EXPECTED] + [ref_pair(*HH_EXPECTED[0])]
+    with pytest.raises(P.PrepareError, match="could not download file://"):
+        P.prepare(P.parse_args(args[:2] + [f"--hh_base_url=file://{tmp_path}/nowhere", f"--download_dir={tmp_path}/dl2",
+                                           f"--out_dir={tmp_path}/o2"]), log=None)
+    assert not list((tmp_path / "dl2").rglob("*.partial"))
+
+
+def test_command_line(tmp_path):
+    env = dict(os.environ)
+    cmd = [sys.executable, str(ROOT / "prepare.py")]
+    r = subprocess.run(cmd + ["--toy_pairs=200", f"--out_dir={tmp_path / 'toy'}"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "rows read" in r.stdout and (tmp_path / "toy" / "val_000000.bin").exists()
+    r = subprocess.run(cmd + ["--max_lenght=5"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "did you mean --max_length" in r.stderr and "valid keys" in r.stderr
+    r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "--max_prompt_length=256" in r.stdout
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    r = subprocess.run(cmd + [f"--input={tmp_path / 'bad.jsonl'}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 1 and f"{tmp_path / 'bad.jsonl'}:1: not valid JSON" in r.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.jsonl", "toy"]  # nothing written (no data/)
+    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import prepare"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == r.stderr == ""  # importing has no side effects
+
+
+# =============================================================================
+# dpo.py: the loss family
+# Tests for the DPO loss family. Every value is checked against an independent float64 formula
+# written with python's math module on scalars (never against dpo_loss itself).
+
+NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "sft"}
+
+# -----------------------------------------------------------------------------
+# scalar reference formulas
+
+def logsig(x):
+    # log(1/(1+exp(-x))) without overflow
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+def sig(x):
+    return math.exp(logsig(x))
+
+def ref_losses(loss_type, pc, pr, rc, rr, lc, lr, beta, ls, gamma, delta, tau):
+    """pc, pr, rc, rr, lc, lr: python lists of floats, one per pair. Returns a list of losses."""
+    B = len(pc)
+    cl = [pc[i] - rc[i] for i in range(B)]  # chosen log-ratio
+    rl = [pr[i] - rr[i] for i in range(B)]  # rejected log-ratio
+    cdpo = lambda u: -(1 - ls) * logsig(u) - ls * logsig(-u)
+    out = []
+    if loss_type == "aot":
+        a = sorted(pc[i] - pr[i] for i in range(B))
+        b = sorted(rc[i] - rr[i] for i in range(B))
+        return [cdpo(beta * (a[i] - b[i])) for i in range(B)]
+    if loss_type == "aot_pair":
+        a, b = sorted(cl), sorted(rl)
+        return [cdpo(beta * (a[i] - b[i])) for i in range(B)]
+    for i in range(B):
+        h = beta * (cl[i] - rl[i])
+        if loss_type == "sigmoid":
+            v = cdpo(h)
+        elif loss_type == "ipo":
+            v = (cl[i] / lc[i] - rl[i] / lr[i] - 1 / (2 * beta)) ** 2
+        elif loss_type == "hinge":
+            v = max(0.0, 1 - h)
+        elif loss_type == "robust":
+            v = ((1 - ls) * -logsig(h) - ls * -logsig(-h)) / (1 - 2 * ls)
+        elif loss_type == "exo_pair":
+            e = ls if ls > 0 else 1e-3
+            q = sig(h)  # model's probability that chosen wins
+            v = q * math.log(q / (1 - e)) + (1 - q) * math.log((1 - q) / e)
+        elif loss_type == "nca_pair":
+            a, b = beta * cl[i], beta * rl[i]
+            v = -logsig(a) - 0.5 * logsig(-a) - 0.5 * logsig(-b)
+        elif loss_type == "bco_pair":
+            a, b = beta * cl[i], beta * rl[i]
+            v = -logsig(a - delta) - logsig(delta - b)
+        elif loss_type == "sppo_hard":
+            v = (cl[i] - 1 / (2 * beta)) ** 2 + (rl[i] + 1 / (2 * beta)) ** 2
+        elif loss_type == "apo_zero":
+            v = 1 - sig(beta * cl[i]) + sig(beta * rl[i])
+        elif loss_type == "apo_down":
+            v = sig(beta * cl[i]) + 1 - sig(h)
+        elif loss_type == "discopop":
+            m = sig(h / tau)
+            v = -logsig(h) * (1 - m) + math.exp(-h) * m
+        elif loss_type == "sigmoid_norm":
+            v = cdpo(beta * (cl[i] / lc[i] - rl[i] / lr[i]))
+        elif loss_type == "simpo":
+            v = cdpo(beta * (pc[i] / lc[i] - pr[i] / lr[i]) - gamma)
+        elif loss_type == "sft":
+            v = -pc[i] / lc[i]
+        else:
+            raise AssertionError(loss_type)
+        out.append(v)
+    return out
+
+def random_batch(B, seed, dtype=torch.float64):
+    rng = random.Random(seed)
+    lc = [rng.randint(3, 40) for _ in range(B)]
+    lr = [rng.randint(3, 40) for _ in range(B)]
+    pc = [-rng.uniform(0.5, 3.0) * n for n in lc]  # summed log-probs: about -0.5..-3 nats per token
+    pr = [-rng.uniform(0.5, 3.0) * n for n in lr]
+    rc = [x + rng.uniform(-4, 4) for x in pc]
+    rr = [x + rng.uniform(-4, 4) for x in pr]
+    t = lambda v: torch.tensor(v, dtype=dtype)
+    return (pc, pr, rc, rr, lc, lr), (t(pc), t(pr), t(rc), t(rr), t(lc), t(lr))
+
+def call(loss_type, tensors, **kw):
+    pc, pr, rc, rr, lc, lr = tensors
+    return dpo_loss(pc, pr, rc, rr, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr, **kw)
+
+# -----------------------------------------------------------------------------
+# the worked examples
+
+def test_worked_example_reference_free():
+    pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
+    want = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1)
+    for kwargs in (dict(reference_free=True), dict()):  # flag, or reference log-probs passed as None
+        losses, cr, rjr = dpo_loss(pc, pr, None, None, beta=1.0, **kwargs)
+        assert abs(losses.item() - want) < 1e-6
+        assert round(losses.item(), 4) == 0.3133
+        assert cr.item() == -1.0 and rjr.item() == -2.0
+    # reference_free=True must ignore reference log-probs that are passed
+    losses, _, _ = dpo_loss(pc, pr, torch.tensor([-7.0]), torch.tensor([3.0]), beta=1.0, reference_free=True)
+    assert abs(losses.item() - want) < 1e-6
+
+def test_worked_example_with_reference():
+    # policy margin 1.0, reference margin 0.0 -> loss = -log sigmoid(0.1 * 1.0)
+    pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
+    rc, rr = torch.tensor([-1.5]), torch.tensor([-1.5])
+    losses, cr, rjr = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert abs(losses.item() - math.log1p(math.exp(-0.1))) < 1e-6
+    assert round(losses.item(), 4) == 0.6444
+    assert abs(cr.item() - 0.05) < 1e-7 and abs(rjr.item() + 0.05) < 1e-7
+
+# -----------------------------------------------------------------------------
+# every loss type vs its float64 formula
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta,ls", [(0.1, 0.0), (0.5, 0.0), (0.3, 0.2)])
+def test_matches_formula(loss_type, beta, ls):
+    gamma, delta, tau = 0.7, 0.25, 0.05
+    plain, tensors = random_batch(9, seed=100 * LOSS_TYPES.index(loss_type) + int(10 * beta) + int(10 * ls))
+    losses, cr, rjr = call(loss_type, tensors, beta=beta, label_smoothing=ls, gamma=gamma,
+                           bco_delta=delta, discopop_tau=tau)
+    want = ref_losses(loss_type, *plain, beta, ls, gamma, delta, tau)
+    assert losses.shape == (9,) and losses.dtype == torch.float64
+    for got, w in zip(losses.tolist(), want):
+        assert got == pytest.approx(w, rel=1e-9, abs=1e-12), (loss_type, got, w)
+    pc, pr, rc, rr, lc, lr = plain
+    if loss_type == "simpo":  # SimPO's reward: beta * per-token average policy log-prob
+        want_c = [beta * pc[i] / lc[i] for i in range(9)]
+        want_r = [beta * pr[i] / lr[i] for i in range(9)]
+    else:
+        want_c = [beta * (pc[i] - rc[i]) for i in range(9)]
+        want_r = [beta * (pr[i] - rr[i]) for i in range(9)]
+    assert cr.tolist() == pytest.approx(want_c, rel=1e-12)
+    assert rjr.tolist() == pytest.approx(want_r, rel=1e-12)
+
+def test_rewards_detached():
+    _, (pc, pr, rc, rr, lc, lr) = random_batch(4, seed=1)
+    pc.requires_grad_(True); pr.requires_grad_(True)
+    for loss_type in LOSS_TYPES:
+        losses, cr, rjr = call(loss_type, (pc, pr, rc, rr, lc, lr))
+        assert losses.requires_grad and not cr.requires_grad and not rjr.requires_grad
+
+def test_reference_none_is_zero_and_simpo_ignores_reference():
+    plain, (pc, pr, rc, rr, lc, lr) = random_batch(5, seed=2)
+    zero = torch.zeros_like(pc)
+    for loss_type in LOSS_TYPES:
+        a = dpo_loss(pc, pr, None, None, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+        b = dpo_loss(pc, pr, zero, zero, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), loss_type
+    a = dpo_loss(pc, pr, rc, rr, loss_type="simpo", chosen_lengths=lc, rejected_lengths=lr)
+    b = dpo_loss(pc, pr, None, None, loss_type="simpo", chosen_lengths=lc, rejected_lengths=lr)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+def test_label_smoothing_sigmoid_cdpo():
+    # margin h: cDPO = -(1-e) log sig(h) - e log sig(-h); e = 0.5 gives (softplus(h) + softplus(-h)) / 2
+    pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-3.0, -7.0, -4.0, -6.0))
+    h = 0.5 * ((-3.0 + 4.0) - (-7.0 + 6.0))  # = 1.0
+    for e in (0.0, 0.1, 0.3, 0.49):
+        losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=e)
+        assert losses.item() == pytest.approx(-(1 - e) * logsig(h) - e * logsig(-h), rel=1e-12)
+    # smoothing makes the loss grow (not vanish) as the margin grows: it penalizes overconfidence
+    big = dpo_loss(pc * 0 + 100.0, pr * 0, None, None, beta=1.0, label_smoothing=0.1)[0].item()
+    assert big == pytest.approx(0.1 * 100.0, rel=1e-3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(pc, pr, rc, rr, label_smoothing=0.5)
+
+def test_exo_pair_default_epsilon():
+    _, tensors = random_batch(5, seed=3)
+    a = call("exo_pair", tensors, label_smoothing=0.0)[0]
+    b = call("exo_pair", tensors, label_smoothing=1e-3)[0]
+    assert torch.allclose(a, b, rtol=0, atol=0)
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "nca_pair", "hinge"])
+def test_sft_weight_adds_chosen_nll_per_token(loss_type):
+    plain, tensors = random_batch(6, seed=4)
+    pc, lc = plain[0], plain[4]
+    base = call(loss_type, tensors, beta=0.2)[0]
+    for w in (0.5, 1.0, 2.0):
+        mixed = call(loss_type, tensors, beta=0.2, sft_weight=w)[0]
+        want = [w * -pc[i] / lc[i] for i in range(6)]
+        assert (mixed - base).tolist() == pytest.approx(want, rel=1e-9)
+
+def test_sft_weight_and_length_types_need_lengths():
+    pc, pr = torch.tensor([-5.0, -6.0]), torch.tensor([-7.0, -8.0])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, None, None, sft_weight=1.0)
+    for loss_type in sorted(NEEDS_LENGTHS):
+        with pytest.raises(ValueError, match="chosen_lengths"):
+            dpo_loss(pc, pr, None, None, loss_type=loss_type)
+        with pytest.raises(ValueError, match="rejected_lengths"):
+            dpo_loss(pc, pr, None, None, loss_type=loss_type, chosen_lengths=torch.tensor([3, 4]))
+        with pytest.raises(ValueError, match="shape"):
+            dpo_loss(pc, pr, None, None, loss_type=loss_type, chosen_lengths=torch.tensor([3, 4, 5]),
+                     rejected_lengths=torch.tensor([3, 4]))
+    # the other types work without lengths
+    for loss_type in set(LOSS_TYPES) - NEEDS_LENGTHS:
+        losses, _, _ = dpo_loss(pc, pr, None, None, loss_type=loss_type)
+        assert losses.shape == (2,)
+
+def test_unknown_loss_type():
+    pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
+    with pytest.raises(ValueError) as err:
+        dpo_loss(pc, pr, None, None, loss_type="kto")
+    msg = str(err.value)
+    assert "'kto'" in msg and all(name in msg for name in LOSS_TYPES)
+    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 16
+
+def test_only_one_reference_is_an_error():
+    pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
+    with pytest.raises(ValueError, match="both reference"):
+        dpo_loss(pc, pr, torch.tensor([-1.0]), None)
+
+# -----------------------------------------------------------------------------
+# gradients
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gradcheck(loss_type):
+    # central finite differences vs autograd, float64, through all four log-prob inputs
+    _, (pc, pr, rc, rr, lc, lr) = random_batch(5, seed=5)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (pc, pr, rc, rr))
+    f = lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.3, loss_type=loss_type, label_smoothing=0.1,
+                                    chosen_lengths=lc, rejected_lengths=lr, sft_weight=0.5, bco_delta=0.1)[0]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+def test_sigmoid_gradient_closed_form():
+    # d/d(policy_chosen) of -log sig(beta*h) = -beta * sig(-beta*h); manual check with the formula
+    plain, (pc, pr, rc, rr, lc, lr) = random_batch(6, seed=6)
+    pc.requires_grad_(True)
+    beta = 0.4
+    dpo_loss(pc, pr, rc, rr, beta=beta)[0].sum().backward()
+    P, R, RC, RR = plain[:4]
+    want = [-beta * sig(-beta * ((P[i] - RC[i]) - (R[i] - RR[i]))) for i in range(6)]
+    assert pc.grad.tolist() == pytest.approx(want, rel=1e-12)
+
+# -----------------------------------------------------------------------------
+# numerical stability at huge margins (float32, where exp overflows at ~88)
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.1, 1.0, 2.5])
+def test_finite_at_huge_margins(loss_type, beta):
+    for m in (1e4, -1e4):
+        # realistic signs: the better response has log-prob -1, the worse one -1 - |m|
+        pc = torch.tensor([-1.0, -1.0 - abs(m)] if m > 0 else [-1.0 - abs(m), -1.0], requires_grad=True)
+        pr = torch.tensor([-1.0 - abs(m), -1.0] if m > 0 else [-1.0, -1.0 - abs(m)], requires_grad=True)
+        for ref in (None, (torch.tensor([-3.0, -2.0]), torch.tensor([-2.0, -3.0]))):
+            rc, rr = ref if ref is not None else (None, None)
+            for ls in (0.0, 0.1):
+                losses, cr, rjr = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=ls,
+                                           chosen_lengths=torch.tensor([1, 1]), rejected_lengths=torch.tensor([1, 1]),
+                                           sft_weight=0.1)
+                assert losses.dtype == torch.float32
+                assert torch.isfinite(losses).all(), (loss_type, m, losses)
+                assert torch.isfinite(cr).all() and torch.isfinite(rjr).all()
+                pc.grad = pr.grad = None
+                losses.sum().backward()
+                assert torch.isfinite(pc.grad).all(), (loss_type, m)
+                if loss_type == "sft":  # plain SFT never looks at the rejected response
+                    assert pr.grad is None
+                else:
+                    assert torch.isfinite(pr.grad).all(), (loss_type, m)
+
+def test_huge_margin_values_sigmoid():
+    # -log sig(z): ~0 for z = +1000, exactly ~1000 for z = -1000 (naive form gives inf or nan)
+    pc, pr = torch.tensor([0.0, -1e4]), torch.tensor([-1e4, 0.0])
+    losses, _, _ = dpo_loss(pc, pr, None, None, beta=0.1)
+    assert losses[0].item() < 1e-30 and losses[1].item() == pytest.approx(1000.0, rel=1e-6)
+
+def test_discopop_large_negative_margin_value():
+    # at h = -50 the exp branch is switched off (sigmoid(h/tau) ~ 1e-435): loss ~ softplus(50) = 50
+    pc, pr = torch.tensor([-60.0], dtype=torch.float64), torch.tensor([-10.0], dtype=torch.float64)
+    losses, _, _ = dpo_loss(pc, pr, None, None, beta=1.0, loss_type="discopop")
+    assert losses.item() == pytest.approx(50.0 + math.log1p(math.exp(-50.0)), rel=1e-12)
+
+
+# =============================================================================
+# dpo.py: layouts, reference, training loop
+
+# trainer tests: layouts against a naive loop, reference modes, resume, ddp, overfitting, config and data errors
+
+
+
+
+
+def write_shard(path, pairs, magic=20241127, version=1):
+    """an independent writer of the shard format: 256 int32 header, (N, 3) int32 lengths, uint16 tokens"""
+    lengths = np.array([[len(p), len(c), len(r)] for p, c, r in pairs], dtype=np.int32)
+    tokens = np.concatenate([np.concatenate([p, c, r]) for p, c, r in pairs]).astype(np.uint16)
+    header = np.zeros(256, dtype=np.int32)
+    header[:4] = [magic, version, len(pairs), len(tokens)]
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + lengths.tobytes() + tokens.tobytes())
+
+
+def random_pairs(n, vocab, seed, max_prompt=12, max_resp=10):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p = rng.integers(0, vocab, rng.integers(1, max_prompt + 1))
+        c = np.r_[rng.integers(0, vocab, rng.integers(0, max_resp)), 50256]
+        r = np.r_[rng.integers(0, vocab, rng.integers(0, max_resp)), 50256]
+        out.append((p, c, r))
+    return out
+
+
+def make_data(tmp_path, n_train=24, n_val=8, vocab=300, seed=0):
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    write_shard(d / "train_000000.bin", random_pairs(n_train, vocab, seed))
+    write_shard(d / "val_000000.bin", random_pairs(n_val, vocab, seed + 1))
+    return str(d)
+
+
+def tiny_cfg(tmp_path, data_dir, **kw):
+    base = dict(out_dir=str(tmp_path / "out"), data_dir=data_dir, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                global_batch_size=8, batch_size=4, max_iters=6, eval_interval=3, log_interval=100,
+                learning_rate=1e-3, warmup_iters=2, device="cpu", compile="false")
+    base.update(kw)
+    return Config(**base)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+
+
+def naive_logps(model, p, resp):
+    """one sequence at a time, full logits, float64 log-softmax: the reference for response log-probs"""
+    idx = torch.from_numpy(np.concatenate([p, resp]).astype(np.int64))[None]
+    logp = F.log_softmax(model(idx)[0].double(), -1)
+    return sum(logp[len(p) - 1 + t, int(resp[t])] for t in range(len(resp)))
+
+
+# -----------------------------------------------------------------------------
+# log-probs: plain and packed layouts against a naive loop, values and gradients
+
+
+def layout_logps(model, data, ids, layout, pack_len, batch_size=3):
+    cfg = Config(layout=layout, batch_size=batch_size)
+    module = dpo.SequenceLogps(model, chunk=7)  # a small chunk exercises the chunked lm_head
+    chosen, rejected = {}, {}
+    for b in dpo.micro_batches(data, ids, cfg, pack_len):
+        c, r, nc, nr = dpo.batch_logps(module, b, torch.device("cpu"), use_flex=False)
+        for k, i in enumerate(b.pair_ids):
+            chosen[int(i)], rejected[int(i)] = c[k], r[k]
+    return chosen, rejected
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_response_logps_match_naive_loop(tmp_path, layout):
+    data = PairData(make_data(tmp_path), "train", 64)
+    model = tiny_model()
+    ids = np.arange(len(data))
+    pack_len = dpo.layout_len(data, layout)
+    chosen, rejected = layout_logps(model, data, ids, layout, pack_len)
+    assert sorted(chosen) == list(range(len(data)))
+    for i in ids:
+        p, c, r = data[i]
+        assert abs(chosen[i].item() - naive_logps(model, p, c).item()) < 1e-4
+        assert abs(rejected[i].item() - naive_logps(model, p, r).item()) < 1e-4
+
+
+def test_packing_puts_several_pairs_in_a_row(tmp_path):
+    data = PairData(make_data(tmp_path), "train", 64)
+    cfg = Config(layout="packed", batch_size=8)
+    pack_len = dpo.layout_len(data, "packed")
+    mbs = dpo.micro_batches(data, np.arange(len(data)), cfg, pack_len)
+    assert sum(len(b.pair_ids) for b in mbs) == len(data)
+    assert max(len(b.pair_ids) for b in mbs) > mbs[0].idx.shape[0]  # more pairs than rows: rows are shared
+    for b in mbs:  # fixed shapes, and the prompt is laid once per pair
+        assert b.idx.shape[1] == pack_len
+        assert b.n_tokens == sum(int(data.lengths[i].sum()) for i in b.pair_ids)
+
+
+def packed_vs_plain(model, data, ids):
+    """per-pair log-probs, losses and gradients of both layouts"""
+    out = {}
+    for layout in ("plain", "packed"):
+        model.zero_grad()
+        c, r = layout_logps(model, data, ids, layout, dpo.layout_len(data, layout), batch_size=4)
+        pc = torch.stack([c[int(i)] for i in ids])
+        pr = torch.stack([r[int(i)] for i in ids])
+        losses, _, _ = dpo_loss(pc, pr, pc.detach() * 0.9, pr.detach() * 1.1, beta=0.1)
+        losses.sum().backward()
+        out[layout] = (pc.detach(), pr.detach(), losses.detach(), [p.grad.clone() for p in model.parameters()])
+    return out
+
+
+def assert_same_layouts(out):
+    a, b = out["plain"], out["packed"]
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    for ga, gb in zip(a[3], b[3]):
+        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_equals_plain_random_pairs(tmp_path):
+    data = PairData(make_data(tmp_path, n_train=16), "train", 64)
+    assert_same_layouts(packed_vs_plain(tiny_model(1), data, np.arange(16)))
+
+
+HH = str(HH_FILE)
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="needs ../shared/data (the real HH-RLHF pairs)")
+def test_packed_equals_plain_real_hh_pairs(tmp_path):
+    import gzip
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    pairs = []
+    with gzip.open(HH, "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            cut = row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+            prompt = row["chosen"][:cut]
+            if not row["rejected"].startswith(prompt):
+                continue
+            p = enc.encode_ordinary(prompt)[-48:]
+            c = enc.encode_ordinary(row["chosen"][cut:])[:40] + [50256]
+            r = enc.encode_ordinary(row["rejected"][cut:])[:40] + [50256]
+            pairs.append((np.array(p), np.array(c), np.array(r)))
+            if len(pairs) == 12:
+                break
+    d = tmp_path / "hh"
+    d.mkdir()
+    write_shard(d / "train_000000.bin", pairs)
+    data = PairData(str(d), "train", 128)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+    assert_same_layouts(packed_vs_plain(model, data, np.arange(len(pairs))))
+
+
+def test_attention_mask_blocks_chosen_from_rejected(tmp_path):
+    # rejected tokens must not see chosen tokens: changing chosen leaves rejected's log-prob unchanged
+    p, c, r = np.array([5, 6, 7]), np.array([8, 9, 50256]), np.array([10, 50256])
+    d = tmp_path / "d"
+    d.mkdir()
+    write_shard(d / "train_000000.bin", [(p, c, r), (p, np.array([11, 12, 13, 50256]), r)])
+    data = PairData(str(d), "train", 64)
+    model = tiny_model()
+    _, rej = layout_logps(model, data, np.arange(2), "packed", 64)
+    assert abs(rej[0].item() - rej[1].item()) < 1e-6
+    assert abs(rej[0].item() - naive_logps(model, p, r).item()) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+def test_frozen_and_cached_reference_give_the_same_losses(tmp_path):
+    data_dir = make_data(tmp_path)
+    h_cached = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), reference="cached"))
+    assert any(n.startswith("ref_logps_train_") for n in os.listdir(data_dir))  # stored beside the shards
+    h_model = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), reference="model"))
+    for a, b in zip(h_cached, h_model):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert abs(a["margin"] - b["margin"]) < 1e-5
+    assert h_cached[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+
+
+def test_resume_is_bit_exact(tmp_path):
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, dropout=0.1)
+    full = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "full"), **kw))
+    half = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), **{**kw, "max_iters": 4}))
+    rest = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), init_from="resume", **kw))
+    assert [h["loss"] for h in full] == [h["loss"] for h in half + rest]
+    assert [h["iter"] for h in rest] == [4, 5, 6, 7]
+
+
+def test_overfit_a_handful_of_pairs(tmp_path):
+    data_dir = make_data(tmp_path, n_train=8, n_val=4)
+    hist = train(tiny_cfg(tmp_path, data_dir, max_iters=60, learning_rate=3e-3, beta=0.5, eval_interval=0))
+    assert hist[-1]["accuracy"] == 1.0
+    assert hist[-1]["loss"] < 0.2 < math.log(2)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=3, eval_interval=1)
+    train(cfg)
+    ck = os.path.join(cfg.out_dir, "ckpt.pt")
+    before = open(ck, "rb").read()
+    # an absurd learning rate blows the weights up after the first resumed step
+    with pytest.raises(FloatingPointError, match=r"step [45]: the (loss|gradient norm) is (nan|inf).*ckpt.pt"):
+        train(tiny_cfg(tmp_path, data_dir, init_from="resume", max_iters=8, eval_interval=100, warmup_iters=0,
+                       learning_rate=1e30, min_lr=1e30, grad_clip=0.0))
+    assert open(ck, "rb").read() == before
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_torchrun_two_ranks_equal_one_process(tmp_path, layout):
+    data_dir = make_data(tmp_path)
+    args = [f"--data_dir={data_dir}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
+            "--global_batch_size=8", "--batch_size=2", "--max_iters=4", "--eval_interval=2", "--device=cpu",
+            "--compile=false", "--learning_rate=1e-3", f"--layout={layout}", "--reference=model"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "dpo.py", f"--out_dir={tmp_path}/one", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py",
+                          f"--out_dir={tmp_path}/two", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = read_metrics(f"{tmp_path}/one"), read_metrics(f"{tmp_path}/two")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] and len(a) >= 6
+    for x, y in zip(a, b):
+        for k in x:
+            if k.startswith("val/") or k in ("loss", "accuracy", "margin", "chosen_reward", "grad_norm"):
+                assert abs(x[k] - y[k]) < 1e-5, (k, x, y)
+
+
+# -----------------------------------------------------------------------------
+# config and data errors
+
+
+def test_config_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*did you mean learning_rate.*valid keys: mode"):
+        parse_config(["--learning_rat=1"])
+
+
+def test_config_wrong_type_and_file(tmp_path):
+    with pytest.raises(ValueError, match=r"--max_iters=ten: expected int"):
+        parse_config(["--max_iters=ten"])
+    with pytest.raises(ValueError, match=r"expected a bool"):
+        parse_config(["--truncate=maybe"])
+    f = tmp_path / "c.py"
+    f.write_text("beta = 0.2\nmax_iters = 'many'\n")
+    with pytest.raises(ValueError, match=r"c.py:2: max_iters expects int, got str"):
+        parse_config([f"--config={f}"])
+    f.write_text("beta = 0.2\nimport os\n")
+    with pytest.raises(ValueError, match=r"c.py:2: expected `key = value`"):
+        parse_config([f"--config={f}"])
+    f.write_text("beta = 1\nmax_iters = 7\n")
+    cfg = parse_config([f"--config={f}", "--max_iters=9"])  # the command line wins over the file
+    assert (cfg.beta, cfg.max_iters) == (1.0, 9) and isinstance(cfg.beta, float)
+
+
+def test_missing_and_corrupt_shards(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        PairData(str(tmp_path / "nothing"), "train", 64)
+    data_dir = make_data(tmp_path)
+    path = os.path.join(data_dir, "train_000000.bin")
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-3])
+    with pytest.raises(ValueError, match="train_000000.bin"):
+        PairData(data_dir, "train", 64)
+    write_shard(path, random_pairs(3, 100, 0), magic=123)
+    with pytest.raises(ValueError, match="magic"):
+        PairData(data_dir, "train", 64)
+
+
+def test_block_size_smaller_than_data(tmp_path):
+    data_dir = make_data(tmp_path)
+    with pytest.raises(ValueError, match=r"longer than block_size=16.*--truncate=true"):
+        PairData(data_dir, "train", 16)
+    data = PairData(data_dir, "train", 16, truncate=True)
+    assert data.n_cut > 0
+    for i in range(len(data)):
+        p, c, r = data[i]
+        full = data._raw(i)
+        assert len(p) + max(len(c), len(r)) <= 16 and len(c) > 0 and len(r) > 0
+        assert list(p) == list(full[0][len(full[0]) - len(p):])  # the prompt kept its end
+        assert list(c) == list(full[1][: len(c)])  # responses kept their start
+
+
+def test_trained_model_exports_to_transformers(tmp_path):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2, export_hf=True)
+    train(cfg)
+    ours = dpo.load_model(cfg.out_dir, cfg).eval()  # from ckpt.pt
+    hf = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(cfg.out_dir, "hf")).eval()
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
