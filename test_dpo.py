@@ -1645,3 +1645,17 @@ def test_trained_model_exports_to_transformers(tmp_path):
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
+
+
+def test_flex_block_mask_equals_bool_mask_forward(tmp_path):
+    # the CUDA path's FlexAttention mask must allow exactly what the CPU bool mask allows (forward only on CPU)
+    data = PairData(make_data(tmp_path, n_train=12), "train", 64)
+    model = tiny_model(3).eval()
+    pack_len = dpo.layout_len(data, "packed")
+    b = dpo.micro_batches(data, np.arange(12), Config(layout="packed", batch_size=12), pack_len)[0]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        h_bool = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.attention_mask(b, cpu))
+        h_flex = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b, cpu))
+    real = (b.doc >= 0)[..., None]  # padding rows differ by design (zeros vs. attending to themselves)
+    torch.testing.assert_close(h_flex * real, h_bool * real, atol=1e-5, rtol=1e-5)
