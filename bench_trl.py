@@ -5,10 +5,10 @@ TRL is not a dependency of this project: it lives in its own venv, next to the m
     python3 -m venv .venv-trl
     .venv-trl/bin/pip install torch==2.13.0          # first, so pip keeps this torch (the CPU wheel)
     .venv-trl/bin/pip install trl tiktoken           # + transformers, datasets, accelerate
-    export TIKTOKEN_CACHE_DIR=/work/shared/tiktoken   # GPT-2's BPE files, read offline
     .venv-trl/bin/python bench_trl.py --steps=6      # speed: 4x256 GPT-2, 8 HH pairs/step, max_length 512
     .venv-trl/bin/python bench_trl.py --check=1      # TRL vs ours: logps and loss, tiny GPT-2, 6 HH pairs
-Prints one JSON line last. Options: --steps, --check, --data, --seed.
+Prints one JSON line last. Options: --steps, --check, --data, --seed. TIKTOKEN_CACHE_DIR defaults to
+/work/shared/tiktoken. Time it on an otherwise idle machine: load_avg_1m in the output says if it was not.
 """
 import copy
 import gzip
@@ -22,6 +22,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never ask the hub for anything
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # GPT-2's BPE files, cached offline
 import torch
 import datasets
 import transformers
@@ -36,7 +37,7 @@ EOT = 50256
 
 def gpt2_tokenizer():
     """GPT-2's BPE as an HF tokenizer, from tiktoken's cache (its files are named by the SHA-1 of their URL)"""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
+    cache = os.environ["TIKTOKEN_CACHE_DIR"]
     path = lambda name: os.path.join(cache, hashlib.sha1((BPE_URL + name).encode()).hexdigest())
     for name in ("encoder.json", "vocab.bpe"):
         if not os.path.isfile(path(name)):
@@ -50,7 +51,7 @@ def gpt2_tokenizer():
     return tok
 
 
-def hh_pairs(path, limit=None):
+def hh_pairs(path):
     """HH rows -> {prompt, chosen, rejected}: prompt = chosen transcript up to its last '\\n\\nAssistant:'"""
     rows = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -63,7 +64,7 @@ def hh_pairs(path, limit=None):
             if not ex["rejected"].startswith(prompt):  # the two transcripts differ before the last turn
                 continue
             rows.append(dict(prompt=prompt, chosen=ex["chosen"][len(prompt):], rejected=ex["rejected"][len(prompt):]))
-    return rows[:limit]
+    return rows
 
 
 def gpt2(n_layer, n_embd, n_head, seed):
@@ -106,8 +107,9 @@ def bench(steps, seed, data, warmup=2):
     dts = [b - a for a, b in zip(timer.ends[warmup - 1:], timer.ends[warmup:])]  # (steps,) after the warmup
     print(f"{len(rows)} pairs; first step {timer.ends[0] - t_start:.2f}s; timed steps: "
           + " ".join(f"{dt:.2f}" for dt in dts), file=sys.stderr)
-    med = statistics.median(dts)
+    med = statistics.median(dts)  # batches differ in length (padded to their longest), so steps vary a lot
     return dict(trl_pairs_per_s=round(8 / med, 4), trl_s_per_step_median=round(med, 4), steps=len(dts),
+                trl_pairs_per_s_mean=round(8 * len(dts) / sum(dts), 4),
                 trl_version=trl.__version__, transformers_version=transformers.__version__,
                 torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
                 load_avg_1m=round(os.getloadavg()[0], 2))  # > ~2.5: something else shared the 2 cores

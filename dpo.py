@@ -1020,14 +1020,19 @@ def _response(row, prompt_len, keep_eot=False):
 def demo():
     """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the before/after table"""
     import prepare
-    t0 = time.time()
+    times, t0 = {}, time.time()
     if not _has_split("data/toy", "train"):
         prepare.main([])
+    times["prepare"] = time.time() - t0
     for name in ("toy_sft", "toy_dpo"):
-        print(f"\n=== {name} ({time.time() - t0:.0f}s)", flush=True)
+        print(f"\n=== {name}", flush=True)
+        t = time.time()
         train(parse_config([f"--config=config/{name}.py"]))
+        times[name[4:]] = time.time() - t
+    t = time.time()
     compare(parse_config(["--config=config/toy_dpo.py", "--init_from=out/toy_dpo"]))
-    print(f"\ntotal {time.time() - t0:.0f}s")
+    times["compare"] = time.time() - t
+    print(f"\ntotal {time.time() - t0:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
 
 
 def main(argv):
