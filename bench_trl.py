@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def bench(steps, seed, data, warmup=2):
                 trl_pairs_per_s_mean=round(8 * len(dts) / sum(dts), 4),
                 trl_version=trl.__version__, transformers_version=transformers.__version__,
                 torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # this process (Linux: KiB)
                 load_avg_1m=round(os.getloadavg()[0], 2))  # > ~2.5: something else shared the 2 cores
 
 
