@@ -353,11 +353,12 @@ def pack_rows(data, batch_size, pack_len):
     return max(1, math.ceil(batch_size * mean / pack_len))
 
 
-def layout_len(data, layout):
-    """row length: the longest sequence (plain) or pair (packed) in the data, rounded up to 64"""
+def layout_len(data, layout, multiple=64):
+    """row length: the longest sequence (plain) or pair (packed) in the data, rounded up (FlexAttention works in
+    blocks of 128, so on CUDA rows are a multiple of 128)"""
     L = data.lengths
     longest = (L[:, 0] + np.maximum(L[:, 1], L[:, 2])) if layout == "plain" else L.sum(1)
-    return int(math.ceil(longest.max() / 64) * 64)
+    return int(math.ceil(longest.max() / multiple) * multiple)
 
 
 # -----------------------------------------------------------------------------
@@ -789,7 +790,8 @@ def train(cfg):
     sft = cfg.loss_type == "sft" and cfg.sft_weight == 0
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, chosen_only=sft)
     val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft) if _has_split(cfg.data_dir, "val") else None
-    pack_len = cfg.pack_len or max(layout_len(d, cfg.layout) for d in (train_data, val_data) if d is not None)
+    multiple = 128 if use_flex else 64
+    pack_len = cfg.pack_len or max(layout_len(d, cfg.layout, multiple) for d in (train_data, val_data) if d is not None)
     if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
         raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
 
@@ -938,7 +940,7 @@ def sample(cfg):
     *_, device = setup_device(cfg)
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    for prompt in (cfg.prompts.split("|") if cfg.prompts else ["Review of the pizza:"]):
+    for prompt in (cfg.prompts.replace("\\n", "\n").split("|") if cfg.prompts else ["Review of the pizza:"]):
         idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
         print(f"=== {prompt!r}")
         for name, m in (("policy", policy), (f"reference ({ref_from})", reference)):

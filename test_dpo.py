@@ -1659,3 +1659,15 @@ def test_flex_block_mask_equals_bool_mask_forward(tmp_path):
         h_flex = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b, cpu))
     real = (b.doc >= 0)[..., None]  # padding rows differ by design (zeros vs. attending to themselves)
     torch.testing.assert_close(h_flex * real, h_bool * real, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_policy_and_reference_side_by_side(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2)
+    train(cfg)
+    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert ck["ref_from"] == "scratch" and ck["config"]["max_iters"] == 2  # the config travels with the checkpoint
+    dpo.sample(tiny_cfg(tmp_path, data_dir, init_from=cfg.out_dir, prompts="a|b\\nc", max_new_tokens=3, temperature=0.0))
+    out = capsys.readouterr().out
+    assert out.count("--- policy:") == 2 and out.count("--- reference (scratch):") == 2
+    assert "=== 'b\\nc'" in out  # "\n" in --prompts is a newline
