@@ -672,11 +672,7 @@ def step_flops(model, b):
     only (that is all we compute), and attention over the keys each token actually sees"""
     c = model.config
     head = 6 * c.n_embd * c.vocab_size * len(b.tgt)
-    return 6 * block_params(model) * b.n_tokens + head + 12 * c.n_layer * c.n_embd * b.ctx_sum
-
-
-def block_params(model):
-    return sum(p.numel() for n, p in model.named_parameters() if ".h." in n or "ln_f" in n)
+    return 6 * model.num_params(non_embedding=True) * b.n_tokens + head + 12 * c.n_layer * c.n_embd * b.ctx_sum
 
 
 # -----------------------------------------------------------------------------
@@ -827,7 +823,8 @@ def train(cfg):
     module = SequenceLogps(model, compile=compile_, chunk=cfg.logprob_chunk)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcast: with packing, ranks may run different numbers of forwards per step
+        module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     peak = peak_flops(device)
     wandb = None
     if cfg.wandb_log and master:
