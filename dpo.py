@@ -422,7 +422,7 @@ def batch_logps(module, b, device, use_flex):
 # the types that need per-token averages divide by the response token counts.
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-              "apo_zero", "apo_down", "discopop", "aot", "aot_pair", "sigmoid_norm", "simpo", "sft")
+              "apo_zero", "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft")
 REFERENCE_FREE_LOSSES = ("simpo", "sft")  # these never look at a reference model
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft")
 
@@ -516,7 +516,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         margin_sorted, _ = torch.sort(pc - pr, dim=0)
         ref_sorted, _ = torch.sort(rc - rr, dim=0)
         losses = _smoothed_logistic(beta * (margin_sorted - ref_sorted), ls)
-    elif loss_type == "aot_pair":  # AOT unpaired, same paper: sort chosen and rejected log-ratios separately
+    elif loss_type in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): sort each side separately
         chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
         rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
         losses = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), ls)

@@ -1094,7 +1094,7 @@ def ref_losses(loss_type, pc, pr, rc, rr, lc, lr, beta, ls, gamma, delta, tau):
         a = sorted(pc[i] - pr[i] for i in range(B))
         b = sorted(rc[i] - rr[i] for i in range(B))
         return [cdpo(beta * (a[i] - b[i])) for i in range(B)]
-    if loss_type == "aot_pair":
+    if loss_type in ("aot_pair", "aot_unpaired"):
         a, b = sorted(cl), sorted(rl)
         return [cdpo(beta * (a[i] - b[i])) for i in range(B)]
     for i in range(B):
@@ -1272,7 +1272,7 @@ def test_unknown_loss_type():
         dpo_loss(pc, pr, None, None, loss_type="kto")
     msg = str(err.value)
     assert "'kto'" in msg and all(name in msg for name in LOSS_TYPES)
-    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 16
+    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 17  # 16 losses + the aot_unpaired alias
 
 def test_only_one_reference_is_an_error():
     pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
