@@ -105,7 +105,7 @@ class Block(nn.Module):
 
 class TokenLogprobs(torch.autograd.Function):
     """log_softmax(h @ W.T)[target] chunk by chunk, with a hand-written backward.
-    one chunk: its logits are kept and turned into the gradient in place (no extra (n, V) buffers).
+    one chunk: its exp(logits - max) is kept and turned into the gradient in place (no extra (n, V) buffers).
     several chunks: only h is kept and each chunk's logits are recomputed in backward, so at most one chunk of
     (chunk_size, V) float32 logits is alive at a time. d logp / d logits = onehot(target) - softmax(logits)."""
 
@@ -116,10 +116,14 @@ class TokenLogprobs(torch.autograd.Function):
         out, lses, kept = [], [], None
         for i in range(0, h.size(0), chunk_size):
             logits = F.linear(h[i:i + chunk_size].to(dtype), weight.to(dtype)).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            out.append(logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1) - lse)
+            target_logit = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)  # (n,)
+            m = logits.amax(dim=1, keepdim=True)  # (n, 1)
+            e = logits.sub_(m).exp_()  # in place: exp(logits - max), in (0, 1]; one exp pass for forward and backward
+            s = e.sum(dim=1)  # (n,)
+            lse = m.squeeze(1) + s.log()
+            out.append(target_logit - lse)
             lses.append(lse)
-            kept = logits if h.size(0) <= chunk_size else None
+            kept = (e, s) if h.size(0) <= chunk_size else None  # softmax = e / s
         ctx.kept = kept
         ctx.save_for_backward(h, weight, targets, torch.cat(lses))
         return torch.cat(out)
@@ -132,10 +136,12 @@ class TokenLogprobs(torch.autograd.Function):
         grad_w = None
         for i in range(0, h.size(0), ctx.chunk):
             hc, g, t = h[i:i + ctx.chunk], grad_out[i:i + ctx.chunk].float(), targets[i:i + ctx.chunk]
-            logits = ctx.kept if ctx.kept is not None else F.linear(hc.to(dtype), w).float()
-            # in place: logits -> -g * softmax, then + g at the target
-            grad = logits.sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g[:, None])
-            grad[torch.arange(len(t), device=t.device), t] += g
+            if ctx.kept is not None:  # in place: exp(logits - max) -> -g * softmax
+                e, s = ctx.kept
+                grad = e.mul_((-g / s)[:, None])
+            else:  # recompute this chunk's logits, then the same in place
+                grad = F.linear(hc.to(dtype), w).float().sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            grad[torch.arange(len(t), device=t.device), t] += g  # + g * onehot(target)
             grad = grad.to(dtype)
             if grad_h is not None:
                 grad_h[i:i + ctx.chunk] = (grad @ w).to(h.dtype)
