@@ -3,8 +3,8 @@ Throughput, side by side on the same data, model and batch: the plain layout (ev
 the reference model run every step, as TRL's DPOTrainer does by default) against the fast layout (pairs packed into
 rows with the prompt once, reference log-probs cached), and optionally TRL itself.
 
-    python bench.py                   # CPU, float32, GPT-2 architecture 4 layers x 256, 8 pairs a step, max_length 512,
-                                      # both layouts compiled (static shapes; the first steps are warmup)
+    python bench.py                   # CPU, float32, GPT-2 architecture 4 layers x 256, 8 pairs a step, max_length 512
+                                      # (trainer defaults: compiled on CUDA only; eager was faster on this CPU)
     python bench.py --trl=1           # also TRL's DPOTrainer via .venv-trl/bin/python bench_trl.py (same setting)
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --device=cuda --steps=20   # GPT-2 124M, bf16, compiled
 Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length) and any dpo.py config key.
@@ -27,7 +27,7 @@ HH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "d
 BENCH = {"hh": HH, "steps": 10, "warmup": 2, "trl": 0, "max_length": 512, "variant": ""}
 DEFAULTS = ["--n_layer=4", "--n_head=4", "--n_embd=256", "--block_size=1024", "--global_batch_size=8",
             "--batch_size=8", "--eval_interval=0", "--log_interval=1000000", "--save_checkpoint=false",
-            "--learning_rate=1e-5", "--warmup_iters=0", "--compile=true"]
+            "--learning_rate=1e-5", "--warmup_iters=0"]
 VARIANTS = {"plain": ["--layout=plain", "--reference=model"], "packed": ["--layout=packed", "--reference=cached"]}
 
 
