@@ -971,7 +971,7 @@ def compare(cfg):
     val = PairData(cfg.data_dir, "val", policy.config.block_size, truncate=True)
     prompts = list(dict.fromkeys(tuple(val[i][0].tolist()) for i in range(len(val))))  # unique, in order
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    res = {name: {"greedy": [], "sampled": [], "logps": []} for name in ("reference", "policy")}
+    res = {name: {"greedy": [], "sampled": []} for name in ("reference", "policy")}
     kl = []
     for p in prompts:
         idx = torch.tensor([list(p)], device=device)
@@ -1003,7 +1003,8 @@ def compare(cfg):
     print(f"{'':34s} {'reference (SFT)':>18s} {'policy (DPO)':>18s}")
     for r in rows:
         print(f"{r[0]:34s} {r[1]:>18s} {r[2]:>18s}")
-    return {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items() if k != "logps"} for n, d in res.items()} | {"kl": mean(kl), "implicit_acc": implicit_acc}
+    summary = {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items()} for n, d in res.items()}
+    return summary | {"kl": mean(kl), "implicit_acc": implicit_acc}
 
 
 def _response(row, prompt_len, keep_eot=False):
