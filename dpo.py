@@ -41,9 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from prepare import list_shards, load_pairs
-
-EOT = 50256
+from prepare import EOT, list_shards, load_pairs, truncate
 
 # -----------------------------------------------------------------------------
 # config
@@ -76,6 +74,7 @@ class Config:
     batch_size: int = 8  # pairs per micro-step (plain layout) or the packing target (packed layout)
     layout: str = "packed"  # packed: prompt once, chosen and rejected after it, several pairs per row | plain: padded rows
     pack_len: int = 0  # packed row length in tokens; 0 = the longest pair in the data, rounded up to 64
+    pack_rows: int = 0  # rows per packed micro-batch; 0 = room for about batch_size pairs of mean train length
     truncate: bool = False  # pairs longer than block_size: False refuses with an error, True cuts them (prompt start first)
     logprob_chunk: int = 4096  # tokens per lm_head chunk, so full (tokens, vocab) logits never exist at once
     grad_checkpointing: bool = False  # recompute block activations in backward (big models, less memory)
@@ -203,6 +202,7 @@ class PairData:
             self.lengths = np.array([[len(x) for x in self._cut(*self._raw(i))] for i in range(len(self))], dtype=np.int64)
         if chosen_only:
             self.lengths[:, 2] = 0
+        self.mean_pair_len = float(self.lengths.sum(1).mean()) if len(self.lengths) else 0.0  # sizes packed rows
         self.data_dir, self.split = data_dir, split
 
     def __len__(self):
@@ -213,11 +213,8 @@ class PairData:
         return self.shards[s][i - int(self.starts[s])]
 
     def _cut(self, p, c, r):
-        # the prompt loses its start (its end is next to the response), then responses lose their end
-        room = self.block_size - max(len(c), len(r))
-        if room < len(p):
-            p = p[max(len(p) - max(room, self.block_size // 2), 0):]
-        return p, c[: self.block_size - len(p)], r[: self.block_size - len(p)]
+        # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
+        return truncate(p, c, r, self.block_size, self.block_size // 2)[:3]
 
     def __getitem__(self, i):
         p, c, r = self._raw(i)
@@ -342,15 +339,14 @@ def micro_batches(data, ids, cfg, pack_len):
     """split one rank's pairs for a step into micro-batches of a fixed shape (static shapes: no recompiles)"""
     if cfg.layout == "plain":
         return [plain_batch(data, ids[i: i + cfg.batch_size], pack_len) for i in range(0, len(ids), cfg.batch_size)]
-    rows = pack_rows(data, cfg.batch_size, pack_len)
+    rows = cfg.pack_rows or pack_rows(data, cfg.batch_size, pack_len)
     plans = plan_packed(data.lengths[ids], rows, pack_len)
     return [packed_batch(data, ids, plan, rows, pack_len) for plan in plans]
 
 
 def pack_rows(data, batch_size, pack_len):
     """rows per packed micro-batch: enough for about batch_size pairs of the data's mean length"""
-    mean = float((data.lengths.sum(1)).mean())
-    return max(1, math.ceil(batch_size * mean / pack_len))
+    return max(1, math.ceil(batch_size * data.mean_pair_len / pack_len))
 
 
 def layout_len(data, layout, multiple=64):
@@ -790,6 +786,8 @@ def train(cfg):
     pack_len = cfg.pack_len or max(layout_len(d, cfg.layout, multiple) for d in (train_data, val_data) if d is not None)
     if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
         raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
+    # one micro-batch shape for train, val and the reference pass (static shapes)
+    cfg = dataclasses.replace(cfg, pack_rows=cfg.pack_rows or pack_rows(train_data, cfg.batch_size, pack_len))
 
     ref = None
     if needs_reference(cfg):
