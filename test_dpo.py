@@ -1690,3 +1690,17 @@ def test_toy_pipeline_sft_then_dpo_then_compare(tmp_path, capsys):
         assert -1.0 <= res[side]["greedy"] <= 1.0 and -1.0 <= res[side]["sampled"] <= 1.0
         assert 0.0 <= res[side]["acc"] <= 1.0
     assert math.isfinite(res["kl"])
+
+
+def test_prepare_replaces_its_output_with_dpo_reference_caches(tmp_path):
+    # dpo.py stores reference log-probs beside the shards; re-preparing replaces them with the data, anything else
+    # in the folder makes prepare refuse
+    out = tmp_path / "toy"
+    args = ["--dataset=toy", "--toy_pairs=50", f"--out_dir={out}", "--num_workers=1"]
+    P.prepare(P.parse_args(args), log=None)
+    (out / "ref_logps_train_0123abcd_4567ef89.pt").write_bytes(b"stale")
+    P.prepare(P.parse_args(args), log=None)
+    assert not (out / "ref_logps_train_0123abcd_4567ef89.pt").exists() and (out / "train_000000.bin").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(P.PrepareError, match="did not write"):
+        P.prepare(P.parse_args(args), log=None)
