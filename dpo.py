@@ -607,11 +607,20 @@ def load_model(source, cfg):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
     if os.path.isfile(os.path.join(source, "config.json")):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
-    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
-    if not os.path.isfile(path):
+    path = checkpoint_path(source)
+    if path is None:
         raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a Hugging Face "
                                 f"folder with config.json, or a checkpoint file / folder with ckpt.pt; found none")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    return model_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True), cfg)
+
+
+def checkpoint_path(source):
+    """our checkpoint file for a ckpt.pt path or the folder holding it; None if there is none"""
+    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
+    return path if os.path.isfile(path) else None
+
+
+def model_from_checkpoint(ck, cfg):
     model = GPT(GPTConfig(**{**ck["model_config"], "dropout": cfg.dropout}))
     model.load_state_dict(ck["model"])
     return model
@@ -770,7 +779,7 @@ def train(cfg):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"init_from=resume: no checkpoint at {path}")
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = load_model(path, cfg)
+        model = model_from_checkpoint(ck, cfg)
         ref_from = ck["ref_from"]
     else:
         model = load_model(cfg.init_from, cfg)
@@ -922,9 +931,13 @@ def _has_split(data_dir, split):
 
 def load_pair_of_models(cfg, device):
     """the policy from init_from and the reference it was trained against (recorded in its checkpoint)"""
-    policy = load_model(cfg.init_from, cfg).to(device).eval()
-    path = os.path.join(cfg.init_from, "ckpt.pt") if os.path.isdir(cfg.init_from) else cfg.init_from
-    ref_from = torch.load(path, map_location="cpu", weights_only=True).get("ref_from") if os.path.isfile(path) else None
+    path, ref_from = checkpoint_path(cfg.init_from), None
+    if path is not None:  # read the checkpoint once: the policy and where its reference came from
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        policy, ref_from = model_from_checkpoint(ck, cfg), ck.get("ref_from")
+    else:
+        policy = load_model(cfg.init_from, cfg)
+    policy = policy.to(device).eval()
     reference = load_model(ref_from, cfg).to(device).eval() if ref_from else None
     return policy, reference, ref_from
 
