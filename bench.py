@@ -9,6 +9,7 @@ rows with the prompt once, reference log-probs cached), and optionally TRL itsel
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --device=cuda --steps=20   # GPT-2 124M, bf16, compiled
 Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length) and any dpo.py config key.
 """
+import dataclasses
 import json
 import os
 import resource
@@ -51,8 +52,11 @@ def run_variant(opts, rest):
         model = dpo.load_model(cfg.init_from, cfg).to(device)
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         data = dpo.PairData(cfg.data_dir, "train", model.config.block_size)
+        flex = device.type == "cuda"
+        shape = cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if flex else "step")  # as train() decides
         t0 = time.time()
-        dpo.cached_reference(model, data, cfg, dpo.layout_len(data, cfg.layout), device, ctx, 0, 1, device.type == "cuda")
+        dpo.cached_reference(model, data, dataclasses.replace(cfg, pack_shape=shape),
+                             dpo.layout_len(data, cfg.layout, 128 if flex else 64), device, ctx, 0, 1, flex)
         ref_s = time.time() - t0
         del model
     hist = dpo.train(cfg)[opts["warmup"]:]

@@ -75,6 +75,7 @@ class Config:
     layout: str = "packed"  # packed: prompt once, chosen and rejected after it, several pairs per row | plain: padded rows
     pack_len: int = 0  # packed row length in tokens; 0 = the longest pair in the data, rounded up to 64
     pack_rows: int = 0  # rows per packed micro-batch; 0 = room for about batch_size pairs of mean train length
+    pack_shape: str = "auto"  # static: every micro-batch pack_rows x pack_len | step: rows fit the step's longest pair, same token budget | auto: static when compiled
     truncate: bool = False  # pairs longer than block_size: False refuses with an error, True cuts them (prompt start first)
     logprob_chunk: int = 4096  # tokens per lm_head chunk, so full (tokens, vocab) logits never exist at once
     grad_checkpointing: bool = False  # recompute block activations in backward (big models, less memory)
@@ -288,33 +289,33 @@ def plain_batch(data, ids, row_len):
                  np.asarray(ids), n_tokens, ctx_sum)
 
 
-def plan_packed(lengths, rows, row_len):
-    """first-fit: place pairs in order into `rows` rows of `row_len` tokens; a new micro-batch when one is full.
-    returns a list of micro-batches, each a list of (k, row, offset) with k the pair's index in `lengths`"""
-    plans, plan, used = [], [], [0] * rows
-    for k, (P, C, R) in enumerate(lengths):
-        need = P + C + R
-        row = next((j for j in range(rows) if used[j] + need <= row_len), None)
-        if row is None:
-            plans.append(plan)
-            plan, used, row = [], [0] * rows, 0
-        plan.append((k, row, used[row]))
-        used[row] += need
-    if plan:
-        plans.append(plan)
-    return plans
+def plan_packed(need, row_len):
+    """first-fit decreasing: longest pair first, each into the first row with room for it.
+    `need` (K,) tokens per pair; returns the rows, each a list of (k, offset) with k the pair's index in `need`"""
+    rows, used = [], []
+    for k in np.argsort(-np.asarray(need), kind="stable"):
+        j = next((j for j, u in enumerate(used) if u + need[k] <= row_len), None)
+        if j is None:
+            rows.append([])
+            used.append(0)
+            j = len(rows) - 1
+        rows[j].append((int(k), used[j]))
+        used[j] += int(need[k])
+    return rows
 
 
 def packed_batch(data, ids, plan, rows, row_len):
     """prefix sharing: each pair is [prompt | chosen | rejected] in one row; rejected attends to the prompt but not to
-    chosen, and its positions continue from the prompt's end (see attention_mask)"""
+    chosen, and its positions continue from the prompt's end (see attention_mask). plan: rows of (j, offset), j an
+    index into ids; `rows` >= len(plan), the rest is padding"""
     idx = np.full((rows, row_len), EOT, dtype=np.int64)
     pos = np.zeros((rows, row_len), dtype=np.int64)
     doc = np.full((rows, row_len), -1, dtype=np.int64)
     branch = np.zeros((rows, row_len), dtype=np.int64)
     src, tgt, seq, pair_ids = [], [], [], []
     n_tokens = ctx_sum = 0
-    for k, (j, row, o) in enumerate(plan):
+    placed = [(j, row, o) for row, items in enumerate(plan) for j, o in items]
+    for k, (j, row, o) in enumerate(placed):
         p, c, r = data[ids[j]]
         P, C, R = len(p), len(c), len(r)
         idx[row, o: o + P + C + R] = np.concatenate([p, c, r])
@@ -335,13 +336,23 @@ def packed_batch(data, ids, plan, rows, row_len):
                  t(np.concatenate(seq)), np.asarray(pair_ids), n_tokens, ctx_sum)
 
 
-def micro_batches(data, ids, cfg, pack_len):
-    """split one rank's pairs for a step into micro-batches of a fixed shape (static shapes: no recompiles)"""
+def micro_batches(data, ids, cfg, pack_len, multiple=64):
+    """split one rank's pairs for a step into micro-batches. pack_shape static: every packed micro-batch is
+    (pack_rows, pack_len), so torch.compile sees one shape; step: rows as long as the step's longest pair and as many
+    as the same token budget allows (less padding and less masked-out attention, for eager runs)"""
     if cfg.layout == "plain":
         return [plain_batch(data, ids[i: i + cfg.batch_size], pack_len) for i in range(0, len(ids), cfg.batch_size)]
+    need = data.lengths[ids].sum(1)
     rows = cfg.pack_rows or pack_rows(data, cfg.batch_size, pack_len)
-    plans = plan_packed(data.lengths[ids], rows, pack_len)
-    return [packed_batch(data, ids, plan, rows, pack_len) for plan in plans]
+    if cfg.pack_shape == "step":
+        row_len = min(pack_len, int(math.ceil(need.max() / multiple) * multiple))
+        rows = max(1, rows * pack_len // row_len)
+    else:
+        row_len = pack_len
+    plan = plan_packed(need, row_len)
+    static = cfg.pack_shape != "step"
+    return [packed_batch(data, ids, plan[i: i + rows], rows if static else len(plan[i: i + rows]), row_len)
+            for i in range(0, len(plan), rows)]
 
 
 def pack_rows(data, batch_size, pack_len):
@@ -555,7 +566,7 @@ def compute_reference(ref_model, data, cfg, pack_len, device, ctx, rank=0, world
     ids = np.arange(rank, len(data), world)
     t0 = last = time.time()
     for i in range(0, len(ids), 16 * cfg.batch_size):
-        for b in micro_batches(data, ids[i: i + 16 * cfg.batch_size], cfg, pack_len):
+        for b in micro_batches(data, ids[i: i + 16 * cfg.batch_size], cfg, pack_len, 128 if use_flex else 64):
             with ctx:
                 c, r, _, _ = batch_logps(module, b, device, use_flex)
             j = torch.from_numpy(b.pair_ids).to(device)
@@ -745,7 +756,7 @@ def evaluate(module, data, ref, cfg, pack_len, device, ctx, rank, world, ddp, us
     n = len(data) if cfg.eval_pairs <= 0 else min(cfg.eval_pairs, len(data))
     m = Metrics(device)
     ids = np.arange(rank, n, world)
-    for b in micro_batches(data, ids, cfg, pack_len) if len(ids) else []:
+    for b in micro_batches(data, ids, cfg, pack_len, 128 if use_flex else 64) if len(ids) else []:
         with ctx:
             pc, pr, nc, nr = batch_logps(module, b, device, use_flex)
         rc, rr = pair_reference(ref, b, device, ctx, use_flex)
@@ -761,8 +772,10 @@ def train(cfg):
     master = rank == 0
     if cfg.global_batch_size % world:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must be divisible by the {world} ranks")
-    if cfg.layout not in ("packed", "plain") or cfg.reference not in ("cached", "model"):
-        raise ValueError(f"layout must be packed|plain and reference cached|model, got {cfg.layout}, {cfg.reference}")
+    if cfg.layout not in ("packed", "plain") or cfg.reference not in ("cached", "model") \
+            or cfg.pack_shape not in ("auto", "static", "step"):
+        raise ValueError(f"layout must be packed|plain, reference cached|model and pack_shape auto|static|step, "
+                         f"got {cfg.layout}, {cfg.reference}, {cfg.pack_shape}")
     if cfg.loss_type not in LOSS_TYPES:  # before any long reference pass
         raise ValueError(f"unknown loss_type {cfg.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
@@ -795,8 +808,9 @@ def train(cfg):
     pack_len = cfg.pack_len or max(layout_len(d, cfg.layout, multiple) for d in (train_data, val_data) if d is not None)
     if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
         raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
-    # one micro-batch shape for train, val and the reference pass (static shapes)
-    cfg = dataclasses.replace(cfg, pack_rows=cfg.pack_rows or pack_rows(train_data, cfg.batch_size, pack_len))
+    # one token budget per micro-batch for train, val and the reference pass; fixed shapes when compiled
+    cfg = dataclasses.replace(cfg, pack_rows=cfg.pack_rows or pack_rows(train_data, cfg.batch_size, pack_len),
+                              pack_shape=cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if compile_ else "step"))
 
     ref = None
     if needs_reference(cfg):
@@ -867,7 +881,7 @@ def train(cfg):
             g["lr"] = lr
         t0 = time.time()
         ids = step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, rank, world)
-        mbs = micro_batches(train_data, ids, cfg, pack_len)
+        mbs = micro_batches(train_data, ids, cfg, pack_len, multiple)
         m = Metrics(device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, flops
         for i, b in enumerate(mbs):

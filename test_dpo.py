@@ -1404,22 +1404,23 @@ def naive_logps(model, p, resp):
 
 
 def layout_logps(model, data, ids, layout, pack_len, batch_size=3):
-    cfg = Config(layout=layout, batch_size=batch_size)
+    """layout: plain | packed (fixed shapes) | packed-step (rows as long as the longest pair given)"""
+    cfg = Config(layout=layout.split("-")[0], batch_size=batch_size, pack_shape="step" if layout.endswith("step") else "static")
     module = dpo.SequenceLogps(model, chunk=7)  # a small chunk exercises the chunked lm_head
     chosen, rejected = {}, {}
-    for b in dpo.micro_batches(data, ids, cfg, pack_len):
+    for b in dpo.micro_batches(data, ids, cfg, pack_len, multiple=8):  # 8: step rows shorter than pack_len
         c, r, nc, nr = dpo.batch_logps(module, b, torch.device("cpu"), use_flex=False)
         for k, i in enumerate(b.pair_ids):
             chosen[int(i)], rejected[int(i)] = c[k], r[k]
     return chosen, rejected
 
 
-@pytest.mark.parametrize("layout", ["plain", "packed"])
+@pytest.mark.parametrize("layout", ["plain", "packed", "packed-step"])
 def test_response_logps_match_naive_loop(tmp_path, layout):
     data = PairData(make_data(tmp_path), "train", 64)
     model = tiny_model()
     ids = np.arange(len(data))
-    pack_len = dpo.layout_len(data, layout)
+    pack_len = dpo.layout_len(data, layout.split("-")[0])
     chosen, rejected = layout_logps(model, data, ids, layout, pack_len)
     assert sorted(chosen) == list(range(len(data)))
     for i in ids:
@@ -1440,12 +1441,46 @@ def test_packing_puts_several_pairs_in_a_row(tmp_path):
         assert b.n_tokens == sum(int(data.lengths[i].sum()) for i in b.pair_ids)
 
 
+def test_plan_packed_places_every_pair_once_without_overlap():
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        need = rng.integers(1, 100, size=rng.integers(1, 30))
+        row_len = int(need.max()) + int(rng.integers(0, 50))
+        rows = dpo.plan_packed(need, row_len)
+        seen = sorted(k for row in rows for k, _ in row)
+        assert seen == list(range(len(need)))
+        for row in rows:  # pairs sit end to end from offset 0 and the row holds them
+            spans = sorted((o, o + need[k]) for k, o in row)
+            assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert spans[-1][1] <= row_len
+        # no two rows could be merged: first fit leaves no row that fits into another's space
+        used = sorted(sum(need[k] for k, _ in row) for row in rows)
+        assert len(used) < 2 or used[0] + used[1] > row_len
+
+
+def test_step_shape_fits_the_longest_pair_and_the_token_budget(tmp_path):
+    data = PairData(make_data(tmp_path, n_train=40), "train", 64)
+    pack_len = dpo.layout_len(data, "packed")
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        ids = rng.choice(len(data), size=12, replace=False)
+        static = dpo.micro_batches(data, ids, Config(batch_size=6, pack_shape="static", pack_rows=3), pack_len)
+        step = dpo.micro_batches(data, ids, Config(batch_size=6, pack_shape="step", pack_rows=3), pack_len, multiple=8)
+        longest = int(data.lengths[ids].sum(1).max())
+        for b in step:
+            assert b.idx.shape[1] == min(pack_len, -(-longest // 8) * 8) < pack_len
+            assert b.idx.numel() <= 3 * pack_len
+        assert all(b.idx.shape == (3, pack_len) for b in static)
+        for mbs in (static, step):
+            assert sorted(int(i) for b in mbs for i in b.pair_ids) == sorted(ids.tolist())
+
+
 def packed_vs_plain(model, data, ids):
-    """per-pair log-probs, losses and gradients of both layouts"""
+    """per-pair log-probs, losses and gradients of the plain layout and both packed shapes"""
     out = {}
-    for layout in ("plain", "packed"):
+    for layout in ("plain", "packed", "packed-step"):
         model.zero_grad()
-        c, r = layout_logps(model, data, ids, layout, dpo.layout_len(data, layout), batch_size=4)
+        c, r = layout_logps(model, data, ids, layout, dpo.layout_len(data, layout.split("-")[0]), batch_size=4)
         pc = torch.stack([c[int(i)] for i in ids])
         pr = torch.stack([r[int(i)] for i in ids])
         losses, _, _ = dpo_loss(pc, pr, pc.detach() * 0.9, pr.detach() * 1.1, beta=0.1)
@@ -1455,11 +1490,12 @@ def packed_vs_plain(model, data, ids):
 
 
 def assert_same_layouts(out):
-    a, b = out["plain"], out["packed"]
-    for x, y in zip(a[:3], b[:3]):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-    for ga, gb in zip(a[3], b[3]):
-        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+    a = out["plain"]
+    for b in (out["packed"], out["packed-step"]):
+        for x, y in zip(a[:3], b[:3]):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        for ga, gb in zip(a[3], b[3]):
+            torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
 
 
 def test_packed_equals_plain_random_pairs(tmp_path):
