@@ -533,7 +533,6 @@ def test_cuda_flex_and_sdpa_mask_agree_bf16():
 # =============================================================================
 # prepare.py: formats, shards, toy task
 # Tests for prepare.py: formats, tokens, truncation, split, skip accounting, fatal inputs, shard reader, toy task.
-# Run: python -m pytest -q test_prepare.py
 # References are independent of prepare.py: literal expected strings, tiktoken's own encode(), a naive
 # byte-level parse of the shard layout, and a separate re-implementation of the HH prompt rule.
 
@@ -1695,6 +1694,43 @@ def test_flex_block_mask_equals_bool_mask_forward(tmp_path):
         h_flex = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b, cpu))
     real = (b.doc >= 0)[..., None]  # padding rows differ by design (zeros vs. attending to themselves)
     torch.testing.assert_close(h_flex * real, h_bool * real, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_hidden_takes_a_new_block_mask_every_call_without_recompiling(tmp_path):
+    # the CUDA trainer builds a BlockMask (a new mask_mod closure) per micro-step and feeds it to the compiled
+    # hidden(); dynamo must treat it as an input, not compile again. flex runs forward-only on CPU, which is enough
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    data = PairData(make_data(tmp_path, n_train=24), "train", 64)
+    model = tiny_model(4).eval()
+    hidden = torch.compile(model.hidden)
+    cfg = Config(layout="packed", batch_size=4, pack_rows=2, pack_shape="static")
+    cpu = torch.device("cpu")
+    mbs = dpo.micro_batches(data, np.arange(24), cfg, dpo.layout_len(data, "packed"))
+    assert len(mbs) >= 3
+    for b in mbs:
+        with torch.no_grad():
+            h = hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b, cpu))
+            ref = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.attention_mask(b, cpu))
+        real = (b.doc >= 0)[..., None]
+        torch.testing.assert_close(h * real, ref * real, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_training_matches_eager_with_fixed_shapes(tmp_path):
+    # compile=true with the static packed shape: the same losses as eager, and the compiled hidden() is traced once
+    # for training and once for evaluation (no_grad), not once per micro-batch
+    from torch._dynamo.utils import counters
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=4, eval_interval=2, pack_shape="static", pack_rows=2)
+    eager = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "eager"), **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "compiled"), compile="true", **kw))
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
 
 
 def test_sample_policy_and_reference_side_by_side(tmp_path, capsys):
