@@ -60,13 +60,15 @@ def run_variant(opts, rest):
         ref_s = time.time() - t0
         del model
     hist = dpo.train(cfg)[opts["warmup"]:]
-    if torch.cuda.is_available() and cfg.device != "cpu":
+    on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    if on_gpu:
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     med = lambda k: float(np.median([h[k] for h in hist]))
     print(json.dumps({"variant": opts["variant"], "pairs_per_s": med("pairs_per_s"), "tokens_per_s": med("tokens_per_s"),
                       "ms": med("ms"), "mfu": med("mfu"), "peak_mb": peak_mb, "ref_precompute_s": ref_s,
+                      "peak_tflops": dpo.peak_flops(torch.device("cuda" if on_gpu else "cpu")) / 1e12,
                       "pairs": len(dpo.PairData(cfg.data_dir, "train", 1024))}))
 
 
@@ -108,7 +110,9 @@ def main(argv):
     print(f"\npacked / plain: {p['pairs_per_s'] / res['plain']['pairs_per_s']:.2f}x pairs/s"
           + (f", packed / TRL: {p['pairs_per_s'] / res['trl']['trl_pairs_per_s']:.2f}x" if "trl" in res else "")
           + f"\nthe cached reference took {p['ref_precompute_s']:.1f}s once for {p['pairs']} pairs; counting it, "
-          f"a first epoch runs at {p['pairs'] / (p['ref_precompute_s'] + p['pairs'] / p['pairs_per_s']):.2f} pairs/s")
+          f"a first epoch runs at {p['pairs'] / (p['ref_precompute_s'] + p['pairs'] / p['pairs_per_s']):.2f} pairs/s"
+          f"\nMFU is against a peak of {1000 * res['plain']['peak_tflops']:.0f} (plain) and "
+          f"{1000 * p['peak_tflops']:.0f} (packed) GFLOP/s (GPU: the card's bf16 dense peak; CPU: measured float32 matmul)")
 
 
 if __name__ == "__main__":

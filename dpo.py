@@ -75,7 +75,7 @@ class Config:
     layout: str = "packed"  # packed: prompt once, chosen and rejected after it, several pairs per row | plain: padded rows
     pack_len: int = 0  # packed row length in tokens; 0 = the longest pair in the data, rounded up to 64
     pack_rows: int = 0  # rows per packed micro-batch; 0 = room for about batch_size pairs of mean train length
-    pack_shape: str = "auto"  # static: every micro-batch pack_rows x pack_len | step: rows fit the step's longest pair, same token budget | auto: static when compiled
+    pack_shape: str = "auto"  # static: pack_rows x pack_len always | step: rows fit each step's longest pair | auto: static if compiled or CUDA
     truncate: bool = False  # pairs longer than block_size: False refuses with an error, True cuts them (prompt start first)
     logprob_chunk: int = 4096  # tokens per lm_head chunk, so full (tokens, vocab) logits never exist at once
     grad_checkpointing: bool = False  # recompute block activations in backward (big models, less memory)
@@ -809,8 +809,9 @@ def train(cfg):
     if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
         raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
     # one token budget per micro-batch for train, val and the reference pass; fixed shapes when compiled
+    shape = cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if compile_ or use_flex else "step")
     cfg = dataclasses.replace(cfg, pack_rows=cfg.pack_rows or pack_rows(train_data, cfg.batch_size, pack_len),
-                              pack_shape=cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if compile_ else "step"))
+                              pack_shape=shape)
 
     ref = None
     if needs_reference(cfg):
@@ -1044,8 +1045,12 @@ def _response(row, prompt_len, keep_eot=False):
     return out
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the demo works from any folder
+
+
 def demo():
-    """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the before/after table"""
+    """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the before/after table.
+    data and checkpoints go to data/toy and out/ under the current folder"""
     import prepare
     times, t0 = {}, time.time()
     if not _has_split("data/toy", "train"):
@@ -1054,10 +1059,10 @@ def demo():
     for name in ("toy_sft", "toy_dpo"):
         print(f"\n=== {name}", flush=True)
         t = time.time()
-        train(parse_config([f"--config=config/{name}.py"]))
+        train(parse_config([f"--config={os.path.join(CONFIG_DIR, name)}.py"]))
         times[name[4:]] = time.time() - t
     t = time.time()
-    compare(parse_config(["--config=config/toy_dpo.py", "--init_from=out/toy_dpo"]))
+    compare(parse_config([f"--config={os.path.join(CONFIG_DIR, 'toy_dpo')}.py", "--init_from=out/toy_dpo"]))
     times["compare"] = time.time() - t
     print(f"\ntotal {time.time() - t0:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
 

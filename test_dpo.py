@@ -1733,6 +1733,22 @@ def test_compiled_training_matches_eager_with_fixed_shapes(tmp_path):
     assert 1 <= counters["stats"]["unique_graphs"] <= 2
 
 
+def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
+    # the demo's recipe files live beside dpo.py; its data and checkpoints go under the current folder
+    import prepare as prep
+    seen = []
+    monkeypatch.setattr(prep, "main", lambda argv: seen.append(("prepare", argv)))
+    monkeypatch.setattr(dpo, "train", lambda cfg: seen.append(("train", cfg)))
+    monkeypatch.setattr(dpo, "compare", lambda cfg: seen.append(("compare", cfg)))
+    monkeypatch.chdir(tmp_path)
+    dpo.demo()
+    assert [k for k, _ in seen] == ["prepare", "train", "train", "compare"]
+    sft, dpo_cfg, cmp = (c for k, c in seen[1:])
+    assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft"
+    assert dpo_cfg.loss_type == "sigmoid" and dpo_cfg.init_from == "out/toy_sft"
+    assert cmp.init_from == "out/toy_dpo" and cmp.data_dir == "data/toy"
+
+
 def test_sample_policy_and_reference_side_by_side(tmp_path, capsys):
     data_dir = make_data(tmp_path)
     cfg = tiny_cfg(tmp_path, data_dir, max_iters=2)
