@@ -865,7 +865,7 @@ def train(cfg):
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_data)} train pairs, "
               f"{len(val_data) if val_data else 0} val pairs, {world} rank(s) on {device}, {dtype}, "
               f"layout {cfg.layout} ({pack_len} tokens a row), compile {compile_}", flush=True)
-    history, t_start = [], time.time()
+    history, step_time = [], 0.0
     for it in range(start, cfg.max_iters + 1):
         resumed_here = ck is not None and it == start  # evaluated just before that checkpoint was saved
         if val_data is not None and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters) \
@@ -912,13 +912,14 @@ def train(cfg):
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        step_time += dt
         rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm.item(), "ms": 1000 * dt,
                "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0].item() / dt,
                "mfu": work[1].item() / dt / (peak * world)}
         history.append(rec)
         log(rec)
         if master and it % cfg.log_interval == 0:
-            eta = (time.time() - t_start) / (it - start + 1) * (cfg.max_iters - it - 1)
+            eta = step_time / (it - start + 1) * (cfg.max_iters - it - 1)  # training steps only (not evals)
             pref = "" if train_data.chosen_only else f", acc {stats['accuracy']:.2f}, margin {stats['margin']:.3f}"
             print(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, {rec['pairs_per_s']:.1f} pairs/s, mfu {100 * rec['mfu']:.1f}%, "
                   f"eta {eta:.0f}s", flush=True)

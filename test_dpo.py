@@ -1733,6 +1733,18 @@ def test_compiled_training_matches_eager_with_fixed_shapes(tmp_path):
     assert 1 <= counters["stats"]["unique_graphs"] <= 2
 
 
+def test_bf16_autocast_training_tracks_float32(tmp_path):
+    # the GPU default is bf16 autocast; on CPU the same code path runs with CPU autocast. log-probs and the loss stay
+    # float32, so the losses follow the float32 run closely
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=4, eval_interval=0)
+    f32 = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "f32"), dtype="float32", **kw))
+    bf16 = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "bf16"), dtype="bfloat16", **kw))
+    for a, b in zip(f32, bf16):
+        assert math.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 2e-2
+        assert abs(a["chosen_logp"] - b["chosen_logp"]) < 0.02 * abs(a["chosen_logp"])
+
+
 def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
     # the demo's recipe files live beside dpo.py; its data and checkpoints go under the current folder
     import prepare as prep
