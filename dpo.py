@@ -785,6 +785,7 @@ def train(cfg):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
+    list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
     # the policy, and where its reference comes from (the weights it started from)
     ck = None
     if cfg.init_from == "resume":
@@ -1087,6 +1088,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, missing files, no network, diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

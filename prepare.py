@@ -390,9 +390,19 @@ def detect_format(row, o):
 _W = SimpleNamespace()  # per-process state set by _init_worker
 
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE; its first use downloads two small files, which can fail offline"""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests / urllib errors, depending on the tiktoken version
+        raise PrepareError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}: {str(e)[:200]}). Its "
+                           "first use downloads vocab.bpe and encoder.json from openaipublic.blob.core.windows.net; "
+                           "check the network, or point TIKTOKEN_CACHE_DIR at a folder that already has them") from None
+
+
 def _init_worker(opts):
     _W.__dict__.update(opts.__dict__)
-    _W.enc = tiktoken.get_encoding("gpt2")
+    _W.enc = gpt2_encoding()
 
 
 def split_of(prompt, o):
@@ -643,7 +653,7 @@ def _cores():  # the cores this process may run on
 def tokenized_batches(rows, opts):
     """Yield process_batch results in input order, computed here (1 worker) or in a process pool."""
     workers = opts.num_workers or _cores()
-    tiktoken.get_encoding("gpt2")  # load once here: forked workers inherit tiktoken's cache
+    gpt2_encoding()  # load once here (a clear error offline); forked workers inherit tiktoken's cache
     if workers == 1:
         _init_worker(opts)
         yield from map(process_batch, batched(rows, opts.batch_rows))

@@ -843,6 +843,16 @@ def test_fatal_inputs_write_nothing(tmp_path, name, make, pattern):
     assert sorted(f.name for f in tmp_path.iterdir()) == [name]  # no staging folders left behind
 
 
+def test_offline_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(P.tiktoken, "get_encoding", offline)
+    out = tmp_path / "out"
+    with pytest.raises(P.PrepareError, match="TIKTOKEN_CACHE_DIR"):
+        P.prepare(P.parse_args([f"--out_dir={out}", "--num_workers=1"]), log=None)
+    assert not out.exists()
+
+
 def test_failed_run_keeps_previous_output(tmp_path):
     _, out = run(tmp_path, HH_ROWS)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
@@ -1743,6 +1753,13 @@ def test_bf16_autocast_training_tracks_float32(tmp_path):
     for a, b in zip(f32, bf16):
         assert math.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 2e-2
         assert abs(a["chosen_logp"] - b["chosen_logp"]) < 0.02 * abs(a["chosen_logp"])
+
+
+def test_missing_data_is_reported_before_the_weights_load(tmp_path, monkeypatch):
+    # a user without data should not wait for a GPT-2 download first
+    monkeypatch.setattr(dpo, "load_model", lambda *a: pytest.fail("weights loaded before the data was checked"))
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        train(tiny_cfg(tmp_path, str(tmp_path / "nothing"), init_from="gpt2"))
 
 
 def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
