@@ -670,7 +670,8 @@ def peak_flops(device):
     """bf16 dense peak of known GPUs; on CPU the measured float32 matmul rate (what MFU is reported against)"""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+        for key, flops in (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+                           ("4090", 165e12)):
             if key in name:
                 return flops
         return 312e12
