@@ -342,7 +342,9 @@ def micro_batches(data, ids, cfg, pack_len, multiple=64):
     as the same token budget allows (less padding and less masked-out attention, for eager runs)"""
     if cfg.layout == "plain":
         return [plain_batch(data, ids[i: i + cfg.batch_size], pack_len) for i in range(0, len(ids), cfg.batch_size)]
-    need = data.lengths[ids].sum(1)
+    need = data.lengths[ids].sum(1)  # (K,) tokens of each pair: prompt + chosen + rejected
+    if not len(need):
+        return []
     rows = cfg.pack_rows or pack_rows(data, cfg.batch_size, pack_len)
     if cfg.pack_shape == "step":
         row_len = min(pack_len, int(math.ceil(need.max() / multiple) * multiple))
@@ -864,9 +866,10 @@ def train(cfg):
                 wandb.log(rec, step=rec["iter"])
 
     if master:
+        rows = f"{cfg.pack_shape} {cfg.pack_rows} x {pack_len}" if cfg.layout == "packed" else f"rows of {pack_len}"
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_data)} train pairs, "
               f"{len(val_data) if val_data else 0} val pairs, {world} rank(s) on {device}, {dtype}, "
-              f"layout {cfg.layout} ({pack_len} tokens a row), compile {compile_}", flush=True)
+              f"layout {cfg.layout} ({rows} tokens), compile {compile_}", flush=True)
     history, step_time = [], 0.0
     for it in range(start, cfg.max_iters + 1):
         resumed_here = ck is not None and it == start  # evaluated just before that checkpoint was saved
