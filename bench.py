@@ -9,7 +9,6 @@ rows with the prompt once, reference log-probs cached), and optionally TRL itsel
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --device=cuda --steps=20   # GPT-2 124M, bf16, compiled
 Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length) and any dpo.py config key.
 """
-import dataclasses
 import json
 import os
 import resource
@@ -50,13 +49,12 @@ def run_variant(opts, rest):
     if cfg.reference == "cached":  # time the one pass over the data that computes the reference log-probs
         *_, device = dpo.setup_device(cfg)
         model = dpo.load_model(cfg.init_from, cfg).to(device)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        _, ctx, compile_, flex = dpo.numerics(cfg, device)
         data = dpo.PairData(cfg.data_dir, "train", model.config.block_size)
-        flex = device.type == "cuda"
-        shape = cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if flex else "step")  # as train() decides
+        val = dpo.PairData(cfg.data_dir, "val", model.config.block_size) if dpo._has_split(cfg.data_dir, "val") else None
+        layout_cfg, pack_len = dpo.batch_layout(cfg, data, val, compile_, flex)  # the micro-batches train() will use
         t0 = time.time()
-        dpo.cached_reference(model, data, dataclasses.replace(cfg, pack_shape=shape),
-                             dpo.layout_len(data, cfg.layout, 128 if flex else 64), device, ctx, 0, 1, flex)
+        dpo.cached_reference(model, data, layout_cfg, pack_len, device, ctx, 0, 1, flex)
         ref_s = time.time() - t0
         del model
     hist = dpo.train(cfg)[opts["warmup"]:]

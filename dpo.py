@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from prepare import EOT, list_shards, load_pairs, truncate
+from prepare import EOT, PrepareError, gpt2_encoding, list_shards, load_pairs, truncate
 
 # -----------------------------------------------------------------------------
 # config
@@ -347,7 +347,7 @@ def micro_batches(data, ids, cfg, pack_len, multiple=64):
         return []
     rows = cfg.pack_rows or pack_rows(data, cfg.batch_size, pack_len)
     if cfg.pack_shape == "step":
-        row_len = min(pack_len, int(math.ceil(need.max() / multiple) * multiple))
+        row_len = min(pack_len, round_up(need.max(), multiple))
         rows = max(1, rows * pack_len // row_len)
     else:
         row_len = pack_len
@@ -367,7 +367,11 @@ def layout_len(data, layout, multiple=64):
     blocks of 128, so on CUDA rows are a multiple of 128)"""
     L = data.lengths
     longest = (L[:, 0] + np.maximum(L[:, 1], L[:, 2])) if layout == "plain" else L.sum(1)
-    return int(math.ceil(longest.max() / multiple) * multiple)
+    return round_up(longest.max(), multiple)
+
+
+def round_up(n, multiple):
+    return int(-(-n // multiple) * multiple)
 
 
 # -----------------------------------------------------------------------------
@@ -568,7 +572,7 @@ def compute_reference(ref_model, data, cfg, pack_len, device, ctx, rank=0, world
     ids = np.arange(rank, len(data), world)
     t0 = last = time.time()
     for i in range(0, len(ids), 16 * cfg.batch_size):
-        for b in micro_batches(data, ids[i: i + 16 * cfg.batch_size], cfg, pack_len, 128 if use_flex else 64):
+        for b in micro_batches(data, ids[i: i + 16 * cfg.batch_size], cfg, pack_len, row_multiple(use_flex)):
             with ctx:
                 c, r, _, _ = batch_logps(module, b, device, use_flex)
             j = torch.from_numpy(b.pair_ids).to(device)
@@ -712,6 +716,31 @@ def setup_device(cfg):
     return rank, world, ddp, torch.device(want)
 
 
+def numerics(cfg, device):
+    """dtype name, autocast context, whether hidden() is compiled, whether attention is FlexAttention"""
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    use_flex = device.type == "cuda" and cfg.layout == "packed"
+    return dtype, ctx, compile_, use_flex
+
+
+def row_multiple(use_flex):
+    return 128 if use_flex else 64  # FlexAttention works in blocks of 128
+
+
+def batch_layout(cfg, train_data, val_data, compile_, use_flex):
+    """row length, and cfg with pack_rows and pack_shape filled in: one token budget per micro-batch for train, val
+    and the reference pass, and fixed shapes when compiled or on CUDA"""
+    multiple = row_multiple(use_flex)
+    pack_len = cfg.pack_len or max(layout_len(d, cfg.layout, multiple) for d in (train_data, val_data) if d is not None)
+    if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
+        raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
+    shape = cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if compile_ or use_flex else "step")
+    return dataclasses.replace(cfg, pack_rows=cfg.pack_rows or pack_rows(train_data, cfg.batch_size, pack_len),
+                               pack_shape=shape), pack_len
+
+
 class Metrics:
     """sums over pairs, all-reduced across ranks, then averaged"""
     KEYS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
@@ -759,7 +788,7 @@ def evaluate(module, data, ref, cfg, pack_len, device, ctx, rank, world, ddp, us
     n = len(data) if cfg.eval_pairs <= 0 else min(cfg.eval_pairs, len(data))
     m = Metrics(device)
     ids = np.arange(rank, n, world)
-    for b in micro_batches(data, ids, cfg, pack_len, 128 if use_flex else 64) if len(ids) else []:
+    for b in micro_batches(data, ids, cfg, pack_len, row_multiple(use_flex)):
         with ctx:
             pc, pr, nc, nr = batch_logps(module, b, device, use_flex)
         rc, rr = pair_reference(ref, b, device, ctx, use_flex)
@@ -781,10 +810,7 @@ def train(cfg):
                          f"got {cfg.layout}, {cfg.reference}, {cfg.pack_shape}")
     if cfg.loss_type not in LOSS_TYPES:  # before any long reference pass
         raise ValueError(f"unknown loss_type {cfg.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    use_flex = device.type == "cuda" and cfg.layout == "packed"
+    dtype, ctx, compile_, use_flex = numerics(cfg, device)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -808,14 +834,7 @@ def train(cfg):
     sft = cfg.loss_type == "sft" and cfg.sft_weight == 0
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, chosen_only=sft)
     val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft) if _has_split(cfg.data_dir, "val") else None
-    multiple = 128 if use_flex else 64
-    pack_len = cfg.pack_len or max(layout_len(d, cfg.layout, multiple) for d in (train_data, val_data) if d is not None)
-    if cfg.layout == "packed" and pack_len < layout_len(train_data, "packed"):
-        raise ValueError(f"pack_len={pack_len} is shorter than the longest pair ({layout_len(train_data, 'packed')} tokens)")
-    # one token budget per micro-batch for train, val and the reference pass; fixed shapes when compiled
-    shape = cfg.pack_shape if cfg.pack_shape != "auto" else ("static" if compile_ or use_flex else "step")
-    cfg = dataclasses.replace(cfg, pack_rows=cfg.pack_rows or pack_rows(train_data, cfg.batch_size, pack_len),
-                              pack_shape=shape)
+    cfg, pack_len = batch_layout(cfg, train_data, val_data, compile_, use_flex)
 
     ref = None
     if needs_reference(cfg):
@@ -887,7 +906,7 @@ def train(cfg):
             g["lr"] = lr
         t0 = time.time()
         ids = step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, rank, world)
-        mbs = micro_batches(train_data, ids, cfg, pack_len, multiple)
+        mbs = micro_batches(train_data, ids, cfg, pack_len, row_multiple(use_flex))
         m = Metrics(device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, flops
         for i, b in enumerate(mbs):
@@ -964,8 +983,7 @@ def load_pair_of_models(cfg, device):
 
 
 def sample(cfg):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     *_, device = setup_device(cfg)
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -993,9 +1011,8 @@ def response_logps(model, prompt, responses):
 def compare(cfg):
     """the toy task's before/after table on held-out prompts: ground-truth reward of the reference's (SFT) and the
     policy's (DPO) generations, a KL estimate between them, and preference accuracy on the held-out pairs"""
-    import tiktoken
     from prepare import toy_reward
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     *_, device = setup_device(cfg)
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     if reference is None:
@@ -1092,6 +1109,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError, FloatingPointError) as e:  # bad input, missing files, no network, diverged
+    except (ValueError, OSError, PrepareError, FloatingPointError) as e:  # bad input, missing files, no network, diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -807,7 +807,7 @@ def bench(cfg):
                 texts += EXTRACT[opts.format](row, opts)[:3]
         except (Skip, ValueError):
             pass
-    enc, cores, n = tiktoken.get_encoding("gpt2"), _cores(), len(texts) // 3
+    enc, cores, n = gpt2_encoding(), _cores(), len(texts) // 3
     with tempfile.TemporaryDirectory() as tmp:
         run = lambda workers: prepare(SimpleNamespace(**{**vars(cfg), "bench": 0, "num_workers": workers,
                                                          "out_dir": os.path.join(tmp, "out")}), log=None)
