@@ -595,6 +595,8 @@ def download(url, dest, log):
                 print(f"\rdownloading {url}: {done / 1e6:.1f}" + (f"/{total / 1e6:.1f}" if total else "")
                       + f" MB ({rate:.1f} MB/s)", end="", file=sys.stderr)
         print(file=sys.stderr)
+        if total and done != total:  # a connection that closed early must not leave a "complete" file behind
+            raise OSError(f"incomplete, got {done} of {total} bytes")
         os.replace(tmp, dest)
     except OSError as e:  # URLError is an OSError
         tmp.unlink(missing_ok=True)

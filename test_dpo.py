@@ -4,6 +4,7 @@ All tests, CPU, tiny configs: python -m pytest -q test_dpo.py
 """
 import collections
 import gzip
+import io
 import json
 import math
 import os
@@ -1055,6 +1056,16 @@ def test_hh_download_file_url(tmp_path):
         P.prepare(P.parse_args(args[:2] + [f"--hh_base_url=file://{tmp_path}/nowhere", f"--download_dir={tmp_path}/dl2",
                                            f"--out_dir={tmp_path}/o2"]), log=None)
     assert not list((tmp_path / "dl2").rglob("*.partial"))
+
+
+def test_hh_download_cut_short_leaves_nothing(tmp_path, monkeypatch):
+    class Short(io.BytesIO):  # the server promised 1000 bytes, then closed the connection after 10
+        headers = {"Content-Length": "1000"}
+    monkeypatch.setattr(P.urllib.request, "urlopen", lambda url, timeout: Short(b"0123456789"))
+    dest = tmp_path / "dl" / "train.jsonl.gz"
+    with pytest.raises(P.PrepareError, match="incomplete, got 10 of 1000 bytes"):
+        P.download("https://example.invalid/train.jsonl.gz", dest, log=lambda *a: None)
+    assert not dest.exists() and not list((tmp_path / "dl").iterdir())
 
 
 def test_command_line(tmp_path):
