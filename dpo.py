@@ -345,16 +345,14 @@ def micro_batches(data, ids, cfg, pack_len, multiple=64):
     need = data.lengths[ids].sum(1)  # (K,) tokens of each pair: prompt + chosen + rejected
     if not len(need):
         return []
-    rows = cfg.pack_rows or pack_rows(data, cfg.batch_size, pack_len)
-    if cfg.pack_shape == "step":
+    rows, row_len = cfg.pack_rows or pack_rows(data, cfg.batch_size, pack_len), pack_len
+    step = cfg.pack_shape == "step"
+    if step:
         row_len = min(pack_len, round_up(need.max(), multiple))
         rows = max(1, rows * pack_len // row_len)
-    else:
-        row_len = pack_len
     plan = plan_packed(need, row_len)
-    static = cfg.pack_shape != "step"
-    return [packed_batch(data, ids, plan[i: i + rows], rows if static else len(plan[i: i + rows]), row_len)
-            for i in range(0, len(plan), rows)]
+    groups = [plan[i: i + rows] for i in range(0, len(plan), rows)]
+    return [packed_batch(data, ids, g, len(g) if step else rows, row_len) for g in groups]
 
 
 def pack_rows(data, batch_size, pack_len):
