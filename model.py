@@ -1,6 +1,5 @@
 """
-GPT-2 in one file: the model, plus loading and saving Hugging Face's GPT-2 weight format
-(config.json + model.safetensors) with no dependency beyond torch and the standard library.
+GPT-2 in one file, with Hugging Face's weight format read and written by torch and the standard library alone.
 
     model = GPT.from_pretrained("gpt2")          # downloads once into $NANODPO_CACHE (~/.cache/nanodpo)
     model = GPT.from_pretrained("path/to/dir")   # config.json + model.safetensors or pytorch_model.bin
@@ -9,11 +8,6 @@ GPT-2 in one file: the model, plus loading and saving Hugging Face's GPT-2 weigh
 import json
 import math
 import os
-import re
-import struct
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +34,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -51,10 +44,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        elif isinstance(mask, torch.Tensor):  # (B, 1, T, T) bool, True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if mask is None or isinstance(mask, torch.Tensor):  # causal, or (B, 1, T, T) bool with True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         else:  # a flex_attention BlockMask
             y = _flex_attention(q)(q, k, v, block_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -64,15 +55,13 @@ class CausalSelfAttention(nn.Module):
 _compiled_flex = None
 
 def _flex_attention(q):
-    # imported lazily: CPU-only users never need it. eager flex_attention is a slow reference
-    # implementation, so on CUDA we use the compiled kernel (compiled once, shared by all layers)
+    # imported lazily: CPU-only users never need it. eager flex_attention is a slow reference implementation,
+    # so on CUDA we use the compiled kernel (compiled once, shared by all layers)
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
-    if not q.is_cuda:
-        return flex_attention
-    if _compiled_flex is None:
+    if q.is_cuda and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
+    return _compiled_flex if q.is_cuda else flex_attention
 
 
 class MLP(nn.Module):
@@ -104,10 +93,9 @@ class Block(nn.Module):
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T)[target] chunk by chunk, with a hand-written backward.
+    """log_softmax(h @ W.T)[target] chunk by chunk; backward by hand: d logp / d logits = onehot - softmax.
     one chunk: its exp(logits - max) is kept and turned into the gradient in place (no extra (n, V) buffers).
-    several chunks: only h is kept and each chunk's logits are recomputed in backward, so at most one chunk of
-    (chunk_size, V) float32 logits is alive at a time. d logp / d logits = onehot(target) - softmax(logits)."""
+    several: only h is kept and backward recomputes each chunk, one (chunk_size, V) float32 block at a time."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
@@ -156,6 +144,8 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_head must divide n_embd, got n_head={config.n_head}, n_embd={config.n_embd}")
         self.config = config
         self.gradient_checkpointing = False  # recompute each Block in backward to save activation memory
         self.transformer = nn.ModuleDict(dict(
@@ -180,50 +170,33 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True) -> int:
-        """Parameter count (the tied wte/lm_head matrix counted once). non_embedding=True leaves out
-        both embedding tables, wte and wpe: Kaplan et al.'s "non-embedding parameters"."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n
+        """Parameters, the tied wte/lm_head counted once; non_embedding leaves out wte and wpe (as Kaplan et al.)."""
+        emb = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return sum(p.numel() for p in self.parameters()) - (emb if non_embedding else 0)
 
     def flops_per_token(self, context_len: int) -> float:
-        """Training FLOPs (forward + backward) per token, as in PaLM (Chowdhery et al. 2022), appendix B:
-        6*N for the matmuls with the N weights (2 flops per multiply-add forward, 4 backward), where N counts
-        the non-embedding parameters plus the lm_head matmul once (the embedding lookups cost nothing), plus
-        12 * n_layer * n_embd * context_len for the attention scores and the weighted sum over values."""
-        c = self.config
-        n = self.num_params(non_embedding=True) + c.n_embd * c.vocab_size
-        return 6.0 * n + 12.0 * c.n_layer * c.n_embd * context_len
+        """Training FLOPs per token as in PaLM, appendix B: 6 per weight of the matmuls (non-embedding
+        parameters plus the lm_head once; lookups are free), plus 12 * n_layer * n_embd * context for attention."""
+        c, n = self.config, self.num_params(non_embedding=True)
+        return 6.0 * (n + c.n_embd * c.vocab_size) + 12.0 * c.n_layer * c.n_embd * context_len
 
     def hidden(self, idx, pos=None, attn_mask=None) -> torch.Tensor:
-        """Final hidden states (B, T, n_embd), after ln_f.
-        idx: (B, T) token ids. pos: None -> 0..T-1, else (T,) or (B, T) position ids (positions may restart
-        inside a row when several sequences are packed into it). attn_mask: None -> causal; a bool (B, T, T)
-        or (B, 1, T, T) tensor, True = query may attend to key, causality already included by the caller
-        (the diagonal is forced True so padding rows that attend to nothing give finite garbage, never NaN);
-        or a flex_attention BlockMask (rows with no keys give zeros)."""
-        B, T = idx.size()
-        bs = self.config.block_size
-        if pos is None:
-            if T > bs:  # with explicit positions a packed row may be longer: only the positions must fit
+        """Final hidden states (B, T, n_embd). idx: (B, T) token ids. pos: None -> 0..T-1, else (T,) or (B, T)
+        (packed rows restart them). attn_mask: None -> causal; a bool (B, T, T) or (B, 1, T, T) tensor, True = may
+        attend, causality included (the diagonal is forced True, so padding rows stay finite); or a flex BlockMask."""
+        (B, T), bs = idx.size(), self.config.block_size
+        if pos is None:  # with explicit positions a packed row may be longer: only its positions must fit
+            if T > bs:
                 raise ValueError(f"sequence length {T} > block_size {bs}: crop the input to at most {bs} tokens")
-            pos = torch.arange(T, device=idx.device)  # (T,)
-        else:
-            if pos.dtype != torch.long or pos.shape not in ((T,), (B, T)):
-                raise ValueError(f"pos must be a long tensor of shape ({T},) or ({B}, {T}), "
-                                 f"got {pos.dtype} {tuple(pos.shape)}")
-            # the check syncs with the GPU once; under torch.compile the embedding's own bounds check is left
-            if not torch.compiler.is_compiling() and ((pos < 0) | (pos >= bs)).any():
-                raise ValueError(f"position ids must lie in [0, block_size={bs}), got range "
-                                 f"[{pos.min().item()}, {pos.max().item()}]")
+            pos = torch.arange(T, device=idx.device)
+        elif pos.dtype != torch.long or pos.shape not in ((T,), (B, T)):
+            raise ValueError(f"pos must be a long tensor of shape ({T},) or ({B}, {T}), got {pos.dtype} {pos.shape}")
+        elif not torch.compiler.is_compiling() and ((pos < 0) | (pos >= bs)).any():  # compiled: the embedding checks
+            raise ValueError(f"position ids must lie in [0, block_size={bs})")
         if isinstance(attn_mask, torch.Tensor):
-            if attn_mask.dtype != torch.bool or attn_mask.shape not in ((B, T, T), (B, 1, T, T)):
-                raise ValueError(f"attn_mask must be a bool tensor of shape ({B}, {T}, {T}) or ({B}, 1, {T}, {T}), "
-                                 f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
-            if attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(1)  # broadcast over heads
-            attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=idx.device)  # no all-False rows
+            if attn_mask.dtype != torch.bool:  # a float mask would silently be added to the scores
+                raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
+            attn_mask = attn_mask.reshape(B, 1, T, T) | torch.eye(T, dtype=torch.bool, device=idx.device)
         elif attn_mask is not None and self.training and self.config.dropout > 0:
             raise ValueError("flex_attention has no attention dropout: use dropout=0.0 with a BlockMask")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
@@ -237,11 +210,9 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden(idx, pos, attn_mask))
 
     def token_logprobs(self, h, targets, chunk_size=4096) -> torch.Tensor:
-        """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd).
-        Rows go through the lm_head chunk_size at a time (see TokenLogprobs), so the full (N, vocab) float32
-        logits and their gradient never exist at once."""
-        shape = targets.shape
-        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd). Rows go through
+        the lm_head chunk_size at a time (TokenLogprobs): the full (N, vocab) logits never exist at once."""
+        shape, h, targets = targets.shape, h.reshape(-1, h.size(-1)), targets.reshape(-1)
         if h.size(0) == 0:
             return h.new_zeros(shape, dtype=torch.float32)
         return TokenLogprobs.apply(h, self.lm_head.weight, targets, chunk_size).view(shape)
@@ -249,25 +220,20 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=50256,
                  generator: torch.Generator = None) -> torch.Tensor:
-        """Append up to max_new_tokens to idx (B, T) and return (B, T + n_new). temperature 0 = greedy.
-        A row that produced eos_token_id gets eos padding afterwards; stops when every row has ended.
-        Runs in eval mode (no dropout) and restores the previous mode. No KV cache: O(T^2) per token."""
-        was_training = self.training
+        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. A row that produced eos_token_id
+        is padded with eos; stops once every row has. Eval mode (no dropout) throughout; no KV cache."""
+        was_training, done = self.training, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         self.eval()
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         try:
             for _ in range(max_new_tokens):
-                ctx = idx[:, -self.config.block_size:]  # crop to the context window
-                logits = self.lm_head(self.hidden(ctx)[:, -1, :]).float()  # (B, V), last position only
+                logits = self.lm_head(self.hidden(idx[:, -self.config.block_size:])[:, -1]).float()  # (B, V), cropped
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1)
                 else:
                     logits = logits / temperature
                     if top_k is not None:
-                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = F.softmax(logits, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                        logits[logits < torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]] = -float("inf")
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
                 if eos_token_id is not None:
                     nxt = nxt.masked_fill(done, eos_token_id)
                     done |= nxt == eos_token_id
@@ -279,26 +245,28 @@ class GPT(nn.Module):
         return idx
 
     # -------------------------------------------------------------------------
-    # Hugging Face GPT-2 format: same names as ours (with a 'transformer.' prefix), but GPT-2's Conv1D
-    # layers store their weight as (in, out), the transpose of nn.Linear's (out, in)
+    # Hugging Face's GPT-2 format: our names, but its Conv1D weights are (in, out), nn.Linear's transposed
 
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, base_url=None, dropout=0.0) -> "GPT":
-        """Load 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded once from the Hugging Face hub,
-        or $NANODPO_HF_BASE_URL) or a local folder with config.json and model.safetensors / pytorch_model.bin."""
+        """'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded once from the Hugging Face hub, or
+        $NANODPO_HF_BASE_URL), or a local folder with config.json and model.safetensors / pytorch_model.bin."""
         name = str(name_or_path)
         if os.path.isdir(name):
             config = _read_hf_config(os.path.join(name, "config.json"), dropout)
-            weights = _find_weights(name)
+            found = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(name, f))]
+            if not found:
+                raise FileNotFoundError(f"{name}: no weights file, expected model.safetensors or pytorch_model.bin "
+                                        f"(a sharded checkpoint must be re-saved as one file)")
+            weights = os.path.join(name, found[0])
         elif name in PRETRAINED:
             config = GPTConfig(**PRETRAINED[name], dropout=dropout)
             weights = _download_weights(name, cache_dir, base_url)
-        elif os.sep in name or name.startswith((".", "~")):
-            raise FileNotFoundError(f"model folder {name} does not exist (expected a folder with config.json "
-                                    f"and model.safetensors, or one of {', '.join(PRETRAINED)})")
         else:
-            raise ValueError(f"unknown model name {name!r}: expected one of {', '.join(PRETRAINED)}, "
-                             f"or a local folder with config.json and model.safetensors")
+            hint = f"expected one of {', '.join(PRETRAINED)}, or a folder with config.json and model.safetensors"
+            if os.sep in name or name.startswith((".", "~")):
+                raise FileNotFoundError(f"model folder {name} does not exist ({hint})")
+            raise ValueError(f"unknown model name {name!r}: {hint}")
         if weights.endswith(".bin"):
             try:
                 sd = torch.load(weights, map_location="cpu", weights_only=True)
@@ -306,11 +274,9 @@ class GPT(nn.Module):
                 raise ValueError(f"{weights}: could not read PyTorch weights ({e})") from e
         else:
             sd = load_safetensors(weights)
-        # build on the meta device (no init work), check everything, only then attach real tensors
-        with torch.device("meta"):
+        with torch.device("meta"):  # no init work: everything is checked, only then real tensors are attached
             model = cls(config)
-        sd = _from_hf_layout(sd, model.state_dict(), weights)
-        model.load_state_dict(sd, strict=True, assign=True)
+        model.load_state_dict(_from_hf_layout(sd, model.state_dict(), weights), strict=True, assign=True)
         model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters: re-tie
         return model
 
@@ -319,51 +285,36 @@ class GPT(nn.Module):
         c = self.config
         if not c.bias:
             raise ValueError("Hugging Face GPT-2 always has biases: cannot save a bias=False model in its format")
-        config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
-            "torch_dtype": "float32",
-        }
         eot = 50256 if c.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if this vocab has it
-        config["bos_token_id"] = config["eos_token_id"] = eot
-        tensors = {}
-        for k, v in self.state_dict().items():
-            if k == "lm_head.weight":
-                continue  # tied to transformer.wte.weight
-            tensors[k] = v.t() if k.endswith(_CONV1D) else v
+        config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                      n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=0.02,
+                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, scale_attn_weights=True,
+                      scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, tie_word_embeddings=True,
+                      use_cache=True, torch_dtype="float32", bos_token_id=eot, eos_token_id=eot)
+        tensors = {k: v.t() if k.endswith(_CONV1D) else v
+                   for k, v in self.state_dict().items() if k != "lm_head.weight"}  # lm_head is tied to wte
         os.makedirs(directory, exist_ok=True)
-        # each file is written next to its final name, then atomically renamed over it
-        paths = [os.path.join(directory, f) for f in ("model.safetensors", "config.json")]
-        tmps = [os.path.join(directory, f".{os.path.basename(p)}.{os.getpid()}.tmp") for p in paths]
+        # both files are written next to their final names, then renamed over them: a failure leaves the old ones
+        files, tmp = ("model.safetensors", "config.json"), os.path.join(directory, f".tmp{os.getpid()}-")
         try:
-            save_safetensors(tensors, tmps[0])
-            with open(tmps[1], "w") as f:
-                json.dump(config, f, indent=2)
-                f.write("\n")
-            for tmp, path in zip(tmps, paths):
-                os.replace(tmp, path)
-        finally:
-            for tmp in tmps:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            save_safetensors(tensors, tmp + files[0])
+            with open(tmp + files[1], "w") as f:
+                f.write(json.dumps(config, indent=2) + "\n")
+            for f in files:
+                os.replace(tmp + f, os.path.join(directory, f))
+        finally:  # after a failure, whatever was written
+            for f in [f for f in files if os.path.exists(tmp + f)]:
+                os.remove(tmp + f)
 
 # -----------------------------------------------------------------------------
 # weight files
 
-# the hub models; a module-level table so tests can register a tiny entry
-PRETRAINED = {
-    "gpt2":        dict(n_layer=12, n_head=12, n_embd=768),   # 124M params
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large":  dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl":     dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
+# the hub models, 124M to 1558M parameters; a module-level table so tests can register a tiny entry
+PRETRAINED = {name: dict(n_layer=L, n_head=H, n_embd=C) for name, L, H, C in [
+    ("gpt2", 12, 12, 768), ("gpt2-medium", 24, 16, 1024), ("gpt2-large", 36, 20, 1280), ("gpt2-xl", 48, 25, 1600)]}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # old HF causal-mask buffers, not weights
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _read_hf_config(path, dropout):
@@ -374,46 +325,34 @@ def _read_hf_config(path, dropout):
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from e
-    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions") if k not in hf]
-    if missing:
-        raise ValueError(f"{path}: missing GPT-2 config keys {missing}")
-    # reject what this implementation does not do, instead of silently computing something else
-    checks = [("model_type", hf.get("model_type", "gpt2") == "gpt2", "'gpt2'"),
-              ("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
-               "'gelu_new'"),
-              ("n_inner", hf.get("n_inner") in (None, 4 * hf["n_embd"]), f"null or {4 * hf['n_embd']}"),
-              ("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-5"),
-              ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
-              ("n_embd", hf["n_embd"] % hf["n_head"] == 0, f"a multiple of n_head={hf['n_head']}")]
-    for key, ok, want in checks:
-        if not ok:
-            raise ValueError(f"{path}: {key} = {hf.get(key)!r} is not supported, expected {want}")
+    bad = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
+           if not isinstance(hf.get(k), int) or hf[k] < 1]
+    if bad:
+        raise ValueError(f"{path}: missing GPT-2 config keys {bad} (or not positive integers)")
+    # reject what this implementation does not compute, instead of silently computing something else
+    for key, allowed in {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                         "n_inner": (None, 4 * hf["n_embd"]), "layer_norm_epsilon": (1e-5,),
+                         "scale_attn_by_inverse_layer_idx": (False,)}.items():
+        if hf.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"{path}: {key} = {hf[key]!r} is not supported, expected one of {allowed}")
+    if hf["n_embd"] % hf["n_head"]:
+        raise ValueError(f"{path}: n_head={hf['n_head']} must divide n_embd={hf['n_embd']}")
     return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-
-
-def _find_weights(folder):
-    for f in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, f)):
-            return os.path.join(folder, f)
-    if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
-        raise ValueError(f"{folder}: sharded checkpoints (model.safetensors.index.json) are not supported; "
-                         f"re-save with a single model.safetensors")
-    raise FileNotFoundError(f"{folder}: no weights file, expected model.safetensors or pytorch_model.bin")
 
 
 def _from_hf_layout(sd, expected, source):
     """HF GPT-2 state dict -> ours (float32), fully checked against `expected` (our state_dict)."""
     out = {}
     for k, v in sd.items():
-        key = k[len("transformer."):] if k.startswith("transformer.") else k
-        if _IGNORED.fullmatch(key) or k == "lm_head.weight":
-            continue  # lm_head is tied to wte (checked below)
-        key = "transformer." + key
+        short = k.removeprefix("transformer.")  # the hub's own gpt2 files have no prefix
+        if short.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # old HF causal-mask buffers, not weights; lm_head is tied to wte (checked below)
+        key = "transformer." + short
         if key not in expected:
             raise ValueError(f"{source}: unexpected tensor {k!r} (not part of GPT-2)")
         v = v.t() if key.endswith(_CONV1D) else v
-        if tuple(v.shape) != tuple(expected[key].shape):
+        if v.shape != expected[key].shape:
             raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected "
                              f"{tuple(expected[key].shape)} from the config (Conv1D weights are stored (in, out))")
         out[key] = v.to(torch.float32).contiguous()
@@ -426,50 +365,33 @@ def _from_hf_layout(sd, expected, source):
     return out
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _safetensors_header(path):
-    """Parse and check a safetensors header: 8-byte little-endian length, JSON, then raw tensor bytes."""
-    size = os.path.getsize(path)
+def load_safetensors(path, header_only=False) -> dict:
+    """8-byte little-endian header length, JSON header, raw tensor bytes; all checked (header_only: read no data)"""
+    size, out = os.path.getsize(path), {}
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or n > size - 8 or n > 100_000_000:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > min(size - 8, 100_000_000):
             raise ValueError(f"{path}: not a valid safetensors file (header length {n}, file size {size} bytes); "
                              f"the file is truncated or corrupt, delete it and download again")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from e
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        if info.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, "
-                             f"supported: {', '.join(_ST_DTYPES)}")
-        begin, end = info["data_offsets"]
-        nbytes = math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]].itemsize
-        if end - begin != nbytes or begin < 0:
-            raise ValueError(f"{path}: tensor {name!r} data_offsets {begin}..{end} do not fit its shape "
-                             f"{info['shape']} ({nbytes} bytes)")
-        if 8 + n + end > size:
-            raise ValueError(f"{path}: truncated, tensor {name!r} ends at byte {8 + n + end} "
-                             f"but the file has {size} bytes; delete it and download again")
-    return header, 8 + n
-
-
-def load_safetensors(path) -> dict:
-    header, start = _safetensors_header(path)
-    out = {}
-    with open(path, "rb") as f:
+        header.pop("__metadata__", None)
         for name, info in header.items():
-            begin, end = info["data_offsets"]
-            buf = bytearray(end - begin)
-            f.seek(start + begin)
-            f.readinto(buf)
-            dtype = _ST_DTYPES[info["dtype"]]
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(info["shape"])
+            if info.get("dtype") not in _ST_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, expected F64/F32/F16/BF16")
+            dtype, (begin, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * dtype.itemsize
+            if end - begin != nbytes or begin < 0 or 8 + n + end > size:
+                raise ValueError(f"{path}: truncated or corrupt, tensor {name!r} {info['shape']} ({nbytes} bytes) at "
+                                 f"bytes {8 + n + begin}..{8 + n + end} of {size}; delete it and download again")
+            if not header_only:
+                buf = bytearray(nbytes)
+                f.seek(8 + n + begin)
+                f.readinto(buf)
+                t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)  # frombuffer refuses b""
+                out[name] = t.view(info["shape"])
     return out
 
 
@@ -481,53 +403,28 @@ def save_safetensors(tensors: dict, path) -> None:
         offset += v.numel() * 4
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-len(hjson) % 8)  # pad so the tensor data starts 8-byte aligned
-    assert sys.byteorder == "little", "safetensors stores little-endian data"
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hjson)))
-        f.write(hjson)
+        f.write(len(hjson).to_bytes(8, "little") + hjson)
         for v in tensors.values():
-            f.write(v.numpy().tobytes())
+            f.write(v.numpy().astype("<f4", copy=False).data)  # little-endian on any machine, no copy on ours
 
 
 def _download_weights(name, cache_dir=None, base_url=None):
-    """Fetch {base_url}/{name}/resolve/main/model.safetensors into the cache, once. The download goes to a
-    .partial file that is renamed into place only after its size and safetensors header check out."""
+    from prepare import download  # the one shared downloader: progress, size check, nothing left on failure
     cache_dir = cache_dir or os.environ.get("NANODPO_CACHE") or os.path.expanduser("~/.cache/nanodpo")
     base_url = (base_url or os.environ.get("NANODPO_HF_BASE_URL") or "https://huggingface.co").rstrip("/")
-    path = os.path.join(cache_dir, name, "model.safetensors")
-    if os.path.isfile(path):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    url = f"{base_url}/{name}/resolve/main/model.safetensors"
-    tmp = f"{path}.{os.getpid()}.partial"  # per process, so concurrent ranks do not write the same file
-    try:
+    url, path = f"{base_url}/{name}/resolve/main/model.safetensors", os.path.join(cache_dir, name, "model.safetensors")
+    if not os.path.isfile(path):  # fetched under a per-process name (ranks may race), checked, then moved into place
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                total = r.headers.get("Content-Length")
-                total = int(total) if total else None
-                got, t0, last = 0, time.time(), 0.0
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    got += len(chunk)
-                    now = time.time()
-                    if now - last > 0.5 or got == total:
-                        last = now
-                        pct = f" {100 * got / total:5.1f}%" if total else ""
-                        of = f" / {total / 1e6:.1f}" if total else ""
-                        print(f"\rdownloading {url}: {got / 1e6:.1f}{of} MB{pct} "
-                              f"{got / 1e6 / max(now - t0, 1e-9):.1f} MB/s", end="", file=sys.stderr, flush=True)
-                print(file=sys.stderr)
-        except OSError as e:  # URLError, HTTPError, timeouts, disk full
-            raise OSError(f"could not download {url} ({e}); check the network, or set $NANODPO_HF_BASE_URL, "
-                          f"or pass a local folder") from e
-        if total is not None and got != total:
-            raise OSError(f"download of {url} incomplete: got {got} of {total} bytes")
-        try:
-            _safetensors_header(tmp)
+            download(url, tmp)
+            load_safetensors(tmp, header_only=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(f"{e}; check the network, set $NANODPO_HF_BASE_URL, or pass a local model folder") from e
         except ValueError as e:
             raise ValueError(f"downloaded {url} is not a valid safetensors file: {e}") from e
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
