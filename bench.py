@@ -9,6 +9,7 @@ rows with the prompt once, reference log-probs cached), and optionally TRL itsel
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --device=cuda --steps=20   # GPT-2 124M, bf16, compiled
 Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length) and any dpo.py config key.
 """
+import dataclasses
 import json
 import os
 import resource
@@ -42,31 +43,43 @@ def parse(argv):
     return opts, rest
 
 
+def cpu_peak():
+    """float32 matmul rate of this process: the best of several 2048^2 matmuls (the machine's rate, not its noise)"""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(8):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 ** 3 / best
+
+
 def run_variant(opts, rest):
     """one layout in this process (so its peak memory is its own); prints one JSON line"""
     cfg = dpo.parse_config(DEFAULTS + VARIANTS[opts["variant"]] + rest + [f"--max_iters={opts['warmup'] + opts['steps']}"])
-    ref_s = 0.0
-    if cfg.reference == "cached":  # time the one pass over the data that computes the reference log-probs
-        *_, device = dpo.setup_device(cfg)
-        model = dpo.load_model(cfg.init_from, cfg).to(device)
-        _, ctx, compile_, flex = dpo.numerics(cfg, device)
-        data = dpo.PairData(cfg.data_dir, "train", model.config.block_size)
-        val = dpo.PairData(cfg.data_dir, "val", model.config.block_size) if dpo._has_split(cfg.data_dir, "val") else None
-        layout_cfg, pack_len = dpo.batch_layout(cfg, data, val, compile_, flex)  # the micro-batches train() will use
-        t0 = time.time()
-        dpo.cached_reference(model, data, layout_cfg, pack_len, device, ctx, 0, 1, flex)
-        ref_s = time.time() - t0
-        del model
-    hist = dpo.train(cfg)[opts["warmup"]:]
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    t0 = time.time()
+    if cfg.reference == "cached":  # time the one pass over the data that computes the reference log-probs
+        dpo.train(dataclasses.replace(cfg, max_iters=0))
+    ref_s = time.time() - t0
+    peak = dpo.peak_flops(torch.device("cuda")) if on_gpu else cpu_peak()
+    t0 = time.time()
+    hist = dpo.train(cfg)[opts["warmup"]:]
+    train_s = time.time() - t0
+    if not on_gpu:  # measured before and after the timed steps: keep the best
+        peak = max(peak, cpu_peak())
     if on_gpu:
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     med = lambda k: float(np.median([h[k] for h in hist]))
+    mfu = med("flops_per_s") / peak if peak else None
+    if mfu is not None and mfu > 1:  # a disturbed peak measurement, never a number to report
+        sys.exit(f"error: MFU {100 * mfu:.0f}% > 100%: the peak ({peak / 1e9:.0f} GFLOP/s) was measured while the "
+                 f"machine was busy; rerun on an idle machine")
     print(json.dumps({"variant": opts["variant"], "pairs_per_s": med("pairs_per_s"), "tokens_per_s": med("tokens_per_s"),
-                      "ms": med("ms"), "mfu": med("mfu"), "peak_mb": peak_mb, "ref_precompute_s": ref_s,
-                      "peak_tflops": dpo.peak_flops(torch.device("cuda" if on_gpu else "cpu")) / 1e12,
+                      "ms": med("ms"), "mfu": mfu, "peak_mb": peak_mb, "ref_precompute_s": ref_s,
+                      "train_s": train_s, "peak_tflops": (peak or 0) / 1e12,
                       "pairs": len(dpo.PairData(cfg.data_dir, "train", 1024))}))
 
 
@@ -89,7 +102,7 @@ def main(argv):
               f"max_length {opts['max_length']}; model and batch: {' '.join(DEFAULTS[:5] + rest)}", flush=True)
         res = {}
         for v in VARIANTS:
-            res[v] = child([sys.executable, __file__, f"--variant={v}", f"--data_dir={data_dir}",
+            res[v] = child([sys.executable, __file__, f"--variant={v}", f"--data_dir={data_dir}", f"--out_dir={tmp}/out",
                             *[f"--{k}={opts[k]}" for k in ("steps", "warmup")], *rest])
             print(f"  {v}: {json.dumps(res[v])}", flush=True)
     trl_python = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv-trl", "bin", "python")
@@ -102,15 +115,15 @@ def main(argv):
             print(f"{names[k]:28s} {r['trl_pairs_per_s']:8.2f} {'':>9s} {1000 * r['trl_s_per_step_median']:8.0f} "
                   f"{r.get('peak_mb', 0):8.0f}")
         else:
-            print(f"{names[k]:28s} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['ms']:8.0f} {r['peak_mb']:8.0f} "
-                  f"{100 * r['mfu']:5.1f}%")
+            mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
+            print(f"{names[k]:28s} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['ms']:8.0f} {r['peak_mb']:8.0f} {mfu}")
     p = res["packed"]
     print(f"\npacked / plain: {p['pairs_per_s'] / res['plain']['pairs_per_s']:.2f}x pairs/s"
           + (f", packed / TRL: {p['pairs_per_s'] / res['trl']['trl_pairs_per_s']:.2f}x" if "trl" in res else "")
           + f"\nthe cached reference took {p['ref_precompute_s']:.1f}s once for {p['pairs']} pairs; counting it, "
           f"a first epoch runs at {p['pairs'] / (p['ref_precompute_s'] + p['pairs'] / p['pairs_per_s']):.2f} pairs/s"
           f"\nMFU is against a peak of {1000 * res['plain']['peak_tflops']:.0f} (plain) and "
-          f"{1000 * p['peak_tflops']:.0f} (packed) GFLOP/s (GPU: the card's bf16 dense peak; CPU: measured float32 matmul)")
+          f"{1000 * p['peak_tflops']:.0f} (packed) GFLOP/s (GPU: the card's bf16 dense peak; CPU: float32 matmul, best measured before and after the steps)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ All tests, CPU, tiny configs: python -m pytest -q test_dpo.py
 (GPU-only tests skip cleanly without CUDA; tests of the real HH file skip only when ../shared is missing.)
 """
 import collections
+import dataclasses
 import gzip
 import io
 import json
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
+import sample as sample_module
 import model as model_module
 import prepare as P
 from dpo import LOSS_TYPES, Config, PairData, dpo_loss, parse_config, train
@@ -334,6 +336,18 @@ def test_forward_bad_inputs():
         m(torch.zeros(1, 4, dtype=torch.long), pos=torch.arange(3))
     with pytest.raises(ValueError, match="attn_mask must be a bool tensor"):
         m(torch.zeros(1, 4, dtype=torch.long), attn_mask=torch.ones(1, 4, 4))
+
+
+def test_n_head_must_divide_n_embd(hf_dir, tmp_path):
+    with pytest.raises(ValueError, match="n_head must divide n_embd, got n_head=3, n_embd=128"):
+        GPT(GPTConfig(n_head=3, n_embd=128))
+    d = copy_dir(hf_dir[0], tmp_path / "m")
+    edit_config(d, n_head=3)  # the same mistake in a Hugging Face folder names the file
+    with pytest.raises(ValueError, match=r"m/config.json: n_head=3 must divide n_embd=64"):
+        GPT.from_pretrained(d)
+    edit_config(d, n_head=0)
+    with pytest.raises(ValueError, match=r"m/config.json: missing GPT-2 config keys \['n_head'\]"):
+        GPT.from_pretrained(d)
 
 # -----------------------------------------------------------------------------
 # packed sequences, log-probs, checkpointing, generation, flops
@@ -1407,6 +1421,17 @@ def tiny_cfg(tmp_path, data_dir, **kw):
     return Config(**base)
 
 
+def sample_cfg(tmp_path, data_dir, **kw):
+    return sample_module.SampleConfig(**dataclasses.asdict(tiny_cfg(tmp_path, data_dir)) | kw)
+
+
+def layout_len(data, layout, multiple=64):
+    """row length: the longest sequence (plain) or pair (packed), rounded up"""
+    L = data.lengths
+    longest = (L[:, 0] + np.maximum(L[:, 1], L[:, 2])) if layout == "plain" else L.sum(1)
+    return int(-(-longest.max() // multiple) * multiple)
+
+
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
@@ -1425,11 +1450,12 @@ def naive_logps(model, p, resp):
 
 def layout_logps(model, data, ids, layout, pack_len, batch_size=3):
     """layout: plain | packed (fixed shapes) | packed-step (rows as long as the longest pair given)"""
-    cfg = Config(layout=layout.split("-")[0], batch_size=batch_size, pack_shape="step" if layout.endswith("step") else "static")
+    cfg = Config(layout=layout.split("-")[0], batch_size=batch_size, pack_len=pack_len)
+    shape = dpo.make_shape(cfg, [data], fixed=not layout.endswith("step"), multiple=8)  # 8: step rows shorter than pack_len
     module = dpo.SequenceLogps(model, chunk=7)  # a small chunk exercises the chunked lm_head
     chosen, rejected = {}, {}
-    for b in dpo.micro_batches(data, ids, cfg, pack_len, multiple=8):  # 8: step rows shorter than pack_len
-        c, r, nc, nr = dpo.batch_logps(module, b, torch.device("cpu"), use_flex=False)
+    for b in dpo.micro_batches(data, ids, shape):
+        c, r, nc, nr = dpo.batch_logps(module, b, torch.device("cpu"))
         for k, i in enumerate(b.pair_ids):
             chosen[int(i)], rejected[int(i)] = c[k], r[k]
     return chosen, rejected
@@ -1440,7 +1466,7 @@ def test_response_logps_match_naive_loop(tmp_path, layout):
     data = PairData(make_data(tmp_path), "train", 64)
     model = tiny_model()
     ids = np.arange(len(data))
-    pack_len = dpo.layout_len(data, layout.split("-")[0])
+    pack_len = layout_len(data, layout.split("-")[0])
     chosen, rejected = layout_logps(model, data, ids, layout, pack_len)
     assert sorted(chosen) == list(range(len(data)))
     for i in ids:
@@ -1451,9 +1477,8 @@ def test_response_logps_match_naive_loop(tmp_path, layout):
 
 def test_packing_puts_several_pairs_in_a_row(tmp_path):
     data = PairData(make_data(tmp_path), "train", 64)
-    cfg = Config(layout="packed", batch_size=8)
-    pack_len = dpo.layout_len(data, "packed")
-    mbs = dpo.micro_batches(data, np.arange(len(data)), cfg, pack_len)
+    pack_len = layout_len(data, "packed")
+    mbs = dpo.micro_batches(data, np.arange(len(data)), dpo.make_shape(Config(layout="packed", batch_size=8), [data], fixed=True))
     assert sum(len(b.pair_ids) for b in mbs) == len(data)
     assert max(len(b.pair_ids) for b in mbs) > mbs[0].idx.shape[0]  # more pairs than rows: rows are shared
     for b in mbs:  # fixed shapes, and the prompt is laid once per pair
@@ -1480,12 +1505,13 @@ def test_plan_packed_places_every_pair_once_without_overlap():
 
 def test_step_shape_fits_the_longest_pair_and_the_token_budget(tmp_path):
     data = PairData(make_data(tmp_path, n_train=40), "train", 64)
-    pack_len = dpo.layout_len(data, "packed")
+    pack_len = layout_len(data, "packed")
     rng = np.random.default_rng(1)
+    cfg = Config(batch_size=6, pack_rows=3)
     for _ in range(10):
         ids = rng.choice(len(data), size=12, replace=False)
-        static = dpo.micro_batches(data, ids, Config(batch_size=6, pack_shape="static", pack_rows=3), pack_len)
-        step = dpo.micro_batches(data, ids, Config(batch_size=6, pack_shape="step", pack_rows=3), pack_len, multiple=8)
+        static = dpo.micro_batches(data, ids, dpo.make_shape(cfg, [data], fixed=True))
+        step = dpo.micro_batches(data, ids, dataclasses.replace(dpo.make_shape(cfg, [data], fixed=False), multiple=8))
         longest = int(data.lengths[ids].sum(1).max())
         for b in step:
             assert b.idx.shape[1] == min(pack_len, -(-longest // 8) * 8) < pack_len
@@ -1500,7 +1526,7 @@ def packed_vs_plain(model, data, ids):
     out = {}
     for layout in ("plain", "packed", "packed-step"):
         model.zero_grad()
-        c, r = layout_logps(model, data, ids, layout, dpo.layout_len(data, layout.split("-")[0]), batch_size=4)
+        c, r = layout_logps(model, data, ids, layout, layout_len(data, layout.split("-")[0]), batch_size=4)
         pc = torch.stack([c[int(i)] for i in ids])
         pr = torch.stack([r[int(i)] for i in ids])
         losses, _, _ = dpo_loss(pc, pr, pc.detach() * 0.9, pr.detach() * 1.1, beta=0.1)
@@ -1617,25 +1643,57 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert open(ck, "rb").read() == before
 
 
-@pytest.mark.parametrize("layout", ["plain", "packed"])
-def test_torchrun_two_ranks_equal_one_process(tmp_path, layout):
-    data_dir = make_data(tmp_path)
-    args = [f"--data_dir={data_dir}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
-            "--global_batch_size=8", "--batch_size=2", "--max_iters=4", "--eval_interval=2", "--device=cpu",
-            "--compile=false", "--learning_rate=1e-3", f"--layout={layout}", "--reference=model"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "dpo.py", f"--out_dir={tmp_path}/one", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py",
-                          f"--out_dir={tmp_path}/two", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
-    a, b = read_metrics(f"{tmp_path}/one"), read_metrics(f"{tmp_path}/two")
-    assert [r["iter"] for r in a] == [r["iter"] for r in b] and len(a) >= 6
-    for x, y in zip(a, b):
+def run_dpo(tmp_path, name, args, nproc=0):
+    """dpo.py as users run it: plain python (nproc=0) or torchrun with nproc ranks; returns its metrics and weights"""
+    launch = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    out = subprocess.run([*launch, "dpo.py", f"--out_dir={tmp_path}/{name}", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ck = torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True)
+    return read_metrics(f"{tmp_path}/{name}"), ck["model"]
+
+
+def assert_same_runs(a, b, tol=1e-5):
+    (ma, wa), (mb, wb) = a, b
+    assert [r["iter"] for r in ma] == [r["iter"] for r in mb] and len(ma) >= 4
+    for x, y in zip(ma, mb):
         for k in x:
             if k.startswith("val/") or k in ("loss", "accuracy", "margin", "chosen_reward", "grad_norm"):
-                assert abs(x[k] - y[k]) < 1e-5, (k, x, y)
+                assert abs(x[k] - y[k]) < tol, (k, x, y)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0, msg=k)
+
+
+def torchrun_args(data_dir, layout, **kw):
+    base = dict(data_dir=data_dir, n_layer=2, n_head=2, n_embd=32, block_size=64, global_batch_size=8, batch_size=2,
+                max_iters=4, eval_interval=2, device="cpu", compile="false", learning_rate=1e-3, layout=layout,
+                reference="model") | kw
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_torchrun_ddp_and_fsdp_equal_one_process(tmp_path, layout):
+    # the same losses, grad norms and final weights from 1 process, 2 DDP ranks and 2 FSDP ranks (gloo, float32)
+    data_dir = make_data(tmp_path)
+    args = torchrun_args(data_dir, layout)
+    one = run_dpo(tmp_path, "one", args)
+    assert_same_runs(one, run_dpo(tmp_path, "ddp", args, nproc=2))
+    assert_same_runs(one, run_dpo(tmp_path, "fsdp", args + ["--fsdp=true"], nproc=2))
+
+
+def test_fsdp_checkpoint_resumes_with_another_world_size(tmp_path):
+    # an FSDP checkpoint is one full ckpt.pt: 2 sharded ranks stop at step 2, 1 rank (FSDP, then plain) continues,
+    # and the result equals a run that never stopped (metrics.jsonl holds both parts)
+    data_dir = make_data(tmp_path)
+    args = torchrun_args(data_dir, "packed", reference="cached", lr_decay_iters=4)
+    full = run_dpo(tmp_path, "full", args)
+    run_dpo(tmp_path, "half", args + ["--max_iters=2", "--fsdp=true"], nproc=2)
+    for name in ("fsdp1", "plain"):
+        shutil.copytree(f"{tmp_path}/half", f"{tmp_path}/{name}")
+    assert_same_runs(full, run_dpo(tmp_path, "fsdp1", args + ["--init_from=resume", "--fsdp=true"], nproc=1))
+    assert_same_runs(full, run_dpo(tmp_path, "plain", args + ["--init_from=resume"]))
 
 
 # -----------------------------------------------------------------------------
@@ -1643,7 +1701,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, layout):
 
 
 def test_config_unknown_key_lists_valid_keys():
-    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*did you mean learning_rate.*valid keys: mode"):
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*did you mean learning_rate.*valid keys: out_dir"):
         parse_config(["--learning_rat=1"])
 
 
@@ -1707,8 +1765,7 @@ def test_flex_block_mask_equals_bool_mask_forward(tmp_path):
     # the CUDA path's FlexAttention mask must allow exactly what the CPU bool mask allows (forward only on CPU)
     data = PairData(make_data(tmp_path, n_train=12), "train", 64)
     model = tiny_model(3).eval()
-    pack_len = dpo.layout_len(data, "packed")
-    b = dpo.micro_batches(data, np.arange(12), Config(layout="packed", batch_size=12), pack_len)[0]
+    b = dpo.micro_batches(data, np.arange(12), dpo.make_shape(Config(layout="packed", batch_size=12), [data], fixed=True))[0]
     cpu = torch.device("cpu")
     with torch.no_grad():
         h_bool = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.attention_mask(b, cpu))
@@ -1726,9 +1783,9 @@ def test_compiled_hidden_takes_a_new_block_mask_every_call_without_recompiling(t
     data = PairData(make_data(tmp_path, n_train=24), "train", 64)
     model = tiny_model(4).eval()
     hidden = torch.compile(model.hidden)
-    cfg = Config(layout="packed", batch_size=4, pack_rows=2, pack_shape="static")
+    cfg = Config(layout="packed", batch_size=4, pack_rows=2)
     cpu = torch.device("cpu")
-    mbs = dpo.micro_batches(data, np.arange(24), cfg, dpo.layout_len(data, "packed"))
+    mbs = dpo.micro_batches(data, np.arange(24), dpo.make_shape(cfg, [data], fixed=True))
     assert len(mbs) >= 3
     for b in mbs:
         with torch.no_grad():
@@ -1744,7 +1801,7 @@ def test_compiled_training_matches_eager_with_fixed_shapes(tmp_path):
     # for training and once for evaluation (no_grad), not once per micro-batch
     from torch._dynamo.utils import counters
     data_dir = make_data(tmp_path)
-    kw = dict(max_iters=4, eval_interval=2, pack_shape="static", pack_rows=2)
+    kw = dict(max_iters=4, eval_interval=2, pack_rows=2)  # compiled: the fixed packed shape
     eager = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "eager"), **kw))
     torch._dynamo.reset()
     counters.clear()
@@ -1779,9 +1836,9 @@ def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(prep, "main", lambda argv: seen.append(("prepare", argv)))
     monkeypatch.setattr(dpo, "train", lambda cfg: seen.append(("train", cfg)))
-    monkeypatch.setattr(dpo, "compare", lambda cfg: seen.append(("compare", cfg)))
+    monkeypatch.setattr(sample_module, "compare", lambda cfg, device: seen.append(("compare", cfg)))
     monkeypatch.chdir(tmp_path)
-    dpo.demo()
+    sample_module.demo()
     assert [k for k, _ in seen] == ["prepare", "train", "train", "compare"]
     sft, dpo_cfg, cmp = (c for k, c in seen[1:])
     assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft"
@@ -1795,7 +1852,8 @@ def test_sample_policy_and_reference_side_by_side(tmp_path, capsys):
     train(cfg)
     ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
     assert ck["ref_from"] == "scratch" and ck["config"]["max_iters"] == 2  # the config travels with the checkpoint
-    dpo.sample(tiny_cfg(tmp_path, data_dir, init_from=cfg.out_dir, prompts="a|b\\nc", max_new_tokens=3, temperature=0.0))
+    sample_module.sample(sample_cfg(tmp_path, data_dir, init_from=cfg.out_dir, prompts="a|b\\nc", max_new_tokens=3,
+                                    temperature=0.0), torch.device("cpu"))
     out = capsys.readouterr().out
     assert out.count("--- policy:") == 2 and out.count("--- reference (scratch):") == 2
     assert "=== 'b\\nc'" in out  # "\n" in --prompts is a newline
@@ -1812,8 +1870,11 @@ def test_toy_pipeline_sft_then_dpo_then_compare(tmp_path, capsys):
     dpo_cfg = tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "dpo"), init_from=sft.out_dir, max_iters=3, **model_kw)
     hist = train(dpo_cfg)
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the SFT model is the reference
-    res = dpo.compare(tiny_cfg(tmp_path, data_dir, init_from=dpo_cfg.out_dir, num_samples=2, max_new_tokens=8))
-    assert "reward, greedy" in capsys.readouterr().out
+    res = sample_module.compare(sample_cfg(tmp_path, data_dir, init_from=dpo_cfg.out_dir, num_samples=2, max_new_tokens=8),
+                                torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "reward, greedy" in out
+    assert json.loads(out.strip().splitlines()[-1])["init_from"] == dpo_cfg.out_dir  # one JSON line for scripts
     for side in ("reference", "policy"):
         assert -1.0 <= res[side]["greedy"] <= 1.0 and -1.0 <= res[side]["sampled"] <= 1.0
         assert 0.0 <= res[side]["acc"] <= 1.0

@@ -1,0 +1,168 @@
+"""
+Sample from a trained policy and its reference side by side, the toy task's before/after table, and the whole
+offline toy pipeline in one command.
+
+    python sample.py --init_from=out/toy_dpo --prompts="Review of the pizza:|Review of the tea:"
+    python sample.py --init_from=out/hh_gpt2 --prompts="\\n\\nHuman: hi\\n\\nAssistant:"     (\\n is a newline)
+    python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo  # table + one JSON line
+    python sample.py --mode=demo     # prepare, SFT, DPO against the SFT model, then the table (CPU, a few minutes)
+Any dpo.py option is accepted too (device, dtype, seed, data_dir, ...).
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dpo
+from prepare import EOT, PrepareError, gpt2_encoding, toy_reward
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the demo works from any folder
+
+
+@dataclass
+class SampleConfig(dpo.Config):
+    # sampling
+    mode: str = "sample"  # sample | compare (the toy task's before/after table) | demo (the whole toy pipeline)
+    prompts: str = ""  # "|"-separated prompts for mode=sample
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = all tokens
+    num_samples: int = 8  # samples per prompt in compare
+
+
+def load_pair_of_models(cfg, device):
+    """the policy from init_from and the reference it was trained against (recorded in its checkpoint)"""
+    path = dpo.checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
+    if path is None:
+        return dpo.load_model(cfg.init_from, cfg).to(device).eval(), None, None
+    ck = dpo.read_checkpoint(path)
+    policy = dpo.model_from_checkpoint(ck, cfg, path).to(device).eval()
+    if not ck.get("ref_from"):
+        return policy, None, None
+    reference = dpo.load_model(*dpo.reference_source(ck, cfg)).to(device).eval()
+    return policy, reference, ck["ref_from"]
+
+
+def sample(cfg, device):
+    enc = gpt2_encoding()
+    if cfg.init_from == "scratch":
+        print("note: init_from=scratch is an untrained random model; pass --init_from=out/... to sample a trained one")
+    policy, reference, ref_from = load_pair_of_models(cfg, device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    for prompt in (cfg.prompts.replace("\\n", "\n").split("|") if cfg.prompts else ["Review of the pizza:"]):
+        idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
+        print(f"=== {prompt!r}")
+        for name, m in (("policy", policy), (f"reference ({ref_from})", reference)):
+            if m is not None:
+                out = m.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None, generator=g)
+                print(f"--- {name}: {enc.decode([t for t in out[0, idx.shape[1]:].tolist() if t != EOT])!r}")
+
+
+@torch.no_grad()
+def response_logps(model, prompt, responses):
+    """summed log-prob of each response (a list of token lists) after one prompt; plain layout, one row each"""
+    rows = [prompt + r for r in responses]
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([r + [EOT] * (T - len(r)) for r in rows])
+    logp = F.log_softmax(model(idx.to(next(model.parameters()).device)).float(), -1).cpu()
+    P = len(prompt)
+    return [sum(logp[i, P - 1 + t, r[t]].item() for t in range(len(r))) for i, r in enumerate(responses)]
+
+
+def response(row, prompt_len, keep_eot=False):
+    """the generated tokens after the prompt, up to and excluding (or including) the first end token"""
+    out = row[prompt_len:].tolist()
+    end = out.index(EOT) if EOT in out else len(out)
+    return out[: end + (keep_eot and end < len(out))]
+
+
+def compare(cfg, device):
+    """the toy task's before/after table on held-out prompts: ground-truth reward of the reference's (SFT) and the
+    policy's (DPO) generations, a KL estimate between them, and preference accuracy on the held-out pairs"""
+    policy, reference, ref_from = load_pair_of_models(cfg, device)
+    if reference is None:
+        raise ValueError(f"--init_from={cfg.init_from} records no reference model to compare against: pass a DPO "
+                         f"checkpoint, e.g. --config=config/toy_dpo.py --init_from=out/toy_dpo")
+    enc = gpt2_encoding()
+    val = dpo.PairData(cfg.data_dir, "val", policy.config.block_size, truncate=True)
+    prompts = list(dict.fromkeys(tuple(val[i][0].tolist()) for i in range(len(val))))  # unique, in order
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    res = {name: {"greedy": [], "sampled": []} for name in ("reference", "policy")}
+    kl, t0 = [], time.time()
+    for n, p in enumerate(prompts):
+        idx = torch.tensor([list(p)], device=device)
+        for name, m in (("reference", reference), ("policy", policy)):
+            greedy = m.generate(idx, cfg.max_new_tokens, temperature=0.0)
+            res[name]["greedy"].append(toy_reward(enc.decode(response(greedy[0], len(p)))))
+            samples = m.generate(idx.repeat(cfg.num_samples, 1), cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_k=cfg.top_k or None, generator=g)
+            toks = [response(s, len(p), keep_eot=True) for s in samples]
+            res[name]["sampled"] += [toy_reward(enc.decode([t for t in s if t != EOT])) for s in toks]
+            if name == "policy":  # KL(policy || reference) ~ mean over policy samples of log pi - log pi_ref
+                kl += [a - b for a, b in zip(response_logps(policy, list(p), toks), response_logps(reference, list(p), toks))]
+        print(f"\rcompare: {n + 1}/{len(prompts)} prompts, {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    # held-out preference accuracy: by likelihood (each model alone), and by DPO's implicit reward (policy vs reference)
+    pairs = [(val[i][0].tolist(), [val[i][1].tolist(), val[i][2].tolist()]) for i in range(min(len(val), 400))]
+    margins = {name: np.array([np.subtract(*response_logps(m, p, cr)) for p, cr in pairs])
+               for name, m in (("reference", reference), ("policy", policy))}
+    for name in res:
+        res[name]["acc"] = float(np.mean(margins[name] > 0))
+    implicit_acc = float(np.mean(margins["policy"] - margins["reference"] > 0))
+    mean, sem = (lambda xs: float(np.mean(xs))), (lambda xs: float(np.std(xs) / math.sqrt(len(xs))))
+    rows = [("reward, greedy", *(f"{mean(res[n]['greedy']):+.3f}" for n in res)),
+            (f"reward, sampled (T={cfg.temperature})", *(f"{mean(res[n]['sampled']):+.3f} ± {sem(res[n]['sampled']):.3f}" for n in res)),
+            ("log p(chosen) > log p(rejected)", *(f"{res[n]['acc']:.3f}" for n in res)),
+            ("implicit reward accuracy", "", f"{implicit_acc:.3f}"),
+            ("KL(policy || reference), nats", "", f"{mean(kl):.2f}")]
+    print(f"\nheld-out prompts: {len(prompts)}, {cfg.num_samples} samples each; reference = {ref_from}, policy = {cfg.init_from}")
+    print(f"{'':34s} {'reference (SFT)':>18s} {'policy (DPO)':>18s}")
+    for r in rows:
+        print(f"{r[0]:34s} {r[1]:>18s} {r[2]:>18s}")
+    summary = {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items()} for n, d in res.items()}
+    summary = summary | {"sampled_sem": {n: sem(res[n]["sampled"]) for n in res}, "kl": mean(kl), "implicit_acc": implicit_acc}
+    print(json.dumps({"init_from": cfg.init_from, "ref_from": ref_from, "seed": cfg.seed, **summary}))  # for scripts
+    return summary
+
+
+def demo():
+    """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the before/after table.
+    data and checkpoints go to data/toy and out/ under the current folder"""
+    import prepare
+    times, t0 = {}, time.time()
+    if not dpo.has_split("data/toy", "train"):
+        prepare.main([])
+    times["prepare"] = time.time() - t0
+    for name in ("toy_sft", "toy_dpo"):
+        print(f"\n=== {name}", flush=True)
+        t = time.time()
+        dpo.train(dpo.parse_config([f"--config={os.path.join(CONFIG_DIR, name)}.py"]))
+        times[name[4:]] = time.time() - t
+    t = time.time()
+    cfg = dpo.parse_config([f"--config={os.path.join(CONFIG_DIR, 'toy_dpo')}.py", "--init_from=out/toy_dpo"], SampleConfig)
+    compare(cfg, torch.device("cpu"))
+    times["compare"] = time.time() - t
+    print(f"\ntotal {time.time() - t0:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
+
+
+def main(argv):
+    cfg = dpo.parse_config(argv, SampleConfig)
+    if cfg.mode not in ("sample", "compare", "demo") or cfg.top_k < 0 or cfg.temperature < 0 or cfg.num_samples < 1:
+        raise ValueError(f"--mode={cfg.mode} --top_k={cfg.top_k} --temperature={cfg.temperature} --num_samples="
+                         f"{cfg.num_samples}: expected mode sample | compare | demo, top_k >= 0, temperature >= 0, num_samples >= 1")
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    {"sample": sample, "compare": compare, "demo": lambda cfg, device: demo()}[cfg.mode](cfg, device)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
