@@ -20,12 +20,13 @@ import time
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 import dpo
 import prepare
 
 HH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
-BENCH = {"hh": HH, "steps": 10, "warmup": 2, "trl": 0, "max_length": 512, "variant": ""}
+BENCH = {"hh": HH, "steps": 10, "warmup": 2, "trl": 0, "max_length": 512, "variant": "", "json": "", "profile": 0}
 DEFAULTS = ["--n_layer=4", "--n_head=4", "--n_embd=256", "--block_size=1024", "--global_batch_size=8",
             "--batch_size=8", "--eval_interval=0", "--log_interval=1000000", "--save_checkpoint=false",
             "--learning_rate=1e-5", "--warmup_iters=0"]
@@ -63,9 +64,19 @@ def run_variant(opts, rest):
         dpo.train(dataclasses.replace(cfg, max_iters=0))
     ref_s = time.time() - t0
     peak = dpo.peak_flops(torch.device("cuda")) if on_gpu else cpu_peak()
+    counters.clear()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    hist = dpo.train(cfg)[opts["warmup"]:]
+    hist = dpo.train(cfg)
+    first_s, hist = hist[0]["ms"] / 1000, hist[opts["warmup"]:]  # the first step pays for torch.compile
     train_s = time.time() - t0
+    if opts["profile"]:  # where the time goes: the top kernels of a few more steps (compiled code is reused)
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            dpo.train(dataclasses.replace(cfg, max_iters=opts["profile"]))
+        key = "cuda_time_total" if on_gpu else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=20), file=sys.stderr)
     if not on_gpu:  # measured before and after the timed steps: keep the best
         peak = max(peak, cpu_peak())
     if on_gpu:
@@ -79,7 +90,8 @@ def run_variant(opts, rest):
                  f"machine was busy; rerun on an idle machine")
     print(json.dumps({"variant": opts["variant"], "pairs_per_s": med("pairs_per_s"), "tokens_per_s": med("tokens_per_s"),
                       "ms": med("ms"), "mfu": mfu, "peak_mb": peak_mb, "ref_precompute_s": ref_s,
-                      "train_s": train_s, "peak_tflops": (peak or 0) / 1e12,
+                      "train_s": train_s, "first_step_s": first_s, "graphs": counters["stats"]["unique_graphs"],
+                      "peak_tflops": (peak or 0) / 1e12,
                       "pairs": len(dpo.PairData(cfg.data_dir, "train", 1024))}))
 
 
@@ -103,7 +115,7 @@ def main(argv):
         res = {}
         for v in VARIANTS:
             res[v] = child([sys.executable, __file__, f"--variant={v}", f"--data_dir={data_dir}", f"--out_dir={tmp}/out",
-                            *[f"--{k}={opts[k]}" for k in ("steps", "warmup")], *rest])
+                            *[f"--{k}={opts[k]}" for k in ("steps", "warmup", "max_length")], *rest])
             print(f"  {v}: {json.dumps(res[v])}", flush=True)
     trl_python = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv-trl", "bin", "python")
     if opts["trl"]:
@@ -117,6 +129,9 @@ def main(argv):
         else:
             mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
             print(f"{names[k]:28s} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['ms']:8.0f} {r['peak_mb']:8.0f} {mfu}")
+    if opts["json"]:
+        with open(opts["json"], "w") as f:
+            json.dump(res, f)
     p = res["packed"]
     print(f"\npacked / plain: {p['pairs_per_s'] / res['plain']['pairs_per_s']:.2f}x pairs/s"
           + (f", packed / TRL: {p['pairs_per_s'] / res['trl']['trl_pairs_per_s']:.2f}x" if "trl" in res else "")

@@ -458,7 +458,7 @@ class SequenceLogps(nn.Module):
         h = h.flatten(0, 1)[src]  # (N, C) only the positions that predict response tokens
         logp = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk)  # (N,) float32
         sums = torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)
-        return sums[0::2], sums[1::2]  # (K,) chosen, (K,) rejected
+        return sums[0::2].clone(), sums[1::2].clone()  # (K,) chosen, rejected; not views (fsdp's hooks want new tensors)
 
 
 def batch_logps(module, b, device, flex=False):
@@ -1076,6 +1076,8 @@ def train(cfg):
             rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm.item(), "ms": 1000 * dt,
                    "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0].item() / dt,
                    "flops_per_s": work[1].item() / dt, "mfu": work[1].item() / dt / (peak * run.world) if peak else None}
+            if run.device.type == "cuda":
+                rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
             history.append(rec)
             log(rec)
             if it % cfg.log_interval == 0:

@@ -1823,6 +1823,76 @@ def test_bf16_autocast_training_tracks_float32(tmp_path):
         assert abs(a["chosen_logp"] - b["chosen_logp"]) < 0.02 * abs(a["chosen_logp"])
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention kernels, bf16 autocast)")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_flex_block_mask_equals_sdpa_bool_mask_values_and_grads(tmp_path, dtype):
+    # the trainer's two masks for the packed layout: FlexAttention on CUDA, SDPA with a bool mask elsewhere
+    data = PairData(make_data(tmp_path, n_train=16), "train", 64)
+    b = dpo.micro_batches(data, np.arange(16), dpo.make_shape(Config(batch_size=16), [data], fixed=True, multiple=128))[0]
+    model = tiny_model(5).cuda()
+    out = []
+    for flex in (False, True):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            c, r, _, _ = dpo.batch_logps(dpo.SequenceLogps(model), b, torch.device("cuda"), flex)
+        (c.sum() - 0.5 * r.sum()).backward()
+        out.append((c.detach(), r.detach(), [p.grad.float().clone() for p in model.parameters()]))
+    (c0, r0, g0), (c1, r1, g1) = out
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(c1, c0, atol=tol * c0.abs().max().item(), rtol=0)
+    torch.testing.assert_close(r1, r0, atol=tol * r0.abs().max().item(), rtol=0)
+    for a, b_ in zip(g0, g1):
+        assert (a - b_).norm() <= 10 * tol * a.norm() + 1e-6
+
+
+@CUDA
+def test_cuda_compiled_packed_training_equals_eager_in_one_graph(tmp_path):
+    # new data every step, one fixed packed shape: the compiled run equals eager and traces one training graph
+    from torch._dynamo.utils import counters
+    data_dir = make_data(tmp_path)
+    kw = dict(device="cuda", dtype="float32", max_iters=5, eval_interval=0, pack_rows=2)
+    eager = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "eager"), **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "compiled"), compile="true", **kw))
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@CUDA
+def test_cuda_bf16_autocast_training_tracks_float32(tmp_path):
+    data_dir = make_data(tmp_path)
+    kw = dict(device="cuda", max_iters=4, eval_interval=0)
+    f32 = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "f32"), dtype="float32", **kw))
+    bf16 = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "bf16"), dtype="bfloat16", **kw))
+    for a, b in zip(f32, bf16):
+        assert math.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 2e-2
+        assert abs(a["chosen_logp"] - b["chosen_logp"]) < 0.02 * abs(a["chosen_logp"])
+
+
+def test_gpu_check_dry_runs_on_cpu(tmp_path):
+    # .ci/gpu is the one command a GPU session runs; --cpu runs every stage with a tiny model, so the script itself
+    # is known to work before any GPU does. the data is generated here (the project never needs ../shared)
+    rng = random.Random(0)
+    words = "good bad fine awful great poor nice meh tasty bland".split()
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(120):
+            say = lambda n: " " + " ".join(rng.choices(words, k=rng.randint(2, n)))
+            f.write(json.dumps({"prompt": f"Q{i}:" + say(20), "chosen": say(30), "rejected": say(30)}) + "\n")
+    out = subprocess.run(["bash", ".ci/gpu", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HH": str(tmp_path / "pairs.jsonl"), "OUT": str(tmp_path / "out"),
+                              "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(l) for l in open(tmp_path / "out" / "gpu_check.jsonl")]
+    assert [r["stage"] for r in rows] == ["CUDA tests", "bench plain", "bench packed", "torchrun ddp", "torchrun fsdp", "XL memory"]
+    assert all(r["status"] == "ok" and r["pairs_per_s"] > 0 for r in rows[1:])
+    assert "GPU check on CPU (dry run)" in out.stdout and "Name" in open(tmp_path / "out" / "profile.txt").read()
+
+
 def test_missing_data_is_reported_before_the_weights_load(tmp_path, monkeypatch):
     # a user without data should not wait for a GPT-2 download first
     monkeypatch.setattr(dpo, "load_model", lambda *a: pytest.fail("weights loaded before the data was checked"))
