@@ -16,16 +16,13 @@ Real data and real GPT-2 weights:
 Options: python dpo.py --help; --key=value on the command line, --config=FILE reads `key = value` lines first.
 
 Left out on purpose: online/iterative DPO (no generation while training), LoRA, tensor and pipeline parallelism,
-a dataset library (prepare.py writes token shards once), schedulers beyond warmup + cosine.
+a dataset library (prepare.py writes token shards once), schedules beyond warmup + cosine.
 """
-import ast
 import contextlib
 import copy
 import dataclasses
-import difflib
 import fcntl
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -42,12 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import configurator
 from model import GPT, GPTConfig
 from prepare import EOT, PrepareError, list_shards, load_pairs, truncate
 
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class Config:
@@ -106,24 +103,20 @@ class Config:
     compile: str = "auto"  # auto (on for cuda) | true | false
     fsdp: bool = False  # shard weights, grads and AdamW state over the torchrun ranks (FSDP2) instead of DDP
 
-
-CHOICES = {"layout": ("packed", "plain"), "reference": ("cached", "model"), "dtype": ("auto", "float32", "bfloat16"),
-           "compile": ("auto", "true", "false")}  # and loss_type: LOSS_TYPES
-
-
 def check_config(cfg):
     """every value checked before any work, as one line naming the option"""
-    for key, allowed in {**CHOICES, "loss_type": LOSS_TYPES}.items():
+    choices = dict(layout=("packed", "plain"), reference=("cached", "model"), dtype=("auto", "float32", "bfloat16"),
+                   compile=("auto", "true", "false"), loss_type=LOSS_TYPES)
+    for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}")
     for key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
-                "logprob_chunk", "beta"):
-        if not getattr(cfg, key) > 0:
-            raise ValueError(f"--{key}={getattr(cfg, key)}: must be > 0")
-    for key in ("max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters", "pack_len", "pack_rows",
-                "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"--{key}={getattr(cfg, key)}: must be >= 0")
+                "logprob_chunk", "beta", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters",
+                "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
+        positive = key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd",
+                           "block_size", "logprob_chunk", "beta")
+        if getattr(cfg, key) < 0 or (positive and getattr(cfg, key) == 0):
+            raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if positive else '>= 0'}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_head={cfg.n_head} must divide --n_embd={cfg.n_embd}")
     if not 0 <= cfg.label_smoothing < 0.5:
@@ -133,88 +126,14 @@ def check_config(cfg):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")
 
-
-def _convert(key, text, typ):
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "0", "false", "no"):
-            return text.lower() in ("1", "true", "yes")
-        raise ValueError(f"--{key}={text}: expected a bool (true/false/1/0)")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{key}={text}: expected {typ.__name__}") from None
-
-
-def _check_key(key, types, where):
-    if key not in types:
-        close = difflib.get_close_matches(key, types, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"{where}: unknown config key '{key}'{hint}. valid keys: {', '.join(types)}")
-
-
-def read_config_file(path, types):
-    """a config file is `key = value` lines with python literals; parsed, never executed"""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} not found")
-    try:
-        tree = ast.parse(open(path).read(), filename=path)
-    except SyntaxError as e:
-        raise ValueError(f"{path}:{e.lineno}: syntax error ({e.msg}); expected `key = value` lines") from None
-    out = {}
-    for node in tree.body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ValueError(f"{path}:{node.lineno}: expected `key = value`")
-        key = node.targets[0].id
-        _check_key(key, types, f"{path}:{node.lineno}")
-        try:
-            value = ast.literal_eval(node.value)
-        except ValueError:
-            raise ValueError(f"{path}:{node.lineno}: the value of {key} must be a literal (number, string, bool)") from None
-        if types[key] is float and type(value) is int:
-            value = float(value)
-        if type(value) is not types[key]:
-            raise ValueError(f"{path}:{node.lineno}: {key} expects {types[key].__name__}, got {type(value).__name__} {value!r}")
-        out[key] = value
-    return out
-
-
-def help_text(cls):
-    """the options with their defaults and comments, read from the dataclass source"""
-    lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config=FILE] [--key=value ...]"]
-    for c in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(c):
-            for m in re.finditer(r"^    (\w+): \w+ = (.+?)(?:  # (.*))?$|^    # (.*)$", inspect.getsource(c), re.M):
-                lines.append(f"  --{m[1]}={m[2].strip(chr(34))}".ljust(36) + (m[3] or "") if m[1] else f"{m[4]}:")
-    return "\n".join(lines)
-
-
 def parse_config(argv, cls=Config):
-    """--config=FILE first, then --key=value overrides on top; then every value is checked"""
-    if "-h" in argv or "--help" in argv:
-        print(help_text(cls))
-        sys.exit(0)
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    pairs = []
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq:
-            raise ValueError(f"expected --key=value, got '{arg}' (--help lists the options)")
-        pairs.append((key, value))
-    cfg = cls()
-    for key, value in sorted(pairs, key=lambda kv: kv[0] != "config"):  # the file first: the command line wins
-        if key == "config":
-            for k, v in read_config_file(value, types).items():
-                setattr(cfg, k, v)
-        else:
-            _check_key(key, types, "command line")
-            setattr(cfg, key, _convert(key, value, types[key]))
+    cfg = configurator.parse(argv, cls)
     check_config(cfg)
     return cfg
 
 
 # -----------------------------------------------------------------------------
 # data: prepare.py's shards, memory-mapped
-
 
 class PairData:
     """all pairs of one split; pair i -> (prompt, chosen, rejected) int64 arrays"""
@@ -229,7 +148,7 @@ class PairData:
                                  f"was it prepared with another tokenizer?")
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)  # (N, 3)
-        seq_len = self.lengths[:, 0] + np.maximum(self.lengths[:, 1], self.lengths[:, 2])  # (N,) longer sequence
+        seq_len = self.lengths[:, 0] + self.lengths[:, 1:].max(1)  # (N,) the longer sequence of each pair
         self.n_cut = int((seq_len > block_size).sum())
         if self.n_cut and not truncate:
             raise ValueError(
@@ -248,17 +167,12 @@ class PairData:
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.shards[s][i - int(self.starts[s])]
 
-    def _cut(self, p, c, r):
-        # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
+    def _cut(self, p, c, r):  # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
         return truncate(p, c, r, self.block_size, self.block_size // 2)[:3]
 
     def __getitem__(self, i):
-        p, c, r = self._raw(i)
-        if self.n_cut:
-            p, c, r = self._cut(p, c, r)
-        if self.chosen_only:
-            r = r[:0]
-        return p.astype(np.int64), c.astype(np.int64), r.astype(np.int64)
+        p, c, r = self._cut(*self._raw(i)) if self.n_cut else self._raw(i)
+        return p.astype(np.int64), c.astype(np.int64), r[: 0 if self.chosen_only else len(r)].astype(np.int64)
 
     def fingerprint(self):
         """identifies the data for the reference cache: every token and length, and the block size"""
@@ -268,13 +182,11 @@ class PairData:
         h.update(self.lengths.tobytes() + str(self.block_size).encode())
         return h.hexdigest()[:16]
 
-
 def has_split(data_dir, split):
     try:
         return bool(list_shards(data_dir, split))
     except (FileNotFoundError, ValueError):
         return False
-
 
 def step_pairs(n, seed, step, global_batch, rank, world):
     """the dataset indices this rank trains on at optimizer step `step`: a fixed function of (seed, step), so a
@@ -292,7 +204,6 @@ def step_pairs(n, seed, step, global_batch, rank, world):
 # -----------------------------------------------------------------------------
 # micro-batches: the plain layout (one padded row per sequence) and the packed one (pairs end to end)
 
-
 @dataclass
 class Batch:
     idx: torch.Tensor  # (R, T) input tokens
@@ -305,7 +216,6 @@ class Batch:
     pair_ids: np.ndarray  # (K,) dataset indices of the pairs in this micro-batch
     n_tokens: int  # real (non-padding) tokens the model runs on
     ctx_sum: int  # sum over real tokens of how many keys each attends to (for the attention FLOPs)
-
 
 def plain_batch(data, ids, row_len):
     """reference layout: one padded row per sequence, rows 2k (prompt+chosen) and 2k+1 (prompt+rejected)"""
@@ -325,7 +235,6 @@ def plain_batch(data, ids, row_len):
     t = lambda parts: torch.from_numpy(np.concatenate(parts))
     return Batch(torch.from_numpy(idx), None, None, None, t(src), t(tgt), t(seq), np.asarray(ids), n_tokens, ctx_sum)
 
-
 def plan_packed(need, row_len):
     """first-fit decreasing: longest pair first, each into the first row with room for it.
     `need` (K,) tokens per pair; returns the rows, each a list of (k, offset) with k the pair's index in `need`"""
@@ -339,7 +248,6 @@ def plan_packed(need, row_len):
         used[j] += int(need[k])
     return rows
 
-
 def packed_batch(data, ids, plan, rows, row_len):
     """prefix sharing: each pair is [prompt | chosen | rejected] in one row. plan: rows of (j, offset), j an index
     into ids; `rows` >= len(plan), the rest is padding. one pair of P=3, C=2, R=3 tokens at offset o:
@@ -349,9 +257,7 @@ def packed_batch(data, ids, plan, rows, row_len):
         predicts       c0 c1  .  r1 r2  .     and r0 is predicted from p2: src = o + [P-1, P+C, P+C+1]
     """
     idx = np.full((rows, row_len), EOT, dtype=np.int64)
-    pos = np.zeros((rows, row_len), dtype=np.int64)
-    doc = np.full((rows, row_len), -1, dtype=np.int64)
-    branch = np.zeros((rows, row_len), dtype=np.int64)
+    pos, branch, doc = np.zeros((rows, row_len), dtype=np.int64), np.zeros((rows, row_len), dtype=np.int64), idx * 0 - 1
     src, tgt, seq, pair_ids = [], [], [], []
     n_tokens = ctx_sum = 0
     placed = [(j, row, o) for row, items in enumerate(plan) for j, o in items]
@@ -361,8 +267,7 @@ def packed_batch(data, ids, plan, rows, row_len):
         idx[row, o: o + P + C + R] = np.concatenate([p, c, r])
         pos[row, o: o + P + C + R] = np.concatenate([np.arange(P + C), np.arange(P, P + R)])
         doc[row, o: o + P + C + R] = k
-        branch[row, o + P: o + P + C] = 1
-        branch[row, o + P + C: o + P + C + R] = 2
+        branch[row, o + P: o + P + C], branch[row, o + P + C: o + P + C + R] = 1, 2
         base = row * row_len + o
         src += [base + P - 1 + np.arange(C), base + np.r_[P - 1, P + C + np.arange(R - 1)][:R]]
         tgt += [c, r]
@@ -370,10 +275,8 @@ def packed_batch(data, ids, plan, rows, row_len):
         pair_ids.append(ids[j])
         n_tokens += P + C + R
         ctx_sum += (P + C) * (P + C + 1) // 2 + R * (2 * P + R + 1) // 2
-    t = torch.from_numpy
-    return Batch(t(idx), t(pos), t(doc), t(branch), t(np.concatenate(src)), t(np.concatenate(tgt)),
-                 t(np.concatenate(seq)), np.asarray(pair_ids), n_tokens, ctx_sum)
-
+    t = lambda a: torch.from_numpy(np.concatenate(a) if isinstance(a, list) else a)
+    return Batch(t(idx), t(pos), t(doc), t(branch), t(src), t(tgt), t(seq), np.asarray(pair_ids), n_tokens, ctx_sum)
 
 @dataclass
 class Shape:
@@ -384,10 +287,8 @@ class Shape:
     fixed: bool  # packed: every micro-batch exactly (rows, row_len), the one shape torch.compile and FlexAttention want
     multiple: int = 64  # row lengths are multiples of this (FlexAttention computes blocks of 128)
 
-
 def round_up(n, multiple):
     return int(-(-n // multiple) * multiple)
-
 
 def make_shape(cfg, datasets, fixed, multiple=64):
     """rows as long as the longest pair (packed) or sequence (plain) of all splits; the first dataset (train) sizes
@@ -400,7 +301,6 @@ def make_shape(cfg, datasets, fixed, multiple=64):
     rows = cfg.batch_size if cfg.layout == "plain" else \
         cfg.pack_rows or max(1, math.ceil(cfg.batch_size * datasets[0].lengths.sum(1).mean() / row_len))
     return Shape(cfg.layout, row_len, rows, fixed, multiple)
-
 
 def micro_batches(data, ids, shape):
     """one rank's pairs for a step -> micro-batches. packed, fixed shape: every micro-batch (rows, row_len); else
@@ -421,7 +321,6 @@ def micro_batches(data, ids, shape):
 # -----------------------------------------------------------------------------
 # sequence log-probs
 
-
 def attention_mask(b, device):
     """(R, 1, T, T) bool, True = may attend: same pair, causal, and never chosen <-> rejected.
     padding (doc -1) attends causally to other padding, so no row is empty (no NaN from softmax)"""
@@ -432,7 +331,6 @@ def attention_mask(b, device):
     same_branch = (br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])  # the prompt, or my own response
     return (causal & same_pair & same_branch)[:, None]
 
-
 def flex_block_mask(b, device):
     """the same mask as a FlexAttention BlockMask (CUDA): only the blocks that hold allowed pairs are computed"""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -441,9 +339,7 @@ def flex_block_mask(b, device):
     def mask_mod(bi, h, q, k):
         return (k <= q) & (doc[bi, q] == doc[bi, k]) & ((br[bi, k] == 0) | (br[bi, k] == br[bi, q]))
 
-    R, T = doc.shape
-    return create_block_mask(mask_mod, R, None, T, T, device=device)
-
+    return create_block_mask(mask_mod, doc.shape[0], None, doc.shape[1], doc.shape[1], device=device)
 
 class SequenceLogps(nn.Module):
     """the trainable forward: tokens -> summed log-prob of each response. one module, so DDP/FSDP see one forward"""
@@ -460,12 +356,10 @@ class SequenceLogps(nn.Module):
         sums = torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)
         return sums[0::2].clone(), sums[1::2].clone()  # (K,) chosen, rejected; not views (fsdp's hooks want new tensors)
 
-
 def batch_logps(module, b, device, flex=False):
     """summed response log-probs (K,) chosen and rejected, and the response lengths, of one micro-batch"""
     mask = None if b.doc is None else flex_block_mask(b, device) if flex else attention_mask(b, device)
-    pos = b.pos.to(device) if b.pos is not None else None
-    seq = b.seq.to(device)
+    pos, seq = b.pos.to(device) if b.pos is not None else None, b.seq.to(device)
     chosen, rejected = module(b.idx.to(device), pos, mask, b.src.to(device), b.tgt.to(device), seq, 2 * len(b.pair_ids))
     n = torch.bincount(seq, minlength=2 * len(b.pair_ids)).float()
     return chosen, rejected, n[0::2], n[1::2]
@@ -481,12 +375,10 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
 REFERENCE_FREE_LOSSES = ("simpo", "sft")  # these never look at a reference model
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft")
 
-
 def _smoothed_logistic(z, label_smoothing):
     # -log sigmoid(z), with a fraction label_smoothing of the labels assumed flipped (cDPO).
     # logsigmoid stays finite and has a finite gradient for any z, unlike log(exp(z)/(1+exp(z)))
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-
 
 def _token_counts(lengths, like, what, why):
     if lengths is None:
@@ -497,7 +389,6 @@ def _token_counts(lengths, like, what, why):
         raise ValueError(f"dpo_loss: {what} has shape {tuple(lengths.shape)}, expected {tuple(like.shape)} "
                          f"(one token count per pair)")
     return lengths.clamp(min=1)  # an empty response would divide by zero
-
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
@@ -597,15 +488,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         rejected_rewards = (beta * rejected_logratios).detach()
     return losses, chosen_rewards, rejected_rewards
 
-
 def loss_kwargs(cfg):
     return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
                 sft_weight=cfg.sft_weight, bco_delta=cfg.bco_delta, discopop_tau=cfg.discopop_tau)
 
 
 # -----------------------------------------------------------------------------
-# the reference: one callable, whatever it is made of
-
+# the run and its reference
 
 @dataclass
 class Run:
@@ -617,169 +506,12 @@ class Run:
     ctx: contextlib.AbstractContextManager  # bf16 autocast, or nothing
     compile: bool  # torch.compile the transformer
     flex: bool  # FlexAttention block masks (CUDA, packed): compiled kernels that skip masked-out blocks
-    fsdp: bool
     cfg: Config
     shape: Shape = None  # set once the data is loaded (make_shape)
-
-
-class Reference:
-    """ref(batch, split) -> the reference log-probs (K,) chosen, (K,) rejected of a micro-batch's pairs: looked up in
-    tables computed once (cached), computed now by a frozen copy (model), or (None, None) for reference-free losses"""
-
-    def __init__(self, run, tables=None, model=None):
-        self.run, self.tables, self.model = run, tables, model
-
-    def __call__(self, b, split):
-        if self.model is not None:
-            with torch.no_grad(), self.run.ctx:
-                c, r, _, _ = batch_logps(self.model, b, self.run.device, self.run.flex)
-            return c.float(), r.float()
-        if self.tables is None:
-            return None, None
-        c, r = self.tables[split]
-        j = torch.from_numpy(b.pair_ids)
-        return c[j].to(self.run.device), r[j].to(self.run.device)
-
-
-def weights_hash(model):
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-@torch.inference_mode()
-def compute_reference(ref_model, data, run, chunk):
-    """(N,) chosen and (N,) rejected reference log-probs for every pair of `data`; ranks split the work"""
-    module = SequenceLogps(ref_model, chunk=chunk).eval()
-    out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
-    ids = np.arange(run.rank, len(data), run.world)
-    step = 16 * run.cfg.batch_size
-    t0 = last = time.time()
-    for i in range(0, len(ids), step):
-        for b in micro_batches(data, ids[i: i + step], run.shape):
-            with run.ctx:
-                c, r, _, _ = batch_logps(module, b, run.device, run.flex)
-            j = torch.from_numpy(b.pair_ids).to(run.device)
-            out[0, j], out[1, j] = c.float(), r.float()
-        if time.time() - last > 5:
-            last, done = time.time(), min(i + step, len(ids))
-            print0(f"reference log-probs {data.split}: {done}/{len(ids)} pairs, "
-                   f"eta {(time.time() - t0) / done * (len(ids) - done):.0f}s")
-    if run.world > 1:
-        dist.all_reduce(out)  # each pair was computed by exactly one rank, zeros elsewhere
-    return out[0].cpu(), out[1].cpu()
-
-
-def cached_reference(ref_model, ref_hash, data, run, chunk):
-    """reference log-probs stored beside the shards, keyed by the reference weights and the data. rank 0 reads the
-    file and shares it (other nodes may not see its filesystem); an unreadable file is computed again"""
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{data.fingerprint()}.pt")
-    both = torch.zeros(3, len(data), dtype=torch.float32, device=run.device)  # chosen, rejected, found
-    if run.rank == 0 and os.path.exists(path):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            both[0], both[1], both[2] = saved["chosen"], saved["rejected"], 1
-        except Exception as e:  # truncated, foreign, wrong length: recompute
-            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {str(e)[:80]}); computing it again")
-    if run.world > 1:
-        dist.broadcast(both, 0)
-    if both[2, 0] == 1:
-        return both[0].cpu(), both[1].cpu()
-    chosen, rejected = compute_reference(ref_model, data, run, chunk)
-    if run.rank == 0:
-        atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
-    return chosen, rejected
-
-
-# -----------------------------------------------------------------------------
-# models and checkpoints
-
-
-def load_model(source, cfg):
-    """scratch, a GPT-2 name, a Hugging Face folder, or one of our checkpoints (a ckpt.pt or the folder holding it)"""
-    if source == "scratch":
-        torch.manual_seed(cfg.seed)  # the same seed gives the same init: a resumed run rebuilds its reference
-        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    if (source.startswith("gpt2") and not os.path.exists(source)) or os.path.isfile(os.path.join(source, "config.json")):
-        return GPT.from_pretrained(source, dropout=cfg.dropout)
-    path = checkpoint_path(source)
-    if path is None:
-        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a Hugging Face "
-                                f"folder with config.json, or a checkpoint file / folder with ckpt.pt; found none")
-    return model_from_checkpoint(read_checkpoint(path), cfg, path)
-
-
-def checkpoint_path(source):
-    """our checkpoint file for a ckpt.pt path or the folder holding it; None if there is none"""
-    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
-    return path if os.path.isfile(path) else None
-
-
-def read_checkpoint(path):
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
-    if not isinstance(ck, dict) or not {"model", "model_config"} <= ck.keys():
-        raise ValueError(f"{path}: not a dpo.py checkpoint (no model / model_config)")
-    return ck
-
-
-def model_from_checkpoint(ck, cfg, path="checkpoint"):
-    try:
-        model = GPT(GPTConfig(**{**ck["model_config"], "dropout": cfg.dropout}))
-        model.load_state_dict(ck["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: its weights do not match its model config ({str(e).splitlines()[0][:200]})") from None
-    return model
-
-
-def reference_source(ck, cfg):
-    """the model a resumed run's reference is rebuilt from: its recorded source; scratch from the run's own config"""
-    if ck["ref_from"] != "scratch":
-        return ck["ref_from"], cfg
-    saved = {k: ck["config"][k] for k in ("seed", "n_layer", "n_head", "n_embd", "block_size", "bias")}
-    return "scratch", dataclasses.replace(cfg, **saved)
-
-
-def atomic_save(obj, path, what):
-    """write, then rename: a crash or a full disk mid-save leaves the previous file intact and no temp file"""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
-
-
-def save_checkpoint(cfg, model, optimizer, it, meta):
-    """all ranks gather the full (unsharded) state; rank 0 writes one ckpt.pt that any world size can load"""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized()))
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    if not all(v.isfinite().all() for v in msd.values()):
-        raise FloatingPointError(f"step {it}: the weights are not finite; not saved (the last good checkpoint is "
-                                 f"{os.path.join(cfg.out_dir, 'ckpt.pt')}). try a lower learning_rate or beta")
-    state = {"model": msd, "model_config": asdict(model.config), "optimizer": osd, "config": asdict(cfg),
-             "iter_num": it, **meta, "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    atomic_save(state, os.path.join(cfg.out_dir, "ckpt.pt"), "the checkpoint")
-
-
-# -----------------------------------------------------------------------------
-# setup, schedule, accounting
-
 
 def print0(*args):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, flush=True)
-
 
 def setup(cfg):
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: then one process group, nccl on GPUs, gloo on CPU"""
@@ -799,9 +531,148 @@ def setup(cfg):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    flex = device.type == "cuda" and cfg.layout == "packed"
-    return Run(rank, world, device, dtype, ctx, compile_, flex, cfg.fsdp, cfg)
+    return Run(rank, world, device, dtype, ctx, compile_, device.type == "cuda" and cfg.layout == "packed", cfg)
 
+class Reference:
+    """ref(batch, split) -> the reference log-probs (K,) chosen, (K,) rejected of a micro-batch's pairs: looked up in
+    tables computed once (cached), computed now by a frozen copy (model), or (None, None) for reference-free losses"""
+
+    def __init__(self, run, tables=None, model=None):
+        self.run, self.tables, self.model = run, tables, model
+
+    def __call__(self, b, split):
+        if self.model is not None:
+            with torch.no_grad(), self.run.ctx:
+                c, r, _, _ = batch_logps(self.model, b, self.run.device, self.run.flex)
+            return c.float(), r.float()
+        if self.tables is None:
+            return None, None
+        c, r = self.tables[split]
+        j = torch.from_numpy(b.pair_ids)
+        return c[j].to(self.run.device), r[j].to(self.run.device)
+
+def weights_hash(model):
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+@torch.inference_mode()
+def compute_reference(ref_model, data, run):
+    """(N,) chosen and (N,) rejected reference log-probs for every pair of `data`; ranks split the work"""
+    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk).eval()
+    out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
+    ids, step, t0, last = np.arange(run.rank, len(data), run.world), 16 * run.cfg.batch_size, time.time(), 0
+    print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
+           f"(--reference=model skips this pass: a frozen copy runs every step instead)")
+    for i in range(0, len(ids), step):
+        for b in micro_batches(data, ids[i: i + step], run.shape):
+            with run.ctx:
+                c, r, _, _ = batch_logps(module, b, run.device, run.flex)
+            j = torch.from_numpy(b.pair_ids).to(run.device)
+            out[0, j], out[1, j] = c.float(), r.float()
+        if time.time() - last > 5:  # the first eta at once (last = 0), then every 5 s
+            last, done = time.time(), min(i + step, len(ids))
+            print0(f"reference log-probs {data.split}: {done}/{len(ids)} pairs, eta {(last - t0) / done * (len(ids) - done):.0f}s")
+    if run.world > 1:
+        dist.all_reduce(out)  # each pair was computed by exactly one rank, zeros elsewhere
+    return out[0].cpu(), out[1].cpu()
+
+def cached_reference(ref_model, ref_hash, data, run):
+    """reference log-probs stored beside the shards, keyed by the reference weights and the data. rank 0 reads the
+    file and shares it (other nodes may not see its filesystem); an unreadable file is computed again"""
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{data.fingerprint()}.pt")
+    both = torch.zeros(3, len(data), dtype=torch.float32, device=run.device)  # chosen, rejected, found
+    if run.rank == 0 and os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            both[0], both[1], both[2] = saved["chosen"], saved["rejected"], 1
+        except Exception as e:  # truncated, foreign, wrong length: recompute
+            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {str(e)[:80]}); computing it again")
+    if run.world > 1:
+        dist.broadcast(both, 0)
+    if both[2, 0] == 1:
+        return both[0].cpu(), both[1].cpu()
+    chosen, rejected = compute_reference(ref_model, data, run)
+    if run.rank == 0:
+        atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
+    return chosen, rejected
+
+
+# -----------------------------------------------------------------------------
+# models and checkpoints
+
+def load_model(source, cfg):
+    """scratch, a GPT-2 name, a Hugging Face folder, or one of our checkpoints (a ckpt.pt or the folder holding it)"""
+    if source == "scratch":
+        torch.manual_seed(cfg.seed)  # the same seed gives the same init: a resumed run rebuilds its reference
+        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    if (source.startswith("gpt2") and not os.path.exists(source)) or os.path.isfile(os.path.join(source, "config.json")):
+        return GPT.from_pretrained(source, dropout=cfg.dropout)
+    path = checkpoint_path(source)
+    if path is None:
+        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a Hugging Face "
+                                f"folder with config.json, or a checkpoint file / folder with ckpt.pt; found none")
+    return model_from_checkpoint(read_checkpoint(path), cfg, path)
+
+def checkpoint_path(source):
+    """our checkpoint file for a ckpt.pt path or the folder holding it; None if there is none"""
+    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
+    return path if os.path.isfile(path) else None
+
+def read_checkpoint(path):
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+    if not isinstance(ck, dict) or not {"model", "model_config"} <= ck.keys():
+        raise ValueError(f"{path}: not a dpo.py checkpoint (no model / model_config)")
+    return ck
+
+def model_from_checkpoint(ck, cfg, path="checkpoint"):
+    try:
+        model = GPT(GPTConfig(**{**ck["model_config"], "dropout": cfg.dropout}))
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: its weights do not match its model config ({str(e).splitlines()[0][:200]})") from None
+    return model
+
+def reference_source(ck, cfg, where=None):
+    """(source, cfg) a resumed run rebuilds its reference from: its recorded source; scratch from its own config.
+    where: the checkpoint's folder (default out_dir); a reference moved along with it is found beside it"""
+    if ck["ref_from"] != "scratch":
+        near = ck.get("ref_rel") and os.path.normpath(os.path.join(where or cfg.out_dir, ck["ref_rel"]))
+        return (near if near and not os.path.exists(ck["ref_from"]) and os.path.exists(near) else ck["ref_from"]), cfg
+    return "scratch", dataclasses.replace(cfg, **{k: ck["config"][k] for k in ("seed", "n_layer", "n_head", "n_embd", "block_size", "bias")})
+
+def atomic_save(obj, path, what):
+    """write, then rename: a crash or a full disk mid-save leaves the previous file intact and no temp file"""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
+
+def save_checkpoint(cfg, model, optimizer, it, meta):
+    """all ranks gather the full (unsharded) state; rank 0 writes one ckpt.pt that any world size can load"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized()))
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    if not all(v.isfinite().all() for v in msd.values()):
+        raise FloatingPointError(f"step {it}: the weights are not finite; not saved (the last good checkpoint is "
+                                 f"{os.path.join(cfg.out_dir, 'ckpt.pt')}). try a lower learning_rate or beta")
+    state = {"model": msd, "model_config": asdict(model.config), "optimizer": osd, "config": asdict(cfg), "iter_num": it,
+             **meta, "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    atomic_save(state, os.path.join(cfg.out_dir, "ckpt.pt"), "the checkpoint")
+
+
+# -----------------------------------------------------------------------------
+# schedule, accounting, evaluation, stopping
 
 def get_lr(it, cfg):
     """linear warmup, then cosine decay to min_lr"""
@@ -813,15 +684,12 @@ def get_lr(it, cfg):
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
-
 GPU_PEAK = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12))
-
 
 def peak_flops(device):
     """bf16 dense peak of a known GPU, what MFU is reported against; None elsewhere (bench.py measures a CPU's)"""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((flops for key, flops in GPU_PEAK if key in name), None)
-
 
 def step_flops(model, b):
     """training FLOPs of one micro-batch: 6 per parameter per token for the blocks, the lm_head on response tokens
@@ -829,7 +697,6 @@ def step_flops(model, b):
     c = model.config
     head = 6 * c.n_embd * c.vocab_size * len(b.tgt)
     return 6 * model.num_params(non_embedding=True) * b.n_tokens + head + 12 * c.n_layer * c.n_embd * b.ctx_sum
-
 
 class Metrics:
     """sums over pairs, all-reduced across ranks, then averaged"""
@@ -839,27 +706,22 @@ class Metrics:
         self.t = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=device)
 
     def add(self, losses, chosen_rewards, rejected_rewards, pc, pr):
-        with torch.no_grad():
-            vals = [losses.sum(), (chosen_rewards > rejected_rewards).float().sum(),
-                    (chosen_rewards - rejected_rewards).sum(), chosen_rewards.sum(), rejected_rewards.sum(), pc.sum(), pr.sum()]
-            self.t[:-1] += torch.stack([v.double() for v in vals])
-            self.t[-1] += len(losses)
+        cr, rr = chosen_rewards, rejected_rewards
+        vals = [losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(), pc.sum(), pr.sum(), len(losses)]
+        self.t += torch.stack([torch.as_tensor(v).detach().double() for v in vals])
 
     def result(self, world):
         if world > 1:
             dist.all_reduce(self.t)
-        n = max(self.t[-1].item(), 1)
-        return {k: v / n for k, v in zip(self.KEYS, self.t[:-1].tolist())}
-
+        return {k: v / max(self.t[-1].item(), 1) for k, v in zip(self.KEYS, self.t[:-1].tolist())}
 
 def same_count(mbs, run):
     """fsdp gathers the weights in every forward, so every rank must run as many micro-batches; the extra ones
     repeat the last and weigh 0. -> (batch, weight) pairs"""
     n = torch.tensor(len(mbs), device=run.device)
-    if run.fsdp and run.world > 1:
+    if run.cfg.fsdp and run.world > 1:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return [(b, 1.0) for b in mbs] + [(mbs[-1], 0.0)] * (int(n) - len(mbs))
-
 
 @torch.no_grad()
 def evaluate(module, data, ref, run, n_pairs):
@@ -868,14 +730,11 @@ def evaluate(module, data, ref, run, n_pairs):
     for b, w in same_count(micro_batches(data, np.arange(run.rank, n_pairs, run.world), run.shape), run):
         with run.ctx:
             pc, pr, nc, nr = batch_logps(module, b, run.device, run.flex)
-        rc, rr = ref(b, "val")
-        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, chosen_lengths=nc, rejected_lengths=nr,
-                                                            **loss_kwargs(run.cfg))
+        losses, cr, rr = dpo_loss(pc, pr, *ref(b, "val"), chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs(run.cfg))
         if w:
-            m.add(losses, chosen_rewards, rejected_rewards, pc, pr)
+            m.add(losses, cr, rr, pc, pr)
     module.train()
     return m.result(run.world)
-
 
 class Stop:
     """SIGINT / SIGTERM (a cluster preempting the job): finish the step, save, exit. a second signal exits at once"""
@@ -887,16 +746,15 @@ class Stop:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        print0(f"\n{signal.Signals(signum).name}: stopping after this step (again to quit now)")
+        if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here can re-enter a print the step is in
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (again to quit now)\n".encode())
 
     def restore(self):
         for s, h in self.old.items():
             signal.signal(s, h)
 
-
 class Interrupted(Exception):
     pass
-
 
 def lock(out_dir):
     """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9)"""
@@ -910,7 +768,6 @@ def lock(out_dir):
 
 # -----------------------------------------------------------------------------
 # training
-
 
 def train(cfg):
     """one training run; returns the per-step metric dicts (all-reduced, the same on every rank)"""
@@ -927,8 +784,7 @@ def train(cfg):
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt}")
         ck = read_checkpoint(ckpt)
-        model = model_from_checkpoint(ck, cfg, ckpt)
-        ref_model = load_model(*reference_source(ck, cfg))
+        model, ref_model = model_from_checkpoint(ck, cfg, ckpt), load_model(*reference_source(ck, cfg))
         ref_from, ref_hash = ck["ref_from"], weights_hash(ref_model)
         if ck.get("ref_hash") not in (None, ref_hash):
             raise ValueError(f"the reference {ref_from} changed since this run started (weights {ref_hash}, the "
@@ -941,8 +797,7 @@ def train(cfg):
         if os.path.isfile(ckpt):
             print0(f"note: {ckpt} from an earlier run will be replaced (--init_from=resume continues it instead)")
         model = ref_model = load_model(cfg.init_from, cfg)
-        ref_from = cfg.init_from if cfg.init_from == "scratch" or not os.path.exists(cfg.init_from) \
-            else os.path.abspath(cfg.init_from)  # absolute: the run can move or resume from another folder
+        ref_from = cfg.init_from if not os.path.exists(cfg.init_from) else os.path.abspath(cfg.init_from)  # movable
         ref_hash = weights_hash(model)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
@@ -953,17 +808,15 @@ def train(cfg):
     if not len(train_data):
         raise ValueError(f"{cfg.data_dir}: the train split has no pairs")
     val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if has_split(cfg.data_dir, "val") else None
-    run.shape = make_shape(cfg, [d for d in (train_data, val_data) if d], fixed=run.compile or run.flex,
-                           multiple=128 if run.flex else 64)
+    datasets = [d for d in (train_data, val_data) if d]
+    run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run)
-    if cfg.loss_type not in REFERENCE_FREE_LOSSES:
-        if cfg.reference == "cached":
-            ref_model.to(run.device)
-            ref.tables = {d.split: cached_reference(ref_model, ref_hash, d, run, cfg.logprob_chunk) for d in (train_data, val_data) if d}
-        else:
-            frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
-            frozen.gradient_checkpointing = False
-            ref.model = SequenceLogps(frozen, compile=run.compile, chunk=cfg.logprob_chunk)
+    if cfg.loss_type not in REFERENCE_FREE_LOSSES and cfg.reference == "cached":
+        ref.tables = {d.split: cached_reference(ref_model.to(run.device), ref_hash, d, run) for d in datasets}
+    elif cfg.loss_type not in REFERENCE_FREE_LOSSES:
+        frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
+        frozen.gradient_checkpointing = False
+        ref.model = SequenceLogps(frozen, compile=run.compile, chunk=cfg.logprob_chunk)
     del ref_model
     model.train()
 
@@ -971,13 +824,12 @@ def train(cfg):
     if cfg.fsdp:  # one shard group per block and one for the rest (embeddings, ln_f): weights gathered block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights in forward and backward; gradients reduced in float32 (summing many ranks in bf16 loses bits)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if run.dtype == "bfloat16" \
-            else MixedPrecisionPolicy()
+        bf16 = run.dtype == "bfloat16"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
         for block_ in model.transformer.h:
             fully_shard(block_, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
-    elif run.world > 1 or dist.is_initialized():
-        # no buffer broadcast: with packing, ranks may run different numbers of forwards per step
+    elif dist.is_initialized():  # no buffer broadcast: with packing, ranks may run different numbers of forwards
         module = DDP(module, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matmul weights and embeddings decay, biases and norms don't
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -993,9 +845,10 @@ def train(cfg):
             torch.cuda.set_rng_state_all(ck["rng_cuda"])
     else:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
-    meta = {"ref_from": ref_from, "ref_hash": ref_hash}
+    rel = ck.get("ref_rel") if ck else os.path.relpath(ref_from, cfg.out_dir) if os.path.isabs(ref_from) else None
+    meta = {"ref_from": ref_from, "ref_hash": ref_hash, "ref_rel": rel}  # rel: from out_dir, if both move together
 
-    # logging: rank 0 writes metrics.jsonl (a fresh file for a fresh run) and wandb
+    # rank 0 writes metrics.jsonl (a fresh file for a fresh run) and wandb
     log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ck else "w") if master else None
     wandb = None
     if cfg.wandb_log and master:
@@ -1009,16 +862,15 @@ def train(cfg):
             if wandb:
                 wandb.log(rec, step=rec["iter"])
 
-    peak = peak_flops(run.device)
-    rows = f"{'fixed' if run.shape.fixed else 'per step'} {run.shape.rows} x {run.shape.row_len}" if cfg.layout == "packed" \
-        else f"rows of {run.shape.row_len}"
+    peak, s = peak_flops(run.device), run.shape
+    rows = f"{'fixed' if s.fixed else 'per step'} {s.rows} x {s.row_len}" if cfg.layout == "packed" else f"rows of {s.row_len}"
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_data)} train pairs, "
            f"{len(val_data) if val_data else 0} val pairs, {run.world} rank(s) on {run.device}{' fsdp' if cfg.fsdp else ''}, "
            f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, reference {ref_from}")
     history, step_time, stop = [], 0.0, Stop()
     try:
         for it in range(start, cfg.max_iters + 1):
-            # ---- evaluation, then checkpoint (the one at `start` was just loaded)
+            # ---- evaluation, then checkpoint (the ones at `start` were done before that checkpoint was saved)
             if it > start or ck is None:
                 if val_data and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
                     ev = evaluate(module, val_data, ref, run, min(cfg.eval_pairs or len(val_data), len(val_data)))
@@ -1045,24 +897,20 @@ def train(cfg):
                     module.set_requires_gradient_sync(last)
                 with run.ctx:
                     pc, pr, nc, nr = batch_logps(module, b, run.device, run.flex)
-                rc, rr = ref(b, "train")
-                losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, chosen_lengths=nc,
-                                                                    rejected_lengths=nr, **loss_kwargs(cfg))
+                losses, cr, rr = dpo_loss(pc, pr, *ref(b, "train"), chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs(cfg))
                 # each pair weighs 1/global_batch; ddp and fsdp average over ranks, hence the factor world
                 (losses.sum() * w * run.world / cfg.global_batch_size).backward()
                 if w:
-                    m.add(losses, chosen_rewards, rejected_rewards, pc, pr)
+                    m.add(losses, cr, rr, pc, pr)
                     work += torch.tensor([b.n_tokens, step_flops(model, b)], dtype=torch.float64, device=run.device)
             stats = m.result(run.world)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
             good = ckpt if os.path.exists(ckpt) else "none saved yet"
-            if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(f"step {it}: the loss is {stats['loss']}; stopping. the last good checkpoint "
-                                         f"is {good}. try a lower learning_rate or beta")
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"step {it}: the gradient norm is {norm.item()}; stopping. the last good "
-                                         f"checkpoint is {good}")
+            if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
+                what = f"loss is {stats['loss']}" if not math.isfinite(stats["loss"]) else f"gradient norm is {norm.item()}"
+                raise FloatingPointError(f"step {it}: the {what}; stopping. the last good checkpoint is {good}. "
+                                         f"try a lower learning_rate or beta")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -1095,14 +943,12 @@ def train(cfg):
                 raise Interrupted()
     finally:
         stop.restore()
-        if log_file:
-            log_file.close()
-        if held:
-            held.close()
+        for f in (log_file, held):
+            if f:
+                f.close()
     if master and cfg.export_hf:
         model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
     return history
-
 
 def main(argv):
     try:
@@ -1115,7 +961,6 @@ def main(argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
