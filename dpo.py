@@ -592,7 +592,7 @@ def cached_reference(ref_model, ref_hash, data, run):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             both[0], both[1], both[2] = saved["chosen"], saved["rejected"], 1
         except Exception as e:  # truncated, foreign, wrong length: recompute
-            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {str(e)[:80]}); computing it again")
+            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {' '.join(str(e).split())[:80]}); computing it again")
     if run.world > 1:
         dist.broadcast(both, 0)
     if both[2, 0] == 1:
@@ -629,7 +629,7 @@ def read_checkpoint(path):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
     if not isinstance(ck, dict) or not {"model", "model_config"} <= ck.keys():
         raise ValueError(f"{path}: not a dpo.py checkpoint (no model / model_config)")
     return ck
@@ -639,16 +639,18 @@ def model_from_checkpoint(ck, cfg, path="checkpoint"):
         model = GPT(GPTConfig(**{**ck["model_config"], "dropout": cfg.dropout}))
         model.load_state_dict(ck["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: its weights do not match its model config ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: its weights do not match its model config ({' '.join(str(e).split())[:200]})") from None
     return model
 
 def reference_source(ck, cfg, where=None):
-    """(source, cfg) a resumed run rebuilds its reference from: its recorded source; scratch from its own config.
-    where: the checkpoint's folder (default out_dir); a reference moved along with it is found beside it"""
+    """(source, cfg) a resumed run rebuilds its reference from: its recorded source; scratch from its seed and the
+    model's shape (the policy started as it), never the command line's. where: the checkpoint's folder (default
+    out_dir); a reference moved along with it is found beside it"""
     if ck["ref_from"] != "scratch":
         near = ck.get("ref_rel") and os.path.normpath(os.path.join(where or cfg.out_dir, ck["ref_rel"]))
         return (near if near and not os.path.exists(ck["ref_from"]) and os.path.exists(near) else ck["ref_from"]), cfg
-    return "scratch", dataclasses.replace(cfg, **{k: ck["config"][k] for k in ("seed", "n_layer", "n_head", "n_embd", "block_size", "bias")})
+    shape = {k: ck["model_config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    return "scratch", dataclasses.replace(cfg, seed=ck.get("ref_seed", ck["config"]["seed"]), **shape)
 
 def atomic_save(obj, path, what):
     """write, then rename: a crash or a full disk mid-save leaves the previous file intact and no temp file"""
@@ -775,10 +777,14 @@ def lock(out_dir):
 
 def train(cfg):
     """one training run; returns the per-step metric dicts (all-reduced, the same on every rank)"""
+    with contextlib.ExitStack() as stack:  # the out_dir lock goes when the run fails too, even before its loop
+        return _train(cfg, stack)
+
+def _train(cfg, stack):
     run = setup(cfg)
     master = run.rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
-    held = lock(cfg.out_dir) if master else None
+    held = stack.enter_context(lock(cfg.out_dir)) if master else None
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
 
@@ -850,7 +856,8 @@ def train(cfg):
     else:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
     rel = ck.get("ref_rel") if ck else os.path.relpath(ref_from, cfg.out_dir) if os.path.isabs(ref_from) else None
-    meta = {"ref_from": ref_from, "ref_hash": ref_hash, "ref_rel": rel}  # rel: from out_dir, if both move together
+    meta = {"ref_from": ref_from, "ref_hash": ref_hash, "ref_rel": rel,  # rel: from out_dir, if both move together
+            "ref_seed": ck.get("ref_seed", ck["config"]["seed"]) if ck else cfg.seed}  # a resume may name another seed
 
     # rank 0 writes metrics.jsonl (a fresh file for a fresh run) and wandb
     log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ck else "w") if master else None

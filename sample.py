@@ -45,7 +45,11 @@ def load_pair_of_models(cfg, device):
     policy = dpo.model_from_checkpoint(ck, cfg, path).to(device).eval()
     if not ck.get("ref_from"):
         return policy, None, None
-    reference = dpo.load_model(*dpo.reference_source(ck, cfg)).to(device).eval()
+    reference = dpo.load_model(*dpo.reference_source(ck, cfg, os.path.dirname(path))).to(device).eval()
+    h = dpo.weights_hash(reference)
+    if ck.get("ref_hash") not in (None, h):  # as dpo.py's resume: never a silently different reference
+        raise ValueError(f"{path}: its reference {ck['ref_from']} changed since it was trained (weights {h}, the "
+                         f"checkpoint recorded {ck['ref_hash']}): restore it")
     return policy, reference, ck["ref_from"]
 
 
