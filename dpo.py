@@ -658,10 +658,12 @@ def atomic_save(obj, path, what):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a second Ctrl-C mid-save: never a temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
+        if isinstance(e, OSError):
+            raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
+        raise
 
 def save_checkpoint(cfg, model, optimizer, it, meta):
     """all ranks gather the full (unsharded) state; rank 0 writes one ckpt.pt that any world size can load"""
