@@ -103,6 +103,8 @@ def child(cmd):
 
 
 def main(argv):
+    if any(a.startswith("--prepare=") and a != "--prepare=0" for a in argv):  # prepare.py's speed instead
+        return prepare_bench(argv)
     opts, rest = parse(argv)
     if opts["variant"]:
         return run_variant(opts, rest)
@@ -139,6 +141,55 @@ def main(argv):
           f"a first epoch runs at {p['pairs'] / (p['ref_precompute_s'] + p['pairs'] / p['pairs_per_s']):.2f} pairs/s"
           f"\nMFU is against a peak of {1000 * res['plain']['peak_tflops']:.0f} (plain) and "
           f"{1000 * p['peak_tflops']:.0f} (packed) GFLOP/s (GPU: the card's bf16 dense peak; CPU: float32 matmul, best measured before and after the steps)")
+
+
+def prepare_bench(argv):
+    """python bench.py --prepare=1 [prepare.py options, e.g. --input=FILE]: the full prepare (worker processes, and one
+    process) against bare tiktoken encoding of exactly the texts it tokenizes; round robin, median of 3"""
+    import statistics
+    from types import SimpleNamespace
+    cfg = prepare.parse_args([a for a in argv if not a.startswith("--prepare=")])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        run = lambda workers: prepare.prepare(SimpleNamespace(**{**vars(cfg), "num_workers": workers,
+                                                                 "out_dir": os.path.join(tmp, "out")}), log=None)
+        try:
+            meta = run(cores)  # also checks the options and the input (and downloads HH once, if asked)
+        except prepare.PrepareError as e:
+            sys.exit(f"bench.py: error: {e}")
+        o = SimpleNamespace(**{**vars(cfg), "format": meta["format"]})
+        if meta["source"] == "toy":
+            o.prompt_key, o.chosen_key, o.rejected_key = "prompt", "chosen", "rejected"
+            rows = prepare.make_toy_pairs(cfg.toy_pairs, cfg.seed)
+        else:
+            rows = [row for _, row in prepare.iter_rows(meta["source"], SimpleNamespace(done_bytes=0))]
+        texts = []  # exactly the strings prepare tokenizes
+        for row in rows:
+            try:
+                row = json.loads(row) if isinstance(row, bytes) else row
+                texts += prepare.EXTRACT[o.format](row, o)[:3] if isinstance(row, dict) else []
+            except (prepare.Skip, ValueError):
+                pass
+        enc, n = prepare.gpt2_encoding(), len(texts) // 3
+        cases = {f"full prepare, {cores} worker processes": lambda: run(cores),
+                 "full prepare, 1 process": lambda: run(1),
+                 f"bare enc.encode_ordinary_batch(num_threads={cores})": lambda: enc.encode_ordinary_batch(texts, num_threads=cores),
+                 "bare enc.encode_ordinary loop, 1 thread": lambda: [enc.encode_ordinary(t) for t in texts]}
+        times, cpu = {k: [] for k in cases}, {k: [] for k in cases}
+        for _ in range(3):  # round robin, so a change in machine load hits every case alike
+            for k, fn in cases.items():
+                t, c = time.perf_counter(), sum(os.times()[:4])  # cpu: this process and its finished workers
+                fn()
+                times[k].append(time.perf_counter() - t)
+                cpu[k].append(sum(os.times()[:4]) - c)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"bench: {len(rows):,} rows -> {n:,} pairs, {sum(map(len, texts)) / 1e6:.1f} MB of text, {cores} cores, "
+          f"load average {os.getloadavg()[0]:.1f} (median of 3)")
+    for k, t in med.items():
+        print(f"  {k:<48} {t:7.3f}s {n / t:9,.0f} pairs/s   cpu {statistics.median(cpu[k]):.2f}s")
+    t_prep, (t_batch, t_loop) = med[next(iter(med))], list(med.values())[2:]
+    print(f"  ratio full prepare / bare encode: {t_prep / t_batch:.2f}x (batch call), {t_prep / t_loop:.2f}x (loop)")
+    return med
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ prepare.py: turn preference datasets into token shards that dpo.py memory-maps.
     python prepare.py                                   # toy task -> data/toy/ (offline, a few seconds)
     python prepare.py --dataset=hh                      # Anthropic HH-RLHF harmless-base -> data/hh/
     python prepare.py --input=pairs.jsonl.gz --format=auto --max_length=512
-    python prepare.py --bench=1 --input=../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
-    python prepare.py --help                            # all options
+    python prepare.py --help                            # all options (its speed: python bench.py --prepare=1)
 
 Input formats (--format=auto picks one from the first row):
   hh             {"chosen": transcript, "rejected": transcript}; the prompt is chosen up to and including
@@ -21,39 +20,42 @@ Input formats (--format=auto picks one from the first row):
                  given prompt) ends with "\\n\\nAssistant:", a response is " " + its first (assistant) message's
                  content followed by any later messages rendered the same way.
 
-Tokens: GPT-2 BPE (tiktoken). Prompt and responses are encoded separately (so the prompt tokens are the
-same in chosen and rejected), special-looking text like "<|endoftext|>" is encoded as plain text, and each
-response ends with <|endoftext|> (50256). Truncation: if prompt + longer response > max_length, the prompt
-keeps its last max_prompt_length tokens; then responses are cut at the end (losing their end token).
+Tokens: GPT-2 BPE (tiktoken). Prompt and responses are encoded separately (so the prompt tokens are the same
+in chosen and rejected), special-looking text like "<|endoftext|>" is plain text, and each response ends with
+<|endoftext|> (50256). If prompt + longer response > max_length, the prompt keeps its last max_prompt_length
+tokens, then responses are cut at the end (losing their end token). A prompt is never empty.
 
 Toy task (--dataset=toy, the default): "Review of the{item}:"-style prompts, responses of 6-10 single-token
 words ending in " .", drawn with a per-response mood; chosen is the sample with the higher toy_reward
 (#positive - #negative words) / #words. Val prompts use 10 held-out items never seen in train.
 
-Output folder (default data/<name>): train_000000.bin ..., val_000000.bin ..., meta.json. Shard layout:
+Output folder (default data/<name>), replaced as a whole only when a run succeeds: train_000000.bin ...,
+val_000000.bin ..., meta.json. Shard layout:
   int32[256] header [MAGIC, VERSION, num_pairs, num_tokens, 0...]
   int32[num_pairs, 3] lengths (prompt, chosen, rejected)
   uint16[num_tokens] tokens, per pair: prompt, chosen, rejected
 The validation split is by prompt (a hash of its text; toy: by held-out items), so no prompt is in both.
-Every row (non-blank line) is written or skipped with a reason (meta.json "skipped", with the first line
-numbers; for a .json array the "line" is the item number; .json arrays are loaded whole, jsonl streams).
-Skip reasons: malformed_json, wrong_type, missing_field, empty_text, identical, no_assistant_turn, prompt_mismatch, no_shared_prompt, empty_after_truncation,
-identical_after_truncation. Input that is not the claimed format at all stops the run and writes nothing.
+Every row (non-blank line; item of a .json array, which is loaded whole) is written or skipped with a reason,
+counted in meta.json "skipped" with its first line numbers: malformed_json, wrong_type, missing_field,
+empty_text (blank prompt or response), identical, no_assistant_turn, prompt_mismatch, no_shared_prompt,
+empty_after_truncation, identical_after_truncation. Input that is not the claimed format at all stops the run.
 """
 
 import collections
+import concurrent.futures
 import difflib
+import functools
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import random
 import re
 import shutil
-import statistics
+import signal
 import sys
-import tempfile
 import time
 import urllib.request
 import zlib
@@ -96,13 +98,10 @@ OPTIONS = {  # name: (default, help); the default's type is the option's type
     "seed": (1337, "toy data seed"),
     "num_workers": (0, "tokenizer processes (0 = one per core, 1 = in this process)"),
     "batch_rows": (256, "rows per tokenizer batch"),
-    "bench": (0, "1: time the full prepare against bare tiktoken encoding of the same texts"),
 }
-
 
 class PrepareError(Exception):
     """Bad options or input: the message says what and where."""
-
 
 def parse_args(argv):
     cfg = SimpleNamespace(**{k: d for k, (d, _) in OPTIONS.items()})
@@ -118,33 +117,31 @@ def parse_args(argv):
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise PrepareError(f"unknown option {arg!r}{hint}; valid keys: " + ", ".join(OPTIONS))
         default = OPTIONS[key][0]
-        if not eq and not isinstance(default, int):
-            raise PrepareError(f"--{key} needs a value: --{key}=...")
+        need(eq or isinstance(default, int), f"--{key} needs a value: --{key}=...", PrepareError)
         try:
             setattr(cfg, key, type(default)(val) if eq else 1)
         except ValueError:
             raise PrepareError(f"--{key} expects {type(default).__name__}, got {val!r}") from None
     return cfg
 
+class Skip(Exception):
+    """A bad row: skipped, and counted under its reason."""
 
-def command_for(cfg):
-    """The command line that reproduces cfg (stored in meta.json and used in error hints)."""
-    args = [f"--{k}={getattr(cfg, k)}" for k, (d, _) in OPTIONS.items() if k != "bench" and getattr(cfg, k) != d]
-    return " ".join(["python prepare.py"] + args)
-
+def need(ok, what, error=Skip):
+    if not ok:
+        raise error(what)
 
 def validate(cfg):
-    def need(ok, msg):
-        if not ok:
-            raise PrepareError(msg)
-    need(cfg.format in ("auto",) + FORMATS, f"--format must be auto or one of {FORMATS}, got {cfg.format!r}")
-    need(cfg.hh_mismatch in ("recover", "skip"), "--hh_mismatch must be recover or skip")
-    need(cfg.hh_split in ("train", "test", "both"), "--hh_split must be train, test or both")
-    need(cfg.input or cfg.dataset in ("toy", "hh"), f"--dataset must be toy or hh (or give --input), got {cfg.dataset!r}")
-    need(1 <= cfg.max_prompt_length <= cfg.max_length, "need 1 <= --max_prompt_length <= --max_length")
-    need(0 <= cfg.val_fraction < 1, "--val_fraction must be in [0, 1)")
-    need(min(cfg.shard_pairs, cfg.batch_rows, cfg.toy_pairs) >= 1, "--shard_pairs, --batch_rows, --toy_pairs must be >= 1")
-    need(cfg.shard_pairs * 2 * cfg.max_length < 2**31, "a shard's token count must fit int32: lower --shard_pairs")
+    for ok, msg in [
+            (cfg.format in ("auto",) + FORMATS, f"--format must be auto or one of {FORMATS}, got {cfg.format!r}"),
+            (cfg.hh_mismatch in ("recover", "skip"), "--hh_mismatch must be recover or skip"),
+            (cfg.hh_split in ("train", "test", "both"), "--hh_split must be train, test or both"),
+            (cfg.input or cfg.dataset in ("toy", "hh"), f"--dataset must be toy or hh (or give --input), got {cfg.dataset!r}"),
+            (1 <= cfg.max_prompt_length <= cfg.max_length, "need 1 <= --max_prompt_length <= --max_length"),
+            (0 <= cfg.val_fraction < 1, "--val_fraction must be in [0, 1)"),
+            (min(cfg.shard_pairs, cfg.batch_rows, cfg.toy_pairs) >= 1, "--shard_pairs, --batch_rows, --toy_pairs must be >= 1"),
+            (cfg.shard_pairs * 2 * cfg.max_length < 2**31, "a shard's token count must fit int32: lower --shard_pairs")]:
+        need(ok, msg, PrepareError)
 
 # -----------------------------------------------------------------------------
 # toy task: a controlled-sentiment task with a known ground-truth reward (like the DPO paper's IMDb task).
@@ -163,12 +160,10 @@ TOY_NEUTRAL = [" " + w for w in "the was and very it is a this really quite so b
 _POS, _NEG = {w.strip() for w in TOY_POSITIVE}, {w.strip() for w in TOY_NEGATIVE}
 _TOY_SPLIT = {t.format(item=i): "val" if i in TOY_VAL_ITEMS else "train" for t in TOY_TEMPLATES for i in TOY_ITEMS}
 
-
 def toy_reward(text):
     """Ground-truth reward: (#positive - #negative words) / #words, in [-1, 1]. Text after <|endoftext|> is ignored."""
     words = re.findall(r"[a-z']+", text.split("<|endoftext|>")[0].lower())
     return (sum(w in _POS for w in words) - sum(w in _NEG for w in words)) / max(len(words), 1)
-
 
 def _toy_response(rng, item):
     mood = rng.random()  # per-response mood: P(positive word) = 0.45 * mood, P(negative) = 0.45 * (1 - mood)
@@ -179,7 +174,6 @@ def _toy_response(rng, item):
         words.append(rng.choice(TOY_POSITIVE) if u < 0.45 * mood else rng.choice(TOY_NEGATIVE) if u < 0.45
                      else rng.choice(TOY_NEUTRAL + [item]))
     return "".join(words) + " ."
-
 
 def make_toy_pairs(n, seed):
     """n toy pairs {prompt, chosen, rejected}: two samples of the base generator, chosen = higher toy_reward."""
@@ -195,7 +189,6 @@ def make_toy_pairs(n, seed):
         pairs.append({"prompt": prompt, "chosen": a, "rejected": b})
     return pairs
 
-
 def toy_prompts(split, seed=0):
     """All toy prompts of a split ("train" or "val"), in a seed-shuffled order (for evaluation)."""
     prompts = sorted(p for p, s in _TOY_SPLIT.items() if s == split)
@@ -205,61 +198,53 @@ def toy_prompts(split, seed=0):
 # -----------------------------------------------------------------------------
 # reading shards (the trainer's side)
 
-
 class ShardError(ValueError):
     pass
-
-
-def _regen_hint(folder):
-    try:
-        cmd = json.loads((Path(folder) / "meta.json").read_text())["command"]
-    except (OSError, ValueError, KeyError):
-        cmd = f"python prepare.py --out_dir={folder} (with the --dataset/--input you used)"
-    return f"regenerate it with: {cmd}"
-
 
 class Pairs:
     """One memory-mapped shard: pairs[i] -> (prompt, chosen, rejected) uint16 views into .tokens."""
 
     def __init__(self, path):
         path = self.path = str(path)
-        def fail(msg):
-            raise ShardError(f"{path}: {msg}; {_regen_hint(Path(path).parent)}")
+        def check(ok, msg):
+            if ok:
+                return
+            try:
+                cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
+            except (OSError, ValueError, KeyError):
+                cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
+            raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
         size = os.path.getsize(path)
-        if size < HEADER_INTS * 4:
-            fail(f"{size} bytes is too small for the {HEADER_INTS * 4}-byte header (truncated file?)")
-        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-        magic, version, n, ntok = (int(x) for x in header[:4])
-        if magic != MAGIC:
-            fail(f"bad magic {magic} (expected {MAGIC}): not a prepare.py shard")
-        if version != VERSION:
-            fail(f"version {version}, this reader expects {VERSION}")
+        check(size >= HEADER_INTS * 4, f"{size} bytes is too small for the {HEADER_INTS * 4}-byte header (truncated file?)")
+        magic, version, n, ntok = (int(x) for x in np.fromfile(path, dtype=np.int32, count=4))
+        check(magic == MAGIC, f"bad magic {magic} (expected {MAGIC}): not a prepare.py shard")
+        check(version == VERSION, f"version {version}, this reader expects {VERSION}")
         expected = HEADER_INTS * 4 + n * 12 + ntok * 2
-        if n < 0 or ntok < 0 or size != expected:
-            fail(f"file is {size} bytes but its header ({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
-        self.lengths = np.fromfile(path, dtype=np.int32, count=3 * n, offset=HEADER_INTS * 4).reshape(n, 3).astype(np.int64)
-        if (self.lengths < 0).any() or (self.lengths[:, 1:] < 1).any():
-            fail("has a negative length or an empty response (corrupted)")
-        if self.lengths.sum() != ntok:
-            fail(f"lengths sum to {self.lengths.sum()} tokens, the header says {ntok} (corrupted)")
-        ends = np.cumsum(self.lengths.sum(axis=1))
-        self.offsets = ends - self.lengths.sum(axis=1)  # (N,) start of each pair in .tokens
+        check(n >= 0 and ntok >= 0 and size == expected,
+              f"file is {size} bytes but its header ({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
+        L = self.lengths = np.fromfile(path, dtype=np.int32, count=3 * n, offset=HEADER_INTS * 4).reshape(n, 3).astype(np.int64)
+        check((L >= 0).all() and (L[:, 1:] > 0).all(), "has a negative length or an empty response (corrupted)")
+        # an empty prompt would have its first response token predicted from the previous pair's tokens
+        check((L[:, 0] > 0).all(), f"{int((L[:, 0] == 0).sum())} pairs have an empty prompt (prepare.py never writes one)")
+        check(L.sum() == ntok, f"lengths sum to {L.sum()} tokens, the header says {ntok} (corrupted)")
+        self.offsets = np.cumsum(L.sum(axis=1)) - L.sum(axis=1)  # (N,) start of each pair in .tokens
         self.tokens = (np.memmap(path, dtype=np.uint16, mode="r", offset=expected - 2 * ntok, shape=(ntok,))
                        if ntok else np.zeros(0, dtype=np.uint16))
+
+    @functools.cached_property
+    def max_token(self):
+        """The largest token id (-1 if none), read once when asked: the trainer checks it against its vocab."""
+        return int(self.tokens.max()) if len(self.tokens) else -1
 
     def __len__(self):
         return len(self.lengths)
 
-    def __getitem__(self, i):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"pair {i} out of range for {len(self)} pairs in {self.path}")
+    def __getitem__(self, i):  # (an index out of range raises IndexError here)
         o, (p, c, r) = int(self.offsets[i]), self.lengths[i]
         return self.tokens[o:o + p], self.tokens[o + p:o + p + c], self.tokens[o + p + c:o + p + c + r]
 
-
 def load_pairs(path):
     return Pairs(path)
-
 
 def list_shards(data_dir, split):
     paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
@@ -269,54 +254,36 @@ def list_shards(data_dir, split):
     return paths
 
 # -----------------------------------------------------------------------------
-# rows -> (prompt, chosen, rejected) text, one function per format. Bad rows raise Skip(reason).
-
-
-class Skip(Exception):
-    def __init__(self, reason):
-        self.reason = reason
-
+# rows -> (prompt, chosen, rejected, note) text, one function per format. A bad row raises Skip(reason).
 
 def _text(row, key):
-    if key not in row:
-        raise Skip("missing_field")
-    if not isinstance(row[key], str):
-        raise Skip("wrong_type")
+    need(key in row, "missing_field")
+    need(isinstance(row[key], str), "wrong_type")
     return row[key]
 
-
 def _checked(prompt, chosen, rejected, note=None):
-    if not (prompt.strip() and chosen.strip() and rejected.strip()):
-        raise Skip("empty_text")
-    if chosen == rejected:
-        raise Skip("identical")
+    need(prompt.strip() and chosen.strip() and rejected.strip(), "empty_text")
+    need(chosen != rejected, "identical")
     return prompt, chosen, rejected, note
-
 
 def extract_standard(row, o):
     return _checked(_text(row, o.prompt_key), _text(row, o.chosen_key), _text(row, o.rejected_key))
 
-
 def extract_hh(row, o):
     chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
-    if not chosen.strip() or not rejected.strip():
-        raise Skip("empty_text")
+    need(chosen.strip() and rejected.strip(), "empty_text")
     k, note = chosen.rfind(ASSIST), None
-    if k < 0:
-        raise Skip("no_assistant_turn")
+    need(k >= 0, "no_assistant_turn")
     while not rejected.startswith(chosen[:k + len(ASSIST)]):
         # rejected diverges before chosen's last turn: fall back to an earlier turn both share
         k, note = chosen.rfind(ASSIST, 0, k), "prompt_mismatch_recovered"
-        if o.hh_mismatch == "skip" or k < 0:
-            raise Skip("prompt_mismatch")
+        need(o.hh_mismatch == "recover" and k >= 0, "prompt_mismatch")
     n = k + len(ASSIST)
     return _checked(chosen[:n], chosen[n:], rejected[n:], note)
 
-
 def extract_implicit(row, o):
     chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
-    if chosen == rejected:
-        raise Skip("identical")
+    need(chosen != rejected, "identical")
     common = os.path.commonprefix([chosen, rejected])
     n = common.rfind(ASSIST)
     if n >= 0:
@@ -325,57 +292,41 @@ def extract_implicit(row, o):
         n = len(common)
         while n > 0 and not (n < min(len(chosen), len(rejected)) and chosen[n].isspace() and rejected[n].isspace()):
             n -= 1
-    if n == 0:
-        raise Skip("no_shared_prompt")
+    need(n > 0, "no_shared_prompt")
     return _checked(chosen[:n], chosen[n:], rejected[n:])
-
 
 def _messages(value, is_prompt=False):
     if is_prompt and isinstance(value, str):  # a bare prompt string is one user message
         value = [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value):
-        raise Skip("wrong_type")
+    need(isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES
+                                         and isinstance(m.get("content"), str) for m in value), "wrong_type")
     return [(m["role"], m["content"]) for m in value]
 
-
-def _render(messages):
-    return "".join(f"\n\n{ROLES[role]}: {content}" for role, content in messages)
-
-
 def extract_conversational(row, o):
-    if o.chosen_key not in row or o.rejected_key not in row:
-        raise Skip("missing_field")
+    need(o.chosen_key in row and o.rejected_key in row, "missing_field")
     chosen, rejected = _messages(row[o.chosen_key]), _messages(row[o.rejected_key])
     if o.prompt_key in row:  # the prompt may or may not be repeated inside chosen/rejected
         prompt = _messages(row[o.prompt_key], is_prompt=True)
         chosen = chosen if chosen[:len(prompt)] == prompt else prompt + chosen
         rejected = rejected if rejected[:len(prompt)] == prompt else prompt + rejected
-    if not chosen or not rejected:
-        raise Skip("empty_text")
-    if chosen == rejected:
-        raise Skip("identical")
+    need(chosen and rejected, "empty_text")
+    need(chosen != rejected, "identical")
     k = 0  # the messages both share are the prompt
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
-    if k == 0:
-        raise Skip("no_shared_prompt")
-    if k == len(chosen) or k == len(rejected):
-        raise Skip("empty_text")
-    if chosen[k][0] != "assistant" or rejected[k][0] != "assistant":
-        raise Skip("prompt_mismatch")  # they diverge at a non-assistant message: no common prompt
-    response = lambda ms: " " + ms[0][1] + _render(ms[1:])
-    return _checked(_render(chosen[:k]) + ASSIST, response(chosen[k:]), response(rejected[k:]))
-
+    need(k > 0, "no_shared_prompt")
+    need(k < len(chosen) and k < len(rejected), "empty_text")
+    # they must diverge at an assistant message, else there is no common prompt
+    need(chosen[k][0] == "assistant" and rejected[k][0] == "assistant", "prompt_mismatch")
+    render = lambda ms: "".join(f"\n\n{ROLES[role]}: {content}" for role, content in ms)
+    response = lambda ms: " " + ms[0][1] + render(ms[1:])
+    return _checked(render(chosen[:k]) + ASSIST, response(chosen[k:]), response(rejected[k:]))
 
 EXTRACT = {"hh": extract_hh, "standard": extract_standard, "implicit": extract_implicit,
            "conversational": extract_conversational}
 
-
 def detect_format(row, o):
-    if not isinstance(row, dict):
-        return None
-    chosen, rejected = row.get(o.chosen_key), row.get(o.rejected_key)
+    chosen, rejected = (row.get(o.chosen_key), row.get(o.rejected_key)) if isinstance(row, dict) else (None, None)
     if isinstance(chosen, list) and isinstance(rejected, list):
         return "conversational"
     if isinstance(chosen, str) and isinstance(rejected, str):
@@ -385,32 +336,57 @@ def detect_format(row, o):
     return None
 
 # -----------------------------------------------------------------------------
-# worker: parse, tokenize and truncate one batch of rows (in a pool process, or inline)
+# reading input files lazily, with fatal errors for input that is not the claimed format
 
-_W = SimpleNamespace()  # per-process state set by _init_worker
+def iter_rows(paths, state):
+    """Yield (where, row): row is a jsonl line's raw bytes (parsed later, in the workers) or a parsed object.
+    state.raw and state.done_bytes tell how far the reading got (for the progress line)."""
+    for path in paths:
+        gz, is_array, n, rows = path.endswith(".gz"), path.removesuffix(".gz").endswith(".json"), 0, 0
+        state.raw = raw = open(path, "rb")  # its position is the progress (compressed bytes read)
+        f = gzip.GzipFile(fileobj=raw) if gz else raw
+        try:
+            if is_array:  # a JSON array is parsed whole (not streamed)
+                try:
+                    f = json.load(f)
+                except ValueError as e:
+                    raise PrepareError(f"{path}:{getattr(e, 'lineno', '?')}: not a valid JSON array ({e}); "
+                                       "a file of one JSON object per line should be named .jsonl") from None
+                need(isinstance(f, list), f"{path}:1: expected a JSON array of objects, got {type(f).__name__}", PrepareError)
+            for n, row in enumerate(f, 1):
+                if isinstance(row, bytes) and not row.strip():
+                    continue
+                if isinstance(row, bytes) and not rows:  # the first row must be JSON, else this is not JSON Lines
+                    try:
+                        row = json.loads(row)
+                    except ValueError as e:
+                        raise PrepareError(f"{path}:{n}: not valid JSON ({e}); expected JSON Lines "
+                                           "(one object per line), .jsonl.gz or a .json array") from None
+                rows += 1
+                yield (n if len(paths) == 1 else f"{Path(path).name}:{n}"), row
+        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt gzip stream
+            raise PrepareError(f"{path}: broken {'gzip ' if gz else ''}file after line {n}: {e}; "
+                               "re-download or re-create it") from None
+        finally:
+            raw.close()
+        need(rows, f"{path}:1: empty file (no rows); expected one JSON object per line", PrepareError)
+        state.done_bytes += os.path.getsize(path)
 
+# -----------------------------------------------------------------------------
+# tokenizing: parse, tokenize and truncate batches of rows, in worker processes (or inline)
 
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE; its first use downloads two small files, which can fail offline"""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests / urllib errors, depending on the tiktoken version
-        raise PrepareError(f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}: {str(e)[:200]}). Its "
-                           "first use downloads vocab.bpe and encoder.json from openaipublic.blob.core.windows.net; "
-                           "check the network, or point TIKTOKEN_CACHE_DIR at a folder that already has them") from None
-
-
-def _init_worker(opts):
-    _W.__dict__.update(opts.__dict__)
-    _W.enc = gpt2_encoding()
-
-
-def split_of(prompt, o):
-    if o.split_mode == "toy" and prompt in _TOY_SPLIT:
-        return _TOY_SPLIT[prompt]
-    h = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
-    return "val" if h / 2**64 < o.val_fraction else "train"
-
+        raise PrepareError(
+            f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}: {str(e)[:200]}). Its first use downloads "
+            "vocab.bpe and encoder.json from openaipublic.blob.core.windows.net into tiktoken's cache folder "
+            "($TIKTOKEN_CACHE_DIR, default data-gym-cache in the temp folder), which names each file by the SHA-1 of "
+            "its URL, so copying vocab.bpe into a folder is not enough. Fill one on a machine online with: "
+            "TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\", then copy DIR "
+            "here and set TIKTOKEN_CACHE_DIR to it") from None
 
 def truncate(p, c, r, max_length, max_prompt_length):
     """Cut token lists: the prompt loses its start (only if the pair is too long), then responses their end."""
@@ -420,9 +396,10 @@ def truncate(p, c, r, max_length, max_prompt_length):
     room = max(max_length - len(p), 0)
     return p, c[:room], r[:room], (cut_p, len(c) > room, len(r) > room)
 
-
-def process_batch(batch):
-    o, texts, kept, skips, notes = _W, [], [], [], []
+def process_batch(batch, o):
+    """rows -> (#rows, skips, notes, {split: (lengths (k, 3) int32, tokens uint16)}, #truncated [pairs, prompts,
+    chosen, rejected]); in a worker process, or inline"""
+    texts, kept, skips, notes, cuts = [], [], [], [], np.zeros(4, dtype=np.int64)
     for where, row in batch:
         try:
             if isinstance(row, bytes):
@@ -430,268 +407,150 @@ def process_batch(batch):
                     row = json.loads(row)
                 except ValueError:
                     raise Skip("malformed_json") from None
-            if not isinstance(row, dict):
-                raise Skip("wrong_type")
+            need(isinstance(row, dict), "wrong_type")
             prompt, chosen, rejected, note = EXTRACT[o.format](row, o)
         except Skip as e:
-            skips.append((where, e.reason))
+            skips.append((where, e.args[0]))
             continue
         if note:
             notes.append((where, note))
-        kept.append((where, split_of(prompt, o)))
+        if o.split_mode == "toy" and prompt in _TOY_SPLIT:
+            kept.append((where, _TOY_SPLIT[prompt]))
+        else:  # by a hash of the prompt, so no prompt is in both splits
+            h = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
+            kept.append((where, "val" if h / 2**64 < o.val_fraction else "train"))
         texts += (prompt, chosen, rejected)
-    ids = [o.enc.encode_ordinary(t) for t in texts]  # ordinary: "<|endoftext|>" in text is plain text
-    out = {s: ([], [], []) for s in SPLITS}  # split -> (lengths, tokens, cut flags)
+    enc = gpt2_encoding()
+    ids = [enc.encode_ordinary(t) for t in texts]  # ordinary: "<|endoftext|>" in text is plain text
+    out = {s: ([], []) for s in SPLITS}  # split -> (lengths, tokens)
     for i, (where, split) in enumerate(kept):
-        p, c, r = ids[3 * i], ids[3 * i + 1] + [EOT], ids[3 * i + 2] + [EOT]
-        p, c, r, cut = truncate(p, c, r, o.max_length, o.max_prompt_length)
-        if not c or not r:
+        p, c, r, cut = truncate(ids[3 * i], ids[3 * i + 1] + [EOT], ids[3 * i + 2] + [EOT], o.max_length, o.max_prompt_length)
+        if not (p and c and r):  # (p is never empty: its text is not blank, and max_prompt_length >= 1)
             skips.append((where, "empty_after_truncation"))
         elif c == r:
             skips.append((where, "identical_after_truncation"))
         else:
-            lengths, tokens, cuts = out[split]
-            lengths.append((len(p), len(c), len(r)))
-            tokens += p + c + r
-            cuts.append(cut)
-    arrays = {s: (np.array(l, dtype=np.int32).reshape(-1, 3),  # (k, 3) lengths
-                  np.fromiter(t, np.uint16, len(t)),  # (sum of lengths,) tokens
-                  np.array(c, dtype=bool).reshape(-1, 3))  # (k, 3) was prompt / chosen / rejected cut
-              for s, (l, t, c) in out.items()}
-    return len(batch), skips, notes, arrays
+            out[split][0].append((len(p), len(c), len(r)))
+            out[split][1].extend(p + c + r)
+            cuts += (any(cut), *cut)
+    arrays = {s: (np.array(l, dtype=np.int32).reshape(-1, 3), np.fromiter(t, np.uint16, len(t))) for s, (l, t) in out.items()}
+    return len(batch), skips, notes, arrays, cuts
 
-# -----------------------------------------------------------------------------
-# reading input files lazily, with fatal errors for input that is not the claimed format
-
-
-def iter_rows(paths, state):
-    """Yield (where, row): row is a jsonl line's raw bytes (parsed later, in the workers) or a parsed object."""
-    state.done_bytes = 0
-    for path in paths:
-        where = (lambda n: n) if len(paths) == 1 else (lambda n, name=Path(path).name: f"{name}:{n}")
-        gz, raw = path.endswith(".gz"), open(path, "rb")
-        state.raw, n, rows = raw, 0, 0
+def tokenized_batches(rows, opts):
+    """Yield process_batch results in input order, computed here (1 worker) or in a process pool."""
+    workers = opts.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    batches = iter(lambda: list(itertools.islice(rows, opts.batch_rows)), [])  # lists of batch_rows rows, until []
+    gpt2_encoding()  # load once here (a clear error offline); forked workers inherit tiktoken's cache
+    if workers == 1:
+        yield from (process_batch(batch, opts) for batch in batches)
+        return
+    # the workers ignore Ctrl-C: the parent gets it and leaving the with-block ends the pool once the batches in
+    # flight are done (a multiprocessing.Pool whose worker died mid-send waited for the rest of the message forever)
+    ctx = multiprocessing.get_context("fork" if os.name == "posix" else None)
+    with concurrent.futures.ProcessPoolExecutor(workers, ctx, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as ex:
+        pending = collections.deque()  # at most 2 batches per worker in flight, so memory stays flat
         try:
-            f = gzip.GzipFile(fileobj=raw) if gz else raw
-            if path.removesuffix(".gz").endswith(".json"):  # a JSON array is parsed whole (not streamed)
-                try:
-                    items = json.load(f)
-                except ValueError as e:
-                    raise PrepareError(f"{path}:{getattr(e, 'lineno', '?')}: not a valid JSON array ({e}); "
-                                       "a file of one JSON object per line should be named .jsonl") from None
-                if not isinstance(items, list):
-                    raise PrepareError(f"{path}:1: expected a JSON array of objects, got {type(items).__name__}")
-                for n, item in enumerate(items, 1):
-                    rows += 1
-                    yield where(n), item
-            else:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    if not rows:  # the first row must be JSON, else this is not a jsonl file at all
-                        try:
-                            line = json.loads(line)
-                        except ValueError as e:
-                            raise PrepareError(f"{path}:{n}: not valid JSON ({e}); expected JSON Lines "
-                                               "(one object per line), .jsonl.gz or a .json array") from None
-                    rows += 1
-                    yield where(n), line
-        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt gzip stream
-            raise PrepareError(f"{path}: broken {'gzip ' if gz else ''}file after line {n}: {e}; "
-                               "re-download or re-create it") from None
-        finally:
-            raw.close()
-        if not rows:
-            raise PrepareError(f"{path}:1: empty file (no rows); expected one JSON object per line")
-        state.done_bytes += os.path.getsize(path)
-
-
-def batched(it, n):
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            for batch in batches:
+                pending.append(ex.submit(process_batch, batch, opts))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise PrepareError("a tokenizer process died (out of memory?); try fewer --num_workers") from None
 
 # -----------------------------------------------------------------------------
 # writing shards: tokens stream to a side file, lengths stay in memory (bounded by shard_pairs)
 
-
 class ShardWriter:
     def __init__(self, folder, split, shard_pairs):
-        self.folder, self.split, self.shard_pairs = Path(folder), split, shard_pairs
-        self.shards = []  # [{file, pairs, tokens}]
+        self.folder, self.split, self.shard_pairs, self.shards = folder, split, shard_pairs, []
+        self.side = folder / f".{split}.tokens.tmp"
         self._start()
 
     def _start(self):
-        self.lengths, self.pairs, self.ntok = [], 0, 0
-        self.tokfile = open(self.folder / f".{self.split}.tokens.tmp", "wb")
+        self.lengths, self.pairs, self.ntok, self.tokfile = [], 0, 0, open(self.side, "wb")
 
     def add(self, lengths, tokens):  # (k, 3) int32, (sum of lengths,) uint16
-        ends = np.cumsum(lengths.sum(axis=1))
-        i = 0
+        ends, i = np.cumsum(lengths.sum(axis=1)), 0
         while i < len(lengths):
-            j = min(len(lengths), i + self.shard_pairs - self.pairs)
+            j = min(len(lengths), i + self.shard_pairs - self.pairs)  # up to the end of this shard
             lo, hi = (ends[i - 1] if i else 0), ends[j - 1]
             self.lengths.append(lengths[i:j])
             tokens[lo:hi].tofile(self.tokfile)
             self.pairs, self.ntok, i = self.pairs + j - i, self.ntok + int(hi - lo), j
             if self.pairs == self.shard_pairs:
-                self._finish()
+                self.close()
                 self._start()
 
-    def _finish(self):
+    def close(self):  # -> [{file, pairs, tokens}] of the shards written so far
         self.tokfile.close()
-        tmp = Path(self.tokfile.name)
         if self.pairs:
             name = f"{self.split}_{len(self.shards):06d}.bin"
             header = np.zeros(HEADER_INTS, dtype=np.int32)
             header[:4] = MAGIC, VERSION, self.pairs, self.ntok
-            with open(self.folder / name, "wb") as f, open(tmp, "rb") as t:
+            with open(self.folder / name, "wb") as f, open(self.side, "rb") as t:
                 header.tofile(f)
                 np.concatenate(self.lengths).astype(np.int32).tofile(f)
                 shutil.copyfileobj(t, f, 1 << 20)
             self.shards.append({"file": name, "pairs": self.pairs, "tokens": self.ntok})
-        tmp.unlink()
-
-    def close(self):
-        self._finish()
+        self.side.unlink()
         return self.shards
 
 # -----------------------------------------------------------------------------
 # the whole run
 
-
-class Tally:
-    """Counts per reason with the first few source lines of each."""
-
-    def __init__(self):
-        self.d = {}
-
-    def add(self, where, reason):
-        e = self.d.setdefault(reason, {"count": 0, "first_lines": []})
-        e["count"] += 1
-        if len(e["first_lines"]) < 5:
-            e["first_lines"].append(where)
-
-
-def download(url, dest, log):
+def download(url, dest, log=print):
+    """Fetch url to dest once (an existing dest is kept) and return dest as a str. The bytes stream to a .partial
+    file, renamed into place only when complete; on any failure nothing is left and OSError says what happened."""
     dest = Path(dest)
     if dest.exists():
         log(f"using {dest} (delete it to download again)")
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp, t0, done = dest.with_name(dest.name + ".partial"), time.time(), 0
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: concurrent ranks never share one
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0)
+            total, done, t0, shown = int(r.headers.get("Content-Length") or 0), 0, time.time(), 0
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                rate = done / max(time.time() - t0, 1e-9) / 1e6
-                print(f"\rdownloading {url}: {done / 1e6:.1f}" + (f"/{total / 1e6:.1f}" if total else "")
-                      + f" MB ({rate:.1f} MB/s)", end="", file=sys.stderr)
+                if time.time() - shown > 0.5 or done == total:  # progress on stderr, twice a second
+                    shown = time.time()
+                    size = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB {100 * done / total:5.1f}%" if total else f"{done / 1e6:.1f} MB"
+                    print(f"\rdownloading {url}: {size} {done / 1e6 / max(shown - t0, 1e-9):.1f} MB/s", end="",
+                          file=sys.stderr, flush=True)
         print(file=sys.stderr)
         if total and done != total:  # a connection that closed early must not leave a "complete" file behind
             raise OSError(f"incomplete, got {done} of {total} bytes")
         os.replace(tmp, dest)
-    except OSError as e:  # URLError is an OSError
+    except OSError as e:  # URLError, HTTPError, timeouts, disk full
+        raise OSError(f"could not download {url}: {e}") from None
+    finally:
         tmp.unlink(missing_ok=True)
-        raise PrepareError(f"could not download {url}: {e} (set --hh_base_url, or pass a local file with --input)") from None
     return str(dest)
 
-
 def _sources(cfg, log):
-    """-> (name, input paths or None for toy, default out_dir)"""
+    """-> (name, input paths or None for toy)"""
     if cfg.input:
-        paths = cfg.input.split(",")
-        for p in paths:
-            if not os.path.isfile(p):
-                raise PrepareError(f"{p}: no such file (--input)")
-        return Path(paths[0]).name.split(".")[0], paths
+        for p in cfg.input.split(","):
+            need(os.path.isfile(p), f"{p}: no such file (--input)", PrepareError)
+        return Path(cfg.input.split(",")[0]).name.split(".")[0], cfg.input.split(",")
     if cfg.dataset == "toy":
         return "toy", None
-    subsets = cfg.hh_subsets.split(",")
+    subsets, splits = cfg.hh_subsets.split(","), ["train", "test"] if cfg.hh_split == "both" else [cfg.hh_split]
     for s in subsets:
-        if s not in HH_SUBSETS:
-            raise PrepareError(f"unknown HH subset {s!r}; choose from {', '.join(HH_SUBSETS)}")
-    splits = ["train", "test"] if cfg.hh_split == "both" else [cfg.hh_split]
-    return "hh", [download(f"{cfg.hh_base_url}/{s}/{sp}.jsonl.gz", Path(cfg.download_dir) / s / f"{sp}.jsonl.gz", log)
-                  for s in subsets for sp in splits]
-
-
-def _ours(name):  # also dpo.py's reference log-prob caches: they belong to the data being replaced
-    return name == "meta.json" or re.fullmatch(r"(train|val)_\d{6}\.bin|ref_logps_\w+\.pt(\.tmp\d+)?", name)
-
-
-def _fresh_dir(out_dir, tag):  # a hidden sibling of out_dir (same filesystem, so renames are atomic)
-    d = out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{time.time_ns()}"
-    d.mkdir()
-    return d
-
-
-def _swap_in(stage, out_dir):
-    """Replace out_dir by stage as a whole: the old output is either all there or all replaced."""
-    old = _fresh_dir(out_dir, "old")
+        need(s in HH_SUBSETS, f"unknown HH subset {s!r}; choose from {', '.join(HH_SUBSETS)}", PrepareError)
     try:
-        if out_dir.exists():
-            os.replace(out_dir, old / "x")
-        os.replace(stage, out_dir)
-    except OSError:
-        if (old / "x").exists():
-            os.replace(old / "x", out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+        return "hh", [download(f"{cfg.hh_base_url}/{s}/{sp}.jsonl.gz", Path(cfg.download_dir) / s / f"{sp}.jsonl.gz", log)
+                      for s in subsets for sp in splits]
+    except OSError as e:
+        raise PrepareError(f"{e} (set --hh_base_url, or pass a local file with --input)") from None
 
-
-def _cores():  # the cores this process may run on
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def tokenized_batches(rows, opts):
-    """Yield process_batch results in input order, computed here (1 worker) or in a process pool."""
-    workers = opts.num_workers or _cores()
-    gpt2_encoding()  # load once here (a clear error offline); forked workers inherit tiktoken's cache
-    if workers == 1:
-        _init_worker(opts)
-        yield from map(process_batch, batched(rows, opts.batch_rows))
-        return
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
-        pending = collections.deque()  # at most 2 batches per worker in flight, so memory stays flat
-        for batch in batched(rows, opts.batch_rows):
-            pending.append(pool.apply_async(process_batch, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-class Progress:
-    """Rows/s, percent of input bytes and ETA on stderr, only for runs longer than a second."""
-
-    def __init__(self, paths, state):
-        self.total, self.state = sum(map(os.path.getsize, paths or [])), state
-        self.t0, self.last, self.shown = time.time(), 0, False
-
-    def update(self, nrows):
-        now = time.time()
-        if self.total and now - self.t0 > 1 and now - self.last > 1:
-            st = self.state
-            pos = st.done_bytes + (0 if st.raw.closed else st.raw.tell())  # compressed bytes read so far
-            el, end = now - self.t0, "\r" if sys.stderr.isatty() else "\n"
-            print(f"prepare: {nrows:,} rows, {nrows / el:,.0f} rows/s, {100 * pos / self.total:.0f}%, "
-                  f"eta {el * (self.total - pos) / max(pos, 1):.0f}s ", end=end, file=sys.stderr)
-            self.last, self.shown = now, True
-
-    def close(self):
-        if self.shown and sys.stderr.isatty():
-            print(file=sys.stderr)
-
+def _count(tally, where, reason):  # per reason: how many, and the first 5 source lines
+    e = tally.setdefault(reason, {"count": 0, "first_lines": []})
+    e["count"] += 1
+    e["first_lines"] += [where] if len(e["first_lines"]) < 5 else []
 
 def prepare(cfg, log=print):
     """Run the whole pipeline for the options in cfg; returns the meta dict (also written to meta.json).
@@ -700,9 +559,9 @@ def prepare(cfg, log=print):
     t0 = time.time()
     name, paths = _sources(cfg, log or (lambda *a: None))
     out_dir = Path(cfg.out_dir or f"data/{name}")
-    if out_dir.exists() and [f for f in os.listdir(out_dir) if not _ours(f)]:
-        raise PrepareError(f"{out_dir} holds files prepare.py did not write; refusing to replace it "
-                           "(pick another --out_dir)")
+    ours = re.compile(r"meta\.json|(train|val)_\d{6}\.bin|ref_logps_\w+\.pt(\.tmp\d+)?")  # + dpo.py's ref caches
+    need(not out_dir.exists() or all(ours.fullmatch(f) for f in os.listdir(out_dir)),
+         f"{out_dir} holds files prepare.py did not write; refusing to replace it (pick another --out_dir)", PrepareError)
     opts = SimpleNamespace(**vars(cfg), split_mode="toy" if paths is None else "hash")
     state = SimpleNamespace(raw=None, done_bytes=0)
     if paths is None:  # toy rows are already dicts in the standard format
@@ -717,135 +576,94 @@ def prepare(cfg, log=print):
             keys = sorted(first[1]) if isinstance(first[1], dict) else type(first[1]).__name__
             raise PrepareError(f"{paths[0]}:{first[0]}: unknown format (row has {keys}); expected chosen/rejected "
                                "strings or message lists: pass --format and --prompt_key/--chosen_key/--rejected_key")
-    rows = (r for it in ([first], rows) for r in it)
 
+    # all output goes to a hidden sibling folder (same filesystem) that replaces out_dir in one rename at the end
     made = [d for d in [out_dir.parent, *out_dir.parent.parents] if not d.exists()]  # removed again on failure
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = _fresh_dir(out_dir, "tmp")
+    stage, old = (out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{t0}" for kind in ("tmp", "old"))
     try:
+        stage.mkdir(parents=True)
         writers = {s: ShardWriter(stage, s, cfg.shard_pairs) for s in SPLITS}
-        skipped, notes, trunc, nrows = Tally(), Tally(), collections.Counter(), 0
-        progress = Progress(paths if log else None, state)
-        for n, skips, nts, arrays in tokenized_batches(rows, opts):
-            nrows += n
+        skipped, notes, trunc, nrows, shown = {}, {}, np.zeros(4, dtype=np.int64), 0, t0
+        total = sum(map(os.path.getsize, paths)) if log and paths else 0
+        for n, skips, nts, arrays, cuts in tokenized_batches(itertools.chain([first], rows), opts):
+            nrows, trunc = nrows + n, trunc + cuts
             for where, reason in skips:
-                skipped.add(where, reason)
+                _count(skipped, where, reason)
             for where, note in nts:
-                notes.add(where, note)
-            for s, (lengths, tokens, cuts) in arrays.items():
+                _count(notes, where, note)
+            for s, (lengths, tokens) in arrays.items():
                 writers[s].add(lengths, tokens)
-                trunc.update(prompts=int(cuts[:, 0].sum()), chosen=int(cuts[:, 1].sum()),
-                             rejected=int(cuts[:, 2].sum()), pairs=int(cuts.any(axis=1).sum()))
-            progress.update(nrows)
-        progress.close()
-        bad = skipped.d.get("malformed_json", {"count": 0})
+            if total and time.time() - shown > 1:  # progress on runs over a second: rows/s, % of input read, ETA
+                shown, el = time.time(), time.time() - t0
+                pos = state.done_bytes + (0 if state.raw.closed else state.raw.tell())  # compressed bytes read
+                print(f"prepare: {nrows:,} rows, {nrows / el:,.0f} rows/s, {100 * pos / total:.0f}%, eta "
+                      f"{el * (total - pos) / max(pos, 1):.0f}s ", end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr)
+        if shown > t0 and sys.stderr.isatty():
+            print(file=sys.stderr)
+        bad = skipped.get("malformed_json", {"count": 0})
         if bad["count"] > nrows / 2:
             raise PrepareError(f"{paths[0]}: {bad['count']} of {nrows} lines are not valid JSON (first at line "
                                f"{bad['first_lines'][0]}): is this really a JSON Lines file?")
         shards = {s: w.close() for s, w in writers.items()}
         pairs = {s: sum(x["pairs"] for x in v) for s, v in shards.items()}
-        if not pairs["train"]:
-            raise PrepareError(f"{','.join(paths or ['toy'])}: no train pairs left from {nrows} rows "
-                               f"(skipped: {json.dumps(skipped.d)})")
+        need(pairs["train"], f"{','.join(paths or ['toy'])}: no train pairs left from {nrows} rows "
+                             f"(skipped: {json.dumps(skipped)})", PrepareError)
+        command = " ".join(["python prepare.py"] + [f"--{k}={getattr(cfg, k)}" for k, (d, _) in OPTIONS.items()
+                                                    if getattr(cfg, k) != d])
         meta = {
             "tokenizer": "gpt2", "eot_token": EOT, "magic": MAGIC, "version": VERSION,
-            "dataset": name, "source": paths or "toy", "format": opts.format, "command": command_for(cfg),
+            "dataset": name, "source": paths or "toy", "format": opts.format, "command": command,
             "options": vars(cfg), "rows_read": nrows, "pairs": pairs,
             "tokens": {s: sum(x["tokens"] for x in v) for s, v in shards.items()}, "shards": shards,
-            "skipped": skipped.d, "notes": notes.d,
-            "truncated": {k: trunc[k] for k in ("pairs", "prompts", "chosen", "rejected")},
+            "skipped": skipped, "notes": notes, "truncated": dict(zip(("pairs", "prompts", "chosen", "rejected"), map(int, trunc))),
             "seconds": round(time.time() - t0, 3),
         }
         if paths is None:
             meta["toy_val_items"] = TOY_VAL_ITEMS
         (stage / "meta.json").write_text(json.dumps(meta, indent=1))
-        _swap_in(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        for d in made:
-            if not os.listdir(d):
-                os.rmdir(d)
+        if out_dir.exists():
+            os.replace(out_dir, old)  # the previous output steps aside only for the instant of the swap
+        os.replace(stage, out_dir)
+    except BaseException as e:  # an error or Ctrl-C: the previous output stays (or goes back), nothing else is left
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        for d in (stage, old):
+            shutil.rmtree(d, ignore_errors=True)
+        for d in made:  # deepest first
+            if d.exists() and not os.listdir(d):
+                d.rmdir()
+        if isinstance(e, OSError):  # disk full, read-only folder, ...
+            raise PrepareError(f"could not write {out_dir}: {e.strerror or e}; the previous output, if any, is "
+                               "unchanged") from None
         raise
+    shutil.rmtree(old, ignore_errors=True)
     if log:
         log(summary(meta, out_dir))
     return meta
 
-
 def summary(meta, out_dir):
-    sk = meta["skipped"]
-    lines = [f"prepare: {out_dir} ({meta['format']}, gpt2 tokens) in {meta['seconds']:.1f}s",
-             f"  rows read   {meta['rows_read']:,}",
-             f"  written     train {meta['pairs'].get('train', 0):,} pairs ({meta['tokens']['train']:,} tokens), "
-             f"val {meta['pairs'].get('val', 0):,} pairs ({meta['tokens']['val']:,} tokens)",
-             f"  skipped     {sum(v['count'] for v in sk.values()):,}"]
-    lines += [f"    {r:<28} {v['count']:>7,}  (lines {', '.join(map(str, v['first_lines']))}"
-              f"{', ...' if v['count'] > len(v['first_lines']) else ''})" for r, v in sk.items()]
-    lines += [f"  note: {r} {v['count']:,} (lines {', '.join(map(str, v['first_lines']))})"
-              for r, v in meta["notes"].items()]
-    t = meta["truncated"]
-    lines.append(f"  truncated   {t.get('pairs', 0):,} pairs (prompts {t.get('prompts', 0):,}, chosen {t.get('chosen', 0):,}, "
-                 f"rejected {t.get('rejected', 0):,})")
-    if not meta["pairs"].get("val"):
-        lines.append("  warning: no val pairs (raise --val_fraction?)")
-    return "\n".join(lines)
-
-# -----------------------------------------------------------------------------
-# benchmark: the full prepare vs. bare tiktoken encoding of exactly the texts it tokenizes
-
-
-def bench(cfg):
-    name, paths = _sources(cfg, print)
-    opts = SimpleNamespace(**vars(cfg))
-    if paths is None:
-        opts.format, rows = "standard", list(enumerate(make_toy_pairs(cfg.toy_pairs, cfg.seed), 1))
-    else:
-        rows = list(iter_rows(paths, SimpleNamespace()))
-    opts.format = opts.format if opts.format != "auto" else detect_format(rows[0][1], opts)
-    texts = []  # exactly the strings prepare tokenizes
-    for _, row in rows:
-        try:
-            row = json.loads(row) if isinstance(row, bytes) else row
-            if isinstance(row, dict):
-                texts += EXTRACT[opts.format](row, opts)[:3]
-        except (Skip, ValueError):
-            pass
-    enc, cores, n = gpt2_encoding(), _cores(), len(texts) // 3
-    with tempfile.TemporaryDirectory() as tmp:
-        run = lambda workers: prepare(SimpleNamespace(**{**vars(cfg), "bench": 0, "num_workers": workers,
-                                                         "out_dir": os.path.join(tmp, "out")}), log=None)
-        cases = {f"full prepare, {cores} worker processes": lambda: run(cores),
-                 "full prepare, 1 process": lambda: run(1),
-                 f"bare enc.encode_ordinary_batch(num_threads={cores})": lambda: enc.encode_ordinary_batch(texts, num_threads=cores),
-                 "bare enc.encode_ordinary loop, 1 thread": lambda: [enc.encode_ordinary(t) for t in texts]}
-        times, cpu = collections.defaultdict(list), collections.defaultdict(list)
-        for _ in range(3):  # round robin, so a change in machine load hits every case alike
-            for k, fn in cases.items():
-                t, c = time.perf_counter(), sum(os.times()[:4])  # cpu: this process and its finished workers
-                fn()
-                times[k].append(time.perf_counter() - t)
-                cpu[k].append(sum(os.times()[:4]) - c)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"bench: {len(rows):,} rows -> {n:,} pairs, {sum(map(len, texts)) / 1e6:.1f} MB of text, {cores} cores, "
-          f"load average {os.getloadavg()[0]:.1f} (median of 3)")
-    for k, t in med.items():
-        print(f"  {k:<48} {t:7.3f}s {n / t:9,.0f} pairs/s   cpu {statistics.median(cpu[k]):.2f}s")
-    t_prep, (t_batch, t_loop) = med[next(iter(med))], list(med.values())[2:]
-    print(f"  ratio full prepare / bare encode: {t_prep / t_batch:.2f}x (batch call), {t_prep / t_loop:.2f}x (loop)")
-    return med
-
+    sk, t = meta["skipped"], meta["truncated"]
+    at = lambda v: ", ".join(map(str, v["first_lines"])) + (", ..." if v["count"] > len(v["first_lines"]) else "")
+    return "\n".join(
+        [f"prepare: {out_dir} ({meta['format']}, gpt2 tokens) in {meta['seconds']:.1f}s",
+         f"  rows read   {meta['rows_read']:,}",
+         f"  written     train {meta['pairs']['train']:,} pairs ({meta['tokens']['train']:,} tokens), "
+         f"val {meta['pairs']['val']:,} pairs ({meta['tokens']['val']:,} tokens)",
+         f"  skipped     {sum(v['count'] for v in sk.values()):,}"]
+        + [f"    {r:<28} {v['count']:>7,}  (lines {at(v)})" for r, v in sk.items()]
+        + [f"  note: {r} {v['count']:,} (lines {at(v)})" for r, v in meta["notes"].items()]
+        + [f"  truncated   {t['pairs']:,} pairs (prompts {t['prompts']:,}, chosen {t['chosen']:,}, rejected {t['rejected']:,})"]
+        + (["  warning: no val pairs (raise --val_fraction?)"] if not meta["pairs"]["val"] else []))
 
 def main(argv):
     try:
-        cfg = parse_args(argv)
-        if cfg.bench:
-            validate(cfg)
-            bench(cfg)
-        else:
-            prepare(cfg)
+        prepare(parse_args(argv))
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; nothing was written (the previous output, if any, is unchanged)", file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
