@@ -7,7 +7,8 @@ rows with the prompt once, reference log-probs cached), and optionally TRL itsel
                                       # (trainer defaults: compiled on CUDA only; eager was faster on this CPU)
     python bench.py --trl=1           # also TRL's DPOTrainer via .venv-trl/bin/python bench_trl.py (same setting)
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --device=cuda --steps=20   # GPT-2 124M, bf16, compiled
-Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length) and any dpo.py config key.
+Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length, --json, --profile) and any dpo.py config key.
+    python bench.py --prepare=1 --input=../shared/data/hh-rlhf-harmless-base-test.jsonl.gz   # prepare.py vs bare tiktoken
 """
 import dataclasses
 import json

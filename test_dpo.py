@@ -868,6 +868,35 @@ def test_offline_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_offline_tokenizer_message_is_accurate(tmp_path):
+    # tiktoken's cache names each file by the SHA-1 of its URL, so a folder holding vocab.bpe and encoder.json under
+    # their own names is no cache: the one-line error says so and how to fill one, and following it works offline
+    import hashlib
+    urls = [f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{f}" for f in ("vocab.bpe", "encoder.json")]
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent"))
+    files = [cache / hashlib.sha1(u.encode()).hexdigest() for u in urls]
+    if not all(f.is_file() for f in files):
+        pytest.skip("no filled tiktoken cache (TIKTOKEN_CACHE_DIR) to copy")
+    plain, copied = tmp_path / "plain", tmp_path / "copied"
+    plain.mkdir()
+    for f, u in zip(files, urls):
+        shutil.copy(f, plain / u.rsplit("/", 1)[1])
+    shutil.copytree(cache, copied)
+    no_net = "http://127.0.0.1:9"  # every download goes to a closed local port: offline, whatever this machine has
+    env = {**os.environ, **{k: no_net for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")},
+           "NO_PROXY": "", "no_proxy": ""}
+    cmd = [sys.executable, str(ROOT / "prepare.py"), "--toy_pairs=60"]
+    r = subprocess.run(cmd + [f"--out_dir={tmp_path / 'a'}"], env={**env, "TIKTOKEN_CACHE_DIR": str(plain)},
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("prepare.py: error: could not load tiktoken's GPT-2 tokenizer")
+    assert "SHA-1 of its URL" in r.stderr and "TIKTOKEN_CACHE_DIR=DIR" in r.stderr and "copy DIR" in r.stderr
+    assert not (tmp_path / "a").exists()
+    r = subprocess.run(cmd + [f"--out_dir={tmp_path / 'b'}"], env={**env, "TIKTOKEN_CACHE_DIR": str(copied)},
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and (tmp_path / "b" / "train_000000.bin").is_file(), r.stderr
+
+
 def test_failed_run_keeps_previous_output(tmp_path):
     _, out = run(tmp_path, HH_ROWS)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
@@ -881,6 +910,82 @@ def test_failed_run_keeps_previous_output(tmp_path):
     with pytest.raises(P.PrepareError, match="refusing"):
         run(tmp_path, HH_ROWS)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_output_is_one_line_and_keeps_previous_output(tmp_path, monkeypatch, capsys):
+    # disk full while writing, a read-only folder at the final rename (once; then the old output goes back), and,
+    # when not root (root ignores permissions), a real read-only parent folder: one "error:" line naming the
+    # output folder, the previous output byte for byte, nothing else left
+    import errno
+    _, out = run(tmp_path, HH_ROWS)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    real_open, real_replace = open, os.replace
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+    def read_only_once(src, dst):
+        if Path(dst) == out and not failed:
+            failed.append(dst)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src), str(dst))
+        return real_replace(src, dst)
+    faults = [("open", full_disk, os.strerror(errno.ENOSPC)), ("replace", read_only_once, os.strerror(errno.EROFS))]
+    if os.geteuid() != 0:
+        faults.append(("chmod", None, os.strerror(errno.EACCES)))
+    for name, fake, reason in faults:
+        failed = []
+        with monkeypatch.context() as m:
+            if name == "open":
+                m.setattr(P, "open", fake, raising=False)  # the files prepare.py opens itself
+            elif name == "replace":
+                m.setattr(os, "replace", fake)
+            else:
+                tmp_path.chmod(0o555)
+            try:
+                with pytest.raises(SystemExit) as e:
+                    P.main([f"--input={tmp_path / 'in.jsonl'}", f"--out_dir={out}", "--num_workers=1"])
+            finally:
+                tmp_path.chmod(0o755)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count("\n") == 1, (name, err)
+        assert err.startswith(f"prepare.py: error: could not write {out}: {reason}"), (name, err)
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before, name
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["in.jsonl", "out"], name
+
+
+def test_ctrl_c_while_tokenizing_exits_at_once_and_keeps_previous_output(tmp_path):
+    # Ctrl-C reaches the whole foreground process group; a worker killed while sending its result left the parent
+    # waiting for the rest of the message forever (about 3 tries in 10). Here: 4 tries, SIGINT to the group while
+    # the workers tokenize (6 of them, big batches: more results in flight) -> exit within seconds, one line
+    import signal
+    import time
+    _, out = run(tmp_path, HH_ROWS)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    big = tmp_path / "big.jsonl"
+    text = " ".join(f"word{i % 97} and more" for i in range(60))
+    big.write_text("".join(json.dumps({"prompt": f"Question {i}: {text}", "chosen": f" yes {i} {text}",
+                                       "rejected": f" no {text}"}) + "\n" for i in range(25000)))
+    cmd = [sys.executable, str(ROOT / "prepare.py"), f"--input={big}", f"--out_dir={out}", "--num_workers=6",
+           "--batch_rows=500"]
+    rng = random.Random(0)
+    for attempt in range(4):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        t0 = time.time()  # tokenizing has started once results are being written (into a hidden sibling of out)
+        while p.poll() is None and time.time() - t0 < 30 and not any(
+                f.is_file() and f.stat().st_size for d in tmp_path.glob(".out*") for f in d.glob(".*")):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail(f"try {attempt}: prepare.py still running 10 s after Ctrl-C")
+        assert p.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("prepare.py: interrupted; nothing was written"), err
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["big.jsonl", "in.jsonl", "out"]
 
 
 def test_options_errors():
@@ -963,6 +1068,38 @@ def test_reader_errors(tmp_path, edit, pattern):
 def test_list_shards_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + r".*python prepare.py"):
         P.list_shards(tmp_path, "train")
+
+
+def hand_shard(path, lengths, tokens):  # the documented layout, by hand
+    header = np.zeros(256, dtype=np.int32)
+    header[:4] = 20241127, 1, len(lengths), len(tokens)
+    Path(path).write_bytes(header.tobytes() + np.array(lengths, dtype=np.int32).tobytes()
+                           + np.array(tokens, dtype=np.uint16).tobytes())
+    return path
+
+
+def test_no_pair_with_an_empty_prompt_is_written_or_read(tmp_path):
+    # a pair with no prompt token would have its first response token predicted from the previous pair's tokens
+    rows = [{"prompt": "", "chosen": " a", "rejected": " b"}, {"prompt": " \n ", "chosen": " a", "rejected": " b"},
+            {"prompt": "Q:", "chosen": " a", "rejected": " b"}]
+    meta, out = run(tmp_path, rows, "--max_length=2", "--max_prompt_length=1")  # the prompt is cut to 1 token
+    assert meta["skipped"] == {"empty_text": {"count": 2, "first_lines": [1, 2]}}
+    p, c, r = ref_pair(*rows[2].values())
+    assert read_split(out) == [(p[-1:], c[:1], r[:1])]
+    good = hand_shard(tmp_path / "good.bin", [[2, 1, 1], [1, 2, 1]], [7, 8, 9, 10, 11, 12, 13, 14])
+    assert [tuple(x.tolist() for x in P.load_pairs(good)[i]) for i in range(2)] == naive_read(good)[1]
+    bad = hand_shard(tmp_path / "train_000000.bin", [[2, 1, 1], [0, 3, 1]], [7, 8, 9, 10, 11, 12, 13, 14])
+    with pytest.raises(P.ShardError, match=re.escape(str(bad)) + r": 1 pairs have an empty prompt.*python prepare.py"):
+        P.load_pairs(bad)
+
+
+def test_max_token(tmp_path):
+    # the trainer checks token ids against its vocabulary once per shard, naming it: the largest id, read once
+    path = hand_shard(tmp_path / "s.bin", [[1, 1, 1], [2, 1, 1]], [3, 50300, 5, 6, 7, 50256, 9])
+    assert P.load_pairs(path).max_token == max(t for pair in naive_read(path)[1] for x in pair for t in x) == 50300
+    assert P.load_pairs(hand_shard(tmp_path / "e.bin", [], [])).max_token == -1
+    _, out = run(tmp_path, HH_ROWS)
+    assert P.load_pairs(out / "train_000000.bin").max_token == max(t for pair in read_split(out) for x in pair for t in x)
 
 # -----------------------------------------------------------------------------
 # real data: every row of HH harmless-base test is accounted for and round-trips
@@ -1077,9 +1214,17 @@ def test_hh_download_cut_short_leaves_nothing(tmp_path, monkeypatch):
         headers = {"Content-Length": "1000"}
     monkeypatch.setattr(P.urllib.request, "urlopen", lambda url, timeout: Short(b"0123456789"))
     dest = tmp_path / "dl" / "train.jsonl.gz"
-    with pytest.raises(P.PrepareError, match="incomplete, got 10 of 1000 bytes"):
+    # download is shared with model.py: an OSError naming the URL (prepare's HH step wraps it in a PrepareError)
+    with pytest.raises(OSError, match=r"could not download https://example\.invalid/train\.jsonl\.gz: "
+                                      "incomplete, got 10 of 1000 bytes"):
         P.download("https://example.invalid/train.jsonl.gz", dest, log=lambda *a: None)
     assert not dest.exists() and not list((tmp_path / "dl").iterdir())
+    args = ["--dataset=hh", "--hh_base_url=https://example.invalid", f"--download_dir={tmp_path / 'dl'}",
+            f"--out_dir={tmp_path / 'out'}"]
+    with pytest.raises(P.PrepareError, match=r"could not download https://example\.invalid/harmless-base/train"
+                                             r"\.jsonl\.gz: incomplete.*--hh_base_url"):
+        P.prepare(P.parse_args(args), log=None)
+    assert not [f for f in (tmp_path / "dl").rglob("*") if f.is_file()] and not (tmp_path / "out").exists()
 
 
 def test_command_line(tmp_path):
@@ -1963,3 +2108,346 @@ def test_prepare_replaces_its_output_with_dpo_reference_caches(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(P.PrepareError, match="did not write"):
         P.prepare(P.parse_args(args), log=None)
+
+
+# =============================================================================
+# issue 11: faults and mistakes
+# every failure is one `error:` line naming the file or option, with nothing half-written left behind; nothing is
+# silently wrong and no step is lost. where the message is the point the CLI runs as users run it, or its main()
+# in-process (the same code prints the same line) where a process per case would be too slow
+
+import errno  # noqa: E402
+import signal  # noqa: E402
+
+
+def cli(script, *args, env=None, timeout=120):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_one_error(rc, err, *patterns):
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    for p in patterns:
+        assert re.search(p, lines[0]), (p, lines[0])
+
+
+def main_error(capsys, argv, *patterns):
+    """dpo.py's main() in-process: exit status 1 and one `error:` line on stderr"""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dpo.main(argv)
+    assert_one_error(e.value.code, capsys.readouterr().err, *patterns)
+
+
+def tiny_args(tmp_path, data_dir, **kw):
+    """tiny_cfg as command-line options (those that differ from the defaults)"""
+    cfg = dataclasses.asdict(tiny_cfg(tmp_path, data_dir, **kw))
+    return [f"--{k}={v}" for k, v in cfg.items() if v != getattr(Config, k)]
+
+
+def torch_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ("--global_batch_size=0", r"--global_batch_size=0: must be > 0"),
+    ("--batch_size=0", r"--batch_size=0: must be > 0"),
+    ("--beta=0", r"--beta=0.0: must be > 0"),
+    ("--max_iters=-1", r"--max_iters=-1: must be >= 0"),
+    ("--log_interval=0", r"--log_interval=0: must be > 0"),
+    ("--device=gpu", r"--device=gpu: expected auto, cpu, cuda, cuda:N or mps"),
+    ("--device=bogus", r"--device=bogus: expected auto, cpu, cuda, cuda:N or mps"),
+    ("--n_head=3", r"--n_head=3 must divide --n_embd=32"),
+    ("--dtype=fp16", r"--dtype=fp16: expected one of auto \| float32 \| bfloat16"),
+    ("--compile=maybe", r"--compile=maybe: expected one of auto \| true \| false"),
+    ("--layout=pack", r"--layout=pack: expected one of packed \| plain"),
+    ("--reference=frozen", r"--reference=frozen: expected one of cached \| model"),
+    ("--loss_type=dpo", r"--loss_type=dpo: expected one of sigmoid \| ipo"),
+    ("--label_smoothing=0.5", r"--label_smoothing=0.5: must be in \[0, 0.5\)"),
+    ("config syntax error", r"bad\.py:2: syntax error .*expected `key = value` lines"),
+])
+def test_bad_option_values_are_one_line_before_any_work(tmp_path, capsys, bad, pattern):
+    data_dir = make_data(tmp_path)
+    if bad == "config syntax error":
+        (tmp_path / "bad.py").write_text("beta = 0.2\nmax_iters = = 3\n")
+        bad = f"--config={tmp_path / 'bad.py'}"
+    main_error(capsys, tiny_args(tmp_path, data_dir) + [bad], pattern)
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(data_dir)) == ["train_000000.bin", "val_000000.bin"]
+
+
+def test_help_the_old_mode_option_and_no_cuda_from_the_command_line(tmp_path):
+    r = cli("dpo.py", "--help")
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert re.search(r"^  --beta=0\.1 +strength of the KL leash", r.stdout, re.M) and "  --device=auto" in r.stdout
+    r = cli("dpo.py", "--mode=compare", "--init_from=out/toy_dpo")  # the CLI before sample.py
+    assert_one_error(r.returncode, r.stderr, r"unknown config key 'mode' .*python sample\.py --mode=sample\|compare\|demo")
+    if not torch.cuda.is_available():
+        r = cli("dpo.py", "--device=cuda", f"--out_dir={tmp_path / 'out'}")
+        assert_one_error(r.returncode, r.stderr, r"--device=cuda, but this torch sees no CUDA GPU \(try --device=cpu\)")
+        assert not (tmp_path / "out").exists()
+
+
+def test_resume_rebuilds_a_scratch_reference_from_the_checkpoint_not_the_command_line(tmp_path):
+    # the resumed run's command line names another model size: its policy and its reference still come from the
+    # checkpoint, so it continues exactly as a run that never stopped (it used to build a different random reference)
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=4, lr_decay_iters=4, eval_interval=2, reference="model")
+    full = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "full"), **kw))
+    half = tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), **{**kw, "max_iters": 2})
+    train(half)
+    ck = torch.load(os.path.join(half.out_dir, "ckpt.pt"), weights_only=True)
+    other = dict(n_layer=3, n_head=4, n_embd=48, block_size=32)
+    rest = train(tiny_cfg(tmp_path, data_dir, out_dir=half.out_dir, init_from="resume", **{**kw, "max_iters": 3}, **other))
+    rest += train(tiny_cfg(tmp_path, data_dir, out_dir=half.out_dir, init_from="resume", **kw, n_layer=1))  # twice
+    assert [h["loss"] for h in rest] == [h["loss"] for h in full[2:]]
+    # sample.py's "reference (scratch)" is that model too, whatever seed and size its command line says
+    cfg = sample_cfg(tmp_path, data_dir, init_from=half.out_dir, seed=7, **other)
+    _, reference, ref_from = sample_module.load_pair_of_models(cfg, torch.device("cpu"))
+    assert ref_from == "scratch" and dpo.weights_hash(reference) == ck["ref_hash"]
+
+
+def test_a_replaced_reference_is_refused_and_a_moved_run_finds_its_own(tmp_path, monkeypatch, capsys):
+    data_dir = make_data(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path / "runs")
+    kw = dict(max_iters=2, eval_interval=0)
+    train(tiny_cfg(tmp_path, data_dir, out_dir="sft", loss_type="sft", **kw))
+    train(tiny_cfg(tmp_path, data_dir, out_dir="dpo", init_from="sft", **kw))  # relative paths, as users type them
+    assert torch.load("dpo/ckpt.pt", weights_only=True)["ref_from"] == str(tmp_path / "runs" / "sft")
+    # resumed from another folder, then after runs/ moved as a whole: the reference is found
+    monkeypatch.chdir(tmp_path)
+    train(tiny_cfg(tmp_path, data_dir, out_dir="runs/dpo", init_from="resume", **{**kw, "max_iters": 3}))
+    shutil.move("runs", "moved")
+    train(tiny_cfg(tmp_path, data_dir, out_dir="moved/dpo", init_from="resume", **{**kw, "max_iters": 4}))
+    assert [r["iter"] for r in read_metrics("moved/dpo")] == [0, 1, 2, 3]
+    # the reference retrained in place: resuming against other weights is refused, the checkpoint untouched
+    train(tiny_cfg(tmp_path, data_dir, out_dir="moved/sft", loss_type="sft", seed=5, **kw))
+    before = open("moved/dpo/ckpt.pt", "rb").read()
+    main_error(capsys, tiny_args(tmp_path, data_dir, out_dir="moved/dpo", init_from="resume", max_iters=5),
+               r"the reference .*sft changed since this run started .*restore it, or start a new run")
+    assert open("moved/dpo/ckpt.pt", "rb").read() == before
+    with pytest.raises(ValueError, match=r"moved/dpo/ckpt\.pt: its reference .*sft changed since it was trained"):
+        sample_module.load_pair_of_models(sample_cfg(tmp_path, data_dir, init_from="moved/dpo"), torch.device("cpu"))
+    # a run never overwrites the checkpoint its own reference comes from
+    before = open("moved/sft/ckpt.pt", "rb").read()
+    main_error(capsys, tiny_args(tmp_path, data_dir, out_dir="moved/sft", init_from="moved/sft"),
+               r"init_from=moved/sft is out_dir's own checkpoint.*choose another --out_dir")
+    assert open("moved/sft/ckpt.pt", "rb").read() == before
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys):
+    # a checkpoint every step; an absurd learning rate makes the weights inf in a step whose loss and gradients
+    # were finite: the next save refuses, and the last good checkpoint stays the last good one
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2, eval_interval=1)
+    train(cfg)
+    ck = os.path.join(cfg.out_dir, "ckpt.pt")
+    before = open(ck, "rb").read()
+    main_error(capsys, tiny_args(tmp_path, data_dir, init_from="resume", max_iters=6, eval_interval=1, warmup_iters=0,
+                                 learning_rate=1e39, min_lr=1e39),
+               r"step 3: the weights are not finite; not saved \(the last good checkpoint is .*ckpt\.pt\)")
+    assert open(ck, "rb").read() == before
+    assert all(v.isfinite().all() for v in torch.load(ck, weights_only=True)["model"].values())
+
+
+def test_unreadable_or_mismatched_checkpoints_are_one_line(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "good"), max_iters=1, eval_interval=0)
+    train(cfg)
+    good = open(os.path.join(cfg.out_dir, "ckpt.pt"), "rb").read()
+    ck = torch.load(io.BytesIO(good), weights_only=True)
+    cases = {"empty": (b"", "not a readable checkpoint"),
+             "truncated": (good[: len(good) // 2], "not a readable checkpoint"),
+             "text": (b"model = 1\n", "not a readable checkpoint"),
+             "foreign": (torch_bytes({"weights": torch.zeros(3)}), "not a dpo.py checkpoint"),
+             "config": (torch_bytes({**ck, "model_config": {**ck["model_config"], "n_embd": 64}}),
+                        "its weights do not match its model config"),
+             "weights": (torch_bytes({**ck, "model": {k: v for k, v in ck["model"].items() if ".h.1." not in k}}),
+                         "its weights do not match its model config")}
+    for name, (raw, reason) in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "ckpt.pt").write_bytes(raw)
+        where = re.escape(str(run / "ckpt.pt")) + ": " + reason
+        main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(run), init_from="resume"), where)
+        main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "new"), init_from=str(run)), where)
+        assert (run / "ckpt.pt").read_bytes() == raw and not (tmp_path / "new" / "ckpt.pt").exists()
+    main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "none"), init_from="resume"),
+               r"init_from=resume: no checkpoint at .*none/ckpt\.pt")
+
+
+def test_a_corrupt_reference_cache_is_computed_again(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    first = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), max_iters=2, eval_interval=0))
+    [cache] = Path(data_dir).glob("ref_logps_train_*.pt")
+    good = torch.load(cache, weights_only=True)
+    for bad in (cache.read_bytes()[:60], b"", torch_bytes({"chosen": torch.zeros(3), "rejected": torch.zeros(3)})):
+        cache.write_bytes(bad)
+        capsys.readouterr()
+        again = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), max_iters=2, eval_interval=0))
+        out = capsys.readouterr().out
+        assert re.search(re.escape(str(cache)) + r": unreadable reference cache \(.*\); computing it again", out), out
+        assert [h["loss"] for h in again] == [h["loss"] for h in first]
+        torch.testing.assert_close(torch.load(cache, weights_only=True), good)  # written again
+
+
+def test_token_ids_beyond_the_vocabulary_and_an_empty_train_split_are_one_line(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    shard = Path(data_dir) / "train_000000.bin"
+    pairs = random_pairs(6, 300, 0)
+    pairs[3] = (pairs[3][0], np.r_[pairs[3][1][:-1], 60000, 50256], pairs[3][2])
+    write_shard(shard, pairs)
+    main_error(capsys, tiny_args(tmp_path, data_dir),
+               re.escape(str(shard)) + r": token id 60000 >= the model's vocabulary \(50257\)")
+    header = np.zeros(256, dtype=np.int32)
+    header[:4] = 20241127, 1, 0, 0  # a valid shard of no pairs
+    shard.write_bytes(header.tobytes())
+    main_error(capsys, tiny_args(tmp_path, data_dir), re.escape(data_dir) + r": the train split has no pairs")
+    assert not [f for f in os.listdir(data_dir) if f.startswith("ref_logps")]
+    assert not (tmp_path / "out" / "ckpt.pt").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_disk_full_or_read_only_while_saving_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    # tests run as root, where permissions stop nothing: the faults are raised where the files are written
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2, eval_interval=0)
+    train(cfg)
+    ck = Path(cfg.out_dir) / "ckpt.pt"
+    before, names = ck.read_bytes(), sorted(os.listdir(cfg.out_dir))
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"part of it")  # some bytes reached the disk first
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src), str(dst))
+
+    faults = [(torch, "save", full_disk, os.strerror(errno.ENOSPC)), (os, "replace", read_only, os.strerror(errno.EROFS))]
+    for module, name, fake, reason in faults:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, fake)
+            main_error(capsys, tiny_args(tmp_path, data_dir, init_from="resume", max_iters=4, eval_interval=0),
+                       f"could not write the checkpoint {re.escape(str(ck))} \\({reason}\\); the previous file is intact")
+        assert ck.read_bytes() == before and sorted(os.listdir(cfg.out_dir)) == names, name
+    for f in Path(data_dir).glob("ref_logps_*"):
+        f.unlink()
+    for module, name, fake, reason in faults:  # the reference cache of a fresh run: no temp file beside the shards
+        with monkeypatch.context() as m:
+            m.setattr(module, name, fake)
+            main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "fresh")),
+                       rf"could not write the reference cache .*ref_logps_train_\w+\.pt \({reason}\)")
+        assert sorted(os.listdir(data_dir)) == ["train_000000.bin", "val_000000.bin"], name
+
+
+def test_sigterm_stops_after_the_step_saves_and_resume_loses_no_step(tmp_path):
+    # a cluster preempts with SIGTERM: the step ends, a checkpoint is saved, exit 130; the resumed run continues
+    # from the next step and ends where a run that never stopped ends
+    data_dir = make_data(tmp_path)
+    kw = dict(eval_interval=0, log_interval=1, warmup_iters=0, min_lr=1e-3)  # constant lr: any max_iters, same steps
+    out_dir = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "dpo.py", *tiny_args(tmp_path, data_dir, max_iters=100000, **kw)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in p.stdout:
+            if line.startswith("iter 2:"):
+                break
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    stopped = int(re.search(r"^stopped after step (\d+): saved .*ckpt\.pt; continue with --init_from=resume$", out, re.M)[1])
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == stopped + 1
+    assert [r["iter"] for r in read_metrics(out_dir)] == list(range(stopped + 1))
+    r = cli("dpo.py", *tiny_args(tmp_path, data_dir, init_from="resume", max_iters=stopped + 3, **kw))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = read_metrics(out_dir)
+    assert [r["iter"] for r in resumed] == list(range(stopped + 3))
+    full = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "full"), max_iters=stopped + 3, **kw))
+    for a, b in zip(resumed, full, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+
+
+def test_a_second_trainer_on_the_same_out_dir_is_refused_and_a_second_signal_quits_at_once(tmp_path):
+    data_dir = make_data(tmp_path)
+    args = tiny_args(tmp_path, data_dir, max_iters=100000, eval_interval=0, log_interval=100000, global_batch_size=24)
+    p = subprocess.Popen([sys.executable, "dpo.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in p.stdout:
+            if line.startswith("iter 0:"):
+                break
+        r = cli("dpo.py", *args)
+        assert_one_error(r.returncode, r.stderr, r"out_dir=.*out is in use by another running trainer")
+        assert p.poll() is None
+        p.send_signal(signal.SIGINT)  # Ctrl-C, and another signal before the step ends: quit now, save nothing
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err and "stopped after" not in out, err[-3000:]
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    iters = [r["iter"] for r in read_metrics(tmp_path / "out")]  # the refused trainer never touched the log
+    assert iters and iters == list(range(len(iters)))
+
+
+def test_a_fresh_run_into_a_used_out_dir_says_so_and_starts_a_fresh_log(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2, eval_interval=0)
+    train(cfg)
+    capsys.readouterr()
+    train(dataclasses.replace(cfg, max_iters=3))
+    assert (f"note: {os.path.join(cfg.out_dir, 'ckpt.pt')} from an earlier run will be replaced "
+            f"(--init_from=resume continues it instead)") in capsys.readouterr().out
+    assert [r["iter"] for r in read_metrics(cfg.out_dir)] == [0, 1, 2]
+
+
+def test_the_reference_pass_says_its_size_eta_and_how_to_skip_it_first(tmp_path, capsys):
+    data_dir = make_data(tmp_path, n_train=40)
+    train(tiny_cfg(tmp_path, data_dir, batch_size=1, max_iters=1, eval_interval=0))
+    out = capsys.readouterr().out
+    first = out.index("reference log-probs train: 40 pairs, computed once and cached beside the shards "
+                      "(--reference=model skips this pass")
+    assert first < out.index("reference log-probs train: 16/40 pairs, eta ")  # the eta after the first chunk
+
+
+def test_sample_py_says_what_it_needs_that_a_model_is_untrained_and_its_progress(tmp_path, capsys):
+    r = cli("sample.py", "--mode=compare")
+    assert_one_error(r.returncode, r.stderr, r"--init_from=scratch records no reference model to compare against: "
+                                             r"pass a DPO checkpoint, e\.g\. --config=config/toy_dpo\.py --init_from=")
+    with pytest.raises(ValueError, match=r"--top_k=-1 .*top_k >= 0"):
+        sample_module.main(["--top_k=-1", "--device=cpu"])
+    data_dir = make_data(tmp_path, n_val=3)
+    sample_module.sample(sample_cfg(tmp_path, data_dir, prompts="hi", max_new_tokens=2), torch.device("cpu"))
+    assert "init_from=scratch is an untrained random model" in capsys.readouterr().out
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=1, eval_interval=0)
+    train(cfg)
+    capsys.readouterr()
+    sample_module.compare(sample_cfg(tmp_path, data_dir, init_from=cfg.out_dir, num_samples=2, max_new_tokens=4),
+                          torch.device("cpu"))
+    assert re.search(r"compare: 1/3 prompts, \d+s", capsys.readouterr().err)
+
+
+def test_sample_py_offline_tokenizer_error_is_its_own_one_line(tmp_path):
+    # no network (every download goes to a closed local port) and an empty tiktoken cache
+    no_net = "http://127.0.0.1:9"
+    env = {**{k: no_net for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}, "NO_PROXY": "",
+           "no_proxy": "", "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    r = cli("sample.py", "--prompts=hi", "--device=cpu", env=env)
+    assert_one_error(r.returncode, r.stderr, r"could not load tiktoken's GPT-2 tokenizer .*SHA-1 of its URL")
+    assert "prepare.py" not in r.stderr
+
+
+def test_readme_install_section():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Install and the offline toy run")[1].split("\n## ")[0]
+    for needed in ("python3 -m venv .venv", "Python 3.10 or newer", "pip install torch --index-url "
+                   "https://download.pytorch.org/whl/cpu", "pip install -r requirements.txt", "python sample.py --mode=demo",
+                   "tiktoken's GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR", "SHA-1"):
+        assert needed in section, needed
+    assert "dpo.py --mode" not in section and "with no download" not in section
