@@ -144,8 +144,8 @@ class PairData:
         self.chosen_only = chosen_only  # sft never looks at the rejected responses: don't compute them
         self.shards = [load_pairs(p) for p in list_shards(data_dir, split)]
         for s in self.shards:
-            if vocab_size and len(s.tokens) and int(s.tokens.max()) >= vocab_size:
-                raise ValueError(f"{s.path}: token id {int(s.tokens.max())} >= the model's vocabulary ({vocab_size}); "
+            if vocab_size and s.max_token >= vocab_size:
+                raise ValueError(f"{s.path}: token id {s.max_token} >= the model's vocabulary ({vocab_size}); "
                                  f"was it prepared with another tokenizer?")
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)  # (N, 3)
