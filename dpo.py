@@ -360,12 +360,17 @@ class SequenceLogps(nn.Module):
         sums = torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)
         return sums[0::2].clone(), sums[1::2].clone()  # (K,) chosen, rejected; not views (fsdp's hooks want new tensors)
 
+def to_device(t, device):
+    """pinned, non-blocking on CUDA: a pageable copy would make the host wait for all queued GPU work"""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
 def batch_logps(module, b, device, flex=False):
     """summed response log-probs (K,) chosen and rejected, and the response lengths, of one micro-batch"""
+    b = dataclasses.replace(b, **{k: to_device(getattr(b, k), device) for k in ("idx", "pos", "doc", "branch", "src", "tgt", "seq")
+                                  if getattr(b, k) is not None})
     mask = None if b.doc is None else flex_block_mask(b, device) if flex else attention_mask(b, device)
-    pos, seq = b.pos.to(device) if b.pos is not None else None, b.seq.to(device)
-    chosen, rejected = module(b.idx.to(device), pos, mask, b.src.to(device), b.tgt.to(device), seq, 2 * len(b.pair_ids))
-    n = torch.bincount(seq, minlength=2 * len(b.pair_ids)).float()
+    chosen, rejected = module(b.idx, b.pos, mask, b.src, b.tgt, b.seq, 2 * len(b.pair_ids))
+    n = torch.bincount(b.seq, minlength=2 * len(b.pair_ids)).float()
     return chosen, rejected, n[0::2], n[1::2]
 
 
@@ -553,7 +558,7 @@ class Reference:
             return None, None
         c, r = self.tables[split]
         j = torch.from_numpy(b.pair_ids)
-        return c[j].to(self.run.device), r[j].to(self.run.device)
+        return to_device(c[j], self.run.device), to_device(r[j], self.run.device)
 
 def weights_hash(model):
     h = hashlib.sha256()
@@ -715,8 +720,9 @@ class Metrics:
 
     def add(self, losses, chosen_rewards, rejected_rewards, pc, pr):
         cr, rr = chosen_rewards, rejected_rewards
-        vals = [losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(), pc.sum(), pr.sum(), len(losses)]
-        self.t += torch.stack([torch.as_tensor(v).detach().double() for v in vals])
+        vals = [losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(), pc.sum(), pr.sum()]
+        self.t[:-1] += torch.stack(vals).detach().double()
+        self.t[-1] += len(losses)
 
     def result(self, world):
         if world > 1:
@@ -901,7 +907,7 @@ def _train(cfg, stack):
                 g["lr"] = lr
             ids = step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, run.rank, run.world)
             mbs = same_count(micro_batches(train_data, ids, run.shape), run)
-            m, work = Metrics(run.device), torch.zeros(2, dtype=torch.float64, device=run.device)  # tokens, flops
+            m, work = Metrics(run.device), [0.0, 0.0]  # tokens, flops: counted on the host, no per-batch copies
             for i, (b, w) in enumerate(mbs):
                 last = i == len(mbs) - 1  # gradients are reduced across ranks in the last backward only
                 if isinstance(module, DDP):
@@ -915,7 +921,7 @@ def _train(cfg, stack):
                 (losses.sum() * w * run.world / cfg.global_batch_size).backward()
                 if w:
                     m.add(losses, cr, rr, pc, pr)
-                    work += torch.tensor([b.n_tokens, step_flops(model, b)], dtype=torch.float64, device=run.device)
+                    work = [work[0] + b.n_tokens, work[1] + step_flops(model, b)]
             stats = m.result(run.world)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
@@ -929,14 +935,16 @@ def _train(cfg, stack):
 
             # ---- everything that follows is diagnostics, logging and the stop signal
             if run.world > 1:
+                work = torch.tensor(work, dtype=torch.float64, device=run.device)
                 dist.all_reduce(work)
+                work = work.tolist()
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
             step_time += dt
             rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm.item(), "ms": 1000 * dt,
-                   "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0].item() / dt,
-                   "flops_per_s": work[1].item() / dt, "mfu": work[1].item() / dt / (peak * run.world) if peak else None}
+                   "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0] / dt,
+                   "flops_per_s": work[1] / dt, "mfu": work[1] / dt / (peak * run.world) if peak else None}
             if run.device.type == "cuda":
                 rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
             history.append(rec)
