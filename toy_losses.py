@@ -1,0 +1,167 @@
+"""
+Every loss type on the toy task (issue 14): per seed, toy data and an SFT model (config/toy_sft.py), then each loss
+type from that SFT model (config/toy_dpo.py: 200 steps, lr 1e-4, beta 0.1, unless USUAL says otherwise) and the
+sigmoid beta sweep, each followed by `sample.py --mode=compare`; its JSON line goes to OUT/results.jsonl. Then the
+markdown tables. Runs whose result is already in results.jsonl are skipped, so it can be run in pieces.
+
+    python toy_losses.py                                     # 3 seeds, every type, the sweep (hours on 2 cores)
+    python toy_losses.py --seeds=1 --types=sigmoid,ipo       # a piece; --types=none: the sweep only
+    python toy_losses.py --sweep=none                        # no beta sweep
+    python toy_losses.py --table                             # only print the tables of what is there
+A run is a loss type with optional overrides: --types=apo_down@beta=3,discopop@discopop_tau=0.2
+Every subprocess runs with OMP_NUM_THREADS=1 (one core; leave the other to the rest of the machine).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# dpo.py options on top of config/toy_dpo.py for each run's "usual" setting; the rest use beta 0.1 as TRL does
+USUAL = {
+    "sft": ["--loss_type=sft"],  # the baseline: SFT continued for the same steps at the same lr
+    "sigmoid": [], "ipo": [], "hinge": [],
+    "robust": ["--loss_type=robust", "--label_smoothing=0.1"],  # robust at label_smoothing 0 is sigmoid exactly
+    "exo_pair": [], "nca_pair": [], "bco_pair": [], "sppo_hard": [], "apo_zero": [], "apo_down": [], "discopop": [],
+    "aot": [], "aot_pair": [], "sigmoid_norm": [],
+    "simpo": ["--loss_type=simpo", "--beta=2.0", "--gamma=1.0"],  # SimPO's paper: beta 2, gamma/beta = 0.5
+    "rpo": ["--loss_type=sigmoid", "--sft_weight=1.0"],  # RPO: DPO + the chosen NLL per token, weight 1
+}
+SWEEP = ["sigmoid@beta=0.01", "sigmoid@beta=0.03", "sigmoid", "sigmoid@beta=0.3", "sigmoid@beta=1.0"]
+
+
+def run_args(name):
+    """'type@key=value@...' -> dpo.py options"""
+    base, *over = name.split("@")
+    args = USUAL[base] if any(a.startswith("--loss_type=") for a in USUAL[base]) else [f"--loss_type={base}", *USUAL[base]]
+    return args + [f"--{kv}" for kv in over]
+
+
+def beta_of(name):
+    b = dict(kv.split("=") for kv in name.split("@")[1:]).get("beta")
+    return float(b) if b else 0.1
+
+
+def sh(cmd, log, capture=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        r = subprocess.run(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE if capture else f, stderr=f, text=True)
+        if capture:
+            f.write(r.stdout)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
+    return r.stdout, time.time() - t
+
+
+def once(marker, cmd, log):
+    """run cmd unless marker exists; -> seconds it took (now or the first time)"""
+    if not os.path.exists(marker):
+        _, dt = sh(cmd, log)
+        with open(marker, "w") as f:
+            json.dump({"seconds": dt}, f)
+    return json.load(open(marker))["seconds"]
+
+
+def run_seed(seed, names, out, done):
+    d = os.path.join(out, f"seed{seed}")
+    os.makedirs(d, exist_ok=True)
+    log, data, sft = os.path.join(d, "log.txt"), os.path.join(d, "data"), os.path.join(d, "sft")
+    py, common = sys.executable, [f"--seed={seed}", f"--data_dir={data}"]
+    once(os.path.join(d, "prepared.json"), [py, "prepare.py", f"--seed={seed}", f"--out_dir={data}", "--num_workers=1"], log)
+    sft_s = once(os.path.join(d, "sft.json"), [py, "dpo.py", "--config=config/toy_sft.py", *common, f"--out_dir={sft}"], log)
+    for name in names:
+        if (seed, name) in done:
+            continue
+        run = os.path.join(d, "runs", name.replace("@", "_"))
+        print(f"seed {seed} {name}: training", flush=True)
+        _, train_s = sh([py, "dpo.py", "--config=config/toy_dpo.py", *common, f"--init_from={sft}", f"--out_dir={run}",
+                         *run_args(name)], log)
+        out_text, compare_s = sh([py, "sample.py", "--mode=compare", "--config=config/toy_dpo.py", *common,
+                                  f"--init_from={run}"], log, capture=True)
+        res = {"seed": seed, "run": name, "args": run_args(name), "train_s": train_s, "compare_s": compare_s,
+               "sft_s": sft_s, **json.loads(out_text.strip().splitlines()[-1])}
+        with open(os.path.join(out, "results.jsonl"), "a") as f:
+            f.write(json.dumps(res) + "\n")
+        done[(seed, name)] = res
+        print(f"seed {seed} {name}: reward {res['policy']['sampled']:+.3f} (SFT {res['reference']['sampled']:+.3f}), "
+              f"KL {res['kl']:.2f}, {train_s:.0f}s + {compare_s:.0f}s", flush=True)
+
+
+def mean_se(xs):
+    m = sum(xs) / len(xs)
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else float("nan")
+    return m, se
+
+
+def pm(xs, fmt="+.3f"):
+    m, se = mean_se(xs)
+    return f"{m:{fmt}}" + ("" if math.isnan(se) else f" ± {se:{fmt[1:] if fmt[0] == '+' else fmt}}")
+
+
+def tables(done, names, sweep):
+    seeds = sorted({s for s, _ in done})
+    print(f"\nseeds {','.join(map(str, seeds))}; ± is one standard error over seeds; 'beats SFT' counts seeds where the "
+          f"sampled reward beats the SFT model's by more than 2 standard errors of the 240 samples")
+    print("\n| run | dpo.py options | reward, sampled | reward, greedy | KL (nats) | implicit reward accuracy | beats SFT | train time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    if done:  # the SFT model itself: the reference side of the compares of a seed, averaged over its runs
+        per_seed = [[r for (s_, _), r in done.items() if s_ == s] for s in seeds]
+        ref = lambda k: [sum(r["reference"][k] for r in rs) / len(rs) for rs in per_seed]
+        print(f"| SFT model (start) | `config/toy_sft.py` | {pm(ref('sampled'))} | {pm(ref('greedy'))} | 0 | | | "
+              f"{pm([rs[0]['sft_s'] for rs in per_seed], '.0f')} |")
+    for name in names:
+        rs = [done[s, name] for s in seeds if (s, name) in done]
+        if not rs:
+            continue
+        beats = sum(r["policy"]["sampled"] - r["reference"]["sampled"] >
+                    2 * math.hypot(r["sampled_sem"]["policy"], r["sampled_sem"]["reference"]) for r in rs)
+        opts = " ".join(run_args(name))
+        print(f"| {name} | `{opts}` | {pm([r['policy']['sampled'] for r in rs])} | {pm([r['policy']['greedy'] for r in rs])} | "
+              f"{pm([r['kl'] for r in rs], '.2f')} | {pm([r['implicit_acc'] for r in rs], '.3f')} | {beats}/{len(rs)} | "
+              f"{pm([r['train_s'] for r in rs], '.0f')} |")
+    if any((s, n) in done for s in seeds for n in sweep):
+        print("\nsigmoid (DPO) beta sweep: ground-truth reward vs KL(policy || SFT)\n")
+        print("| beta | reward, sampled | reward, greedy | KL (nats) | implicit reward accuracy |")
+        print("|---|---|---|---|---|")
+        for name in sorted(sweep, key=beta_of):
+            rs = [done[s, name] for s in seeds if (s, name) in done]
+            if rs:
+                print(f"| {beta_of(name)} | {pm([r['policy']['sampled'] for r in rs])} | {pm([r['policy']['greedy'] for r in rs])} | "
+                      f"{pm([r['kl'] for r in rs], '.2f')} | {pm([r['implicit_acc'] for r in rs], '.3f')} |")
+
+
+def main(argv):
+    opts = {"seeds": "1,2,3", "types": ",".join(USUAL), "sweep": ",".join(SWEEP), "out": "out/losses", "table": None}
+    for a in argv:
+        k, _, v = a.lstrip("-").partition("=")
+        if k not in opts:
+            sys.exit(f"unknown option {a}; options: " + " ".join(f"--{k}=" for k in opts))
+        opts[k] = v
+    split = lambda s: [x for x in s.split(",") if x and x != "none"]
+    types, sweep, out = split(opts["types"]), split(opts["sweep"]), os.path.abspath(opts["out"])
+    for name in types + sweep:
+        if name.split("@")[0] not in USUAL:
+            sys.exit(f"unknown run {name}: a loss type ({', '.join(USUAL)}) with optional @key=value overrides")
+    os.makedirs(out, exist_ok=True)
+    path, done = os.path.join(out, "results.jsonl"), {}
+    if os.path.exists(path):
+        for line in open(path):
+            r = json.loads(line)
+            done[r["seed"], r["run"]] = r
+    t0 = time.time()
+    if opts["table"] is None:
+        for seed in map(int, split(opts["seeds"])):
+            run_seed(seed, list(dict.fromkeys(types + sweep)), out, done)
+        print(f"done in {time.time() - t0:.0f}s", flush=True)
+    runs = [n for n in USUAL if any(k == n for _, k in done)]  # the usual settings, then any others (second settings)
+    runs += [n for n in dict.fromkeys(k for _, k in done) if n not in runs and n not in sweep]
+    tables(done, runs, sweep)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
