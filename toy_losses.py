@@ -4,7 +4,7 @@ type from that SFT model (config/toy_dpo.py: 200 steps, lr 1e-4, beta 0.1, unles
 sigmoid beta sweep, each followed by `sample.py --mode=compare`; its JSON line goes to OUT/results.jsonl. Then the
 markdown tables. Runs whose result is already in results.jsonl are skipped, so it can be run in pieces.
 
-    python toy_losses.py                                     # 3 seeds, every type, the sweep (hours on 2 cores)
+    python toy_losses.py                                     # 3 seeds, every type, SECOND, the sweep (hours)
     python toy_losses.py --seeds=1 --types=sigmoid,ipo       # a piece; --types=none: the sweep only
     python toy_losses.py --sweep=none                        # no beta sweep
     python toy_losses.py --table                             # only print the tables of what is there
@@ -29,6 +29,8 @@ USUAL = {
     "simpo": ["--loss_type=simpo", "--beta=2.0", "--gamma=1.0"],  # SimPO's paper: beta 2, gamma/beta = 0.5
     "rpo": ["--loss_type=sigmoid", "--sft_weight=1.0"],  # RPO: DPO + the chosen NLL per token, weight 1
 }
+# second settings for the types that do not beat SFT at their usual one: the setting or the loss? (README)
+SECOND = ["apo_down@beta=1.0", "discopop@discopop_tau=0.2", "discopop@beta=0.05"]
 SWEEP = ["sigmoid@beta=0.01", "sigmoid@beta=0.03", "sigmoid", "sigmoid@beta=0.3", "sigmoid@beta=1.0"]
 
 
@@ -136,7 +138,7 @@ def tables(done, names, sweep):
 
 
 def main(argv):
-    opts = {"seeds": "1,2,3", "types": ",".join(USUAL), "sweep": ",".join(SWEEP), "out": "out/losses", "table": None}
+    opts = {"seeds": "1,2,3", "types": ",".join([*USUAL, *SECOND]), "sweep": ",".join(SWEEP), "out": "out/losses", "table": None}
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
         if k not in opts:
