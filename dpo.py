@@ -21,17 +21,15 @@ a dataset library (prepare.py writes token shards once), schedules beyond warmup
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
-import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -40,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import configurator
-from model import GPT, GPTConfig
 from prepare import EOT, PrepareError, list_shards, load_pairs, truncate
 
 # -----------------------------------------------------------------------------
@@ -560,12 +558,6 @@ class Reference:
         j = torch.from_numpy(b.pair_ids)
         return to_device(c[j], self.run.device), to_device(r[j], self.run.device)
 
-def weights_hash(model):
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode() + v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 @torch.inference_mode()
 def compute_reference(ref_model, data, run):
     """(N,) chosen and (N,) rejected reference log-probs for every pair of `data`; ranks split the work"""
@@ -604,84 +596,8 @@ def cached_reference(ref_model, ref_hash, data, run):
         return both[0].cpu(), both[1].cpu()
     chosen, rejected = compute_reference(ref_model, data, run)
     if run.rank == 0:
-        atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
+        checkpoint.atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
     return chosen, rejected
-
-
-# -----------------------------------------------------------------------------
-# models and checkpoints
-
-def load_model(source, cfg):
-    """scratch, a GPT-2 name, a Hugging Face folder, or one of our checkpoints (a ckpt.pt or the folder holding it)"""
-    if source == "scratch":
-        torch.manual_seed(cfg.seed)  # the same seed gives the same init: a resumed run rebuilds its reference
-        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    if (source.startswith("gpt2") and not os.path.exists(source)) or os.path.isfile(os.path.join(source, "config.json")):
-        return GPT.from_pretrained(source, dropout=cfg.dropout)
-    path = checkpoint_path(source)
-    if path is None:
-        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a Hugging Face "
-                                f"folder with config.json, or a checkpoint file / folder with ckpt.pt; found none")
-    return model_from_checkpoint(read_checkpoint(path), cfg, path)
-
-def checkpoint_path(source):
-    """our checkpoint file for a ckpt.pt path or the folder holding it; None if there is none"""
-    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
-    return path if os.path.isfile(path) else None
-
-def read_checkpoint(path):
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
-    if not isinstance(ck, dict) or not {"model", "model_config"} <= ck.keys():
-        raise ValueError(f"{path}: not a dpo.py checkpoint (no model / model_config)")
-    return ck
-
-def model_from_checkpoint(ck, cfg, path="checkpoint"):
-    try:
-        model = GPT(GPTConfig(**{**ck["model_config"], "dropout": cfg.dropout}))
-        model.load_state_dict(ck["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: its weights do not match its model config ({' '.join(str(e).split())[:200]})") from None
-    return model
-
-def reference_source(ck, cfg, where=None):
-    """(source, cfg) a resumed run rebuilds its reference from: its recorded source; scratch from its seed and the
-    model's shape (the policy started as it), never the command line's. where: the checkpoint's folder (default
-    out_dir); a reference moved along with it is found beside it"""
-    if ck["ref_from"] != "scratch":
-        near = ck.get("ref_rel") and os.path.normpath(os.path.join(where or cfg.out_dir, ck["ref_rel"]))
-        return (near if near and not os.path.exists(ck["ref_from"]) and os.path.exists(near) else ck["ref_from"]), cfg
-    shape = {k: ck["model_config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
-    return "scratch", dataclasses.replace(cfg, seed=ck.get("ref_seed", ck["config"]["seed"]), **shape)
-
-def atomic_save(obj, path, what):
-    """write, then rename: a crash or a full disk mid-save leaves the previous file intact and no temp file"""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or a second Ctrl-C mid-save: never a temp file left behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
-        raise
-
-def save_checkpoint(cfg, model, optimizer, it, meta):
-    """all ranks gather the full (unsharded) state; rank 0 writes one ckpt.pt that any world size can load"""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized()))
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    if not all(v.isfinite().all() for v in msd.values()):
-        raise FloatingPointError(f"step {it}: the weights are not finite; not saved (the last good checkpoint is "
-                                 f"{os.path.join(cfg.out_dir, 'ckpt.pt')}). try a lower learning_rate or beta")
-    state = {"model": msd, "model_config": asdict(model.config), "optimizer": osd, "config": asdict(cfg), "iter_num": it,
-             **meta, "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    atomic_save(state, os.path.join(cfg.out_dir, "ckpt.pt"), "the checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -750,36 +666,6 @@ def evaluate(module, data, ref, run, n_pairs):
     module.train()
     return m.result(run.world)
 
-class Stop:
-    """SIGINT / SIGTERM (a cluster preempting the job): finish the step, save, exit. a second signal exits at once"""
-
-    def __init__(self):
-        self.asked, self.old = False, {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __call__(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here can re-enter a print the step is in
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (again to quit now)\n".encode())
-
-    def restore(self):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-class Interrupted(Exception):
-    pass
-
-def lock(out_dir):
-    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9)"""
-    f = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"out_dir={out_dir} is in use by another running trainer; wait for it or choose another out_dir") from None
-    return f
-
-
 # -----------------------------------------------------------------------------
 # training
 
@@ -792,31 +678,12 @@ def _train(cfg, stack):
     run = setup(cfg)
     master = run.rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
-    held = stack.enter_context(lock(cfg.out_dir)) if master else None
+    if master:
+        stack.enter_context(checkpoint.lock(cfg.out_dir))
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
 
-    # the policy, and the reference's source (the weights the run started from) and identity (their hash)
-    ck = None
-    if cfg.init_from == "resume":
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt}")
-        ck = read_checkpoint(ckpt)
-        model, ref_model = model_from_checkpoint(ck, cfg, ckpt), load_model(*reference_source(ck, cfg))
-        ref_from, ref_hash = ck["ref_from"], weights_hash(ref_model)
-        if ck.get("ref_hash") not in (None, ref_hash):
-            raise ValueError(f"the reference {ref_from} changed since this run started (weights {ref_hash}, the "
-                             f"checkpoint recorded {ck['ref_hash']}): restore it, or start a new run")
-    else:
-        source = checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
-        if source and os.path.realpath(source) == os.path.realpath(ckpt):
-            raise ValueError(f"init_from={cfg.init_from} is out_dir's own checkpoint: this run would overwrite its "
-                             f"reference. choose another --out_dir (or --init_from=resume to continue it)")
-        if os.path.isfile(ckpt):
-            print0(f"note: {ckpt} from an earlier run will be replaced (--init_from=resume continues it instead)")
-        model = ref_model = load_model(cfg.init_from, cfg)
-        ref_from = cfg.init_from if not os.path.exists(cfg.init_from) else os.path.abspath(cfg.init_from)  # movable
-        ref_hash = weights_hash(model)
+    model, ref_model, ck, meta = checkpoint.start(cfg)  # the policy, its reference, and the reference's identity
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 
@@ -830,7 +697,7 @@ def _train(cfg, stack):
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run)
     if cfg.loss_type not in REFERENCE_FREE_LOSSES and cfg.reference == "cached":
-        ref.tables = {d.split: cached_reference(ref_model.to(run.device), ref_hash, d, run) for d in datasets}
+        ref.tables = {d.split: cached_reference(ref_model.to(run.device), meta["ref_hash"], d, run) for d in datasets}
     elif cfg.loss_type not in REFERENCE_FREE_LOSSES:
         frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
         frozen.gradient_checkpointing = False
@@ -853,20 +720,9 @@ def _train(cfg, stack):
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)  # cpu too: 5x faster here
-    start = 0
-    if ck is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
-        start = ck["iter_num"]
-        torch.set_rng_state(ck["rng_cpu"])
-        if ck["rng_cuda"] and run.device.type == "cuda":
-            torch.cuda.set_rng_state_all(ck["rng_cuda"])
-    else:
+    start = checkpoint.restore(ck, model, optimizer, run.device) if ck else 0  # a resume restores the rngs too
+    if not ck:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
-    rel = ck.get("ref_rel") if ck else os.path.relpath(ref_from, cfg.out_dir) if os.path.isabs(ref_from) else None
-    meta = {"ref_from": ref_from, "ref_hash": ref_hash, "ref_rel": rel,  # rel: from out_dir, if both move together
-            "ref_seed": ck.get("ref_seed", ck["config"]["seed"]) if ck else cfg.seed}  # a resume may name another seed
-
     # rank 0 writes metrics.jsonl (a fresh file for a fresh run) and wandb
     log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ck else "w") if master else None
     wandb = None
@@ -885,8 +741,8 @@ def _train(cfg, stack):
     rows = f"{'fixed' if s.fixed else 'per step'} {s.rows} x {s.row_len}" if cfg.layout == "packed" else f"rows of {s.row_len}"
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_data)} train pairs, "
            f"{len(val_data) if val_data else 0} val pairs, {run.world} rank(s) on {run.device}{' fsdp' if cfg.fsdp else ''}, "
-           f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, reference {ref_from}")
-    history, step_time, stop = [], 0.0, Stop()
+           f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, reference {meta['ref_from']}")
+    history, step_time, stop = [], 0.0, checkpoint.Stop()
     try:
         for it in range(start, cfg.max_iters + 1):
             # ---- evaluation, then checkpoint (the ones at `start` were done before that checkpoint was saved)
@@ -896,7 +752,7 @@ def _train(cfg, stack):
                     print0(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in (("loss", "chosen_logp") if sft else ev)))
                     log({"iter": it, **{f"val/{k}": v for k, v in ev.items()}})
                 if cfg.save_checkpoint and ((cfg.eval_interval and it % cfg.eval_interval == 0 and it > 0) or it == cfg.max_iters):
-                    save_checkpoint(cfg, model, optimizer, it, meta)
+                    checkpoint.save(cfg, model, optimizer, it, meta)
             if it == cfg.max_iters:
                 break
 
@@ -959,14 +815,13 @@ def _train(cfg, stack):
             if run.world > 1:
                 dist.all_reduce(asked, op=dist.ReduceOp.MAX)  # every rank stops at the same step
             if asked.item():
-                save_checkpoint(cfg, model, optimizer, it + 1, meta)
+                checkpoint.save(cfg, model, optimizer, it + 1, meta)
                 print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
-                raise Interrupted()
+                raise checkpoint.Interrupted()
     finally:
         stop.restore()
-        for f in (log_file, held):
-            if f:
-                f.close()
+        if log_file:
+            log_file.close()
     if master and cfg.export_hf:
         model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
     return history
@@ -977,7 +832,7 @@ def main(argv):
     except (ValueError, OSError, PrepareError, FloatingPointError) as e:  # bad input, missing files, no network, diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (Interrupted, KeyboardInterrupt):
+    except (checkpoint.Interrupted, KeyboardInterrupt):
         sys.exit(130)
     finally:
         if dist.is_initialized():

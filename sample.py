@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import dpo
 from prepare import EOT, PrepareError, gpt2_encoding, toy_reward
 
@@ -38,19 +39,13 @@ class SampleConfig(dpo.Config):
 
 def load_pair_of_models(cfg, device):
     """the policy from init_from and the reference it was trained against (recorded in its checkpoint)"""
-    path = dpo.checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
+    path = checkpoint.checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
     if path is None:
-        return dpo.load_model(cfg.init_from, cfg).to(device).eval(), None, None
-    ck = dpo.read_checkpoint(path)
-    policy = dpo.model_from_checkpoint(ck, cfg, path).to(device).eval()
-    if not ck.get("ref_from"):
-        return policy, None, None
-    reference = dpo.load_model(*dpo.reference_source(ck, cfg, os.path.dirname(path))).to(device).eval()
-    h = dpo.weights_hash(reference)
-    if ck.get("ref_hash") not in (None, h):  # as dpo.py's resume: never a silently different reference
-        raise ValueError(f"{path}: its reference {ck['ref_from']} changed since it was trained (weights {h}, the "
-                         f"checkpoint recorded {ck['ref_hash']}): restore it")
-    return policy, reference, ck["ref_from"]
+        return checkpoint.load_model(cfg.init_from, cfg).to(device).eval(), None, None
+    ck, policy, reference = checkpoint.load_run(path, cfg)
+    if reference is None:
+        return policy.to(device).eval(), None, None
+    return policy.to(device).eval(), reference.to(device).eval(), ck["ref_from"]
 
 
 def sample(cfg, device):

@@ -23,6 +23,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import dpo
 import sample as sample_module
 import model as model_module
@@ -1899,7 +1900,7 @@ def test_trained_model_exports_to_transformers(tmp_path):
     data_dir = make_data(tmp_path)
     cfg = tiny_cfg(tmp_path, data_dir, max_iters=2, export_hf=True)
     train(cfg)
-    ours = dpo.load_model(cfg.out_dir, cfg).eval()  # from ckpt.pt
+    ours = checkpoint.load_model(cfg.out_dir, cfg).eval()  # from ckpt.pt
     hf = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(cfg.out_dir, "hf")).eval()
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
@@ -2040,7 +2041,7 @@ def test_gpu_check_dry_runs_on_cpu(tmp_path):
 
 def test_missing_data_is_reported_before_the_weights_load(tmp_path, monkeypatch):
     # a user without data should not wait for a GPT-2 download first
-    monkeypatch.setattr(dpo, "load_model", lambda *a: pytest.fail("weights loaded before the data was checked"))
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a: pytest.fail("weights loaded before the data was checked"))
     with pytest.raises(FileNotFoundError, match="prepare.py"):
         train(tiny_cfg(tmp_path, str(tmp_path / "nothing"), init_from="gpt2"))
 
@@ -2206,7 +2207,7 @@ def test_resume_rebuilds_a_scratch_reference_from_the_checkpoint_not_the_command
     # sample.py's "reference (scratch)" is that model too, whatever seed and size its command line says
     cfg = sample_cfg(tmp_path, data_dir, init_from=half.out_dir, seed=7, **other)
     _, reference, ref_from = sample_module.load_pair_of_models(cfg, torch.device("cpu"))
-    assert ref_from == "scratch" and dpo.weights_hash(reference) == ck["ref_hash"]
+    assert ref_from == "scratch" and checkpoint.weights_hash(reference) == ck["ref_hash"]
 
 
 def test_a_replaced_reference_is_refused_and_a_moved_run_finds_its_own(tmp_path, monkeypatch, capsys):
@@ -2227,9 +2228,9 @@ def test_a_replaced_reference_is_refused_and_a_moved_run_finds_its_own(tmp_path,
     train(tiny_cfg(tmp_path, data_dir, out_dir="moved/sft", loss_type="sft", seed=5, **kw))
     before = open("moved/dpo/ckpt.pt", "rb").read()
     main_error(capsys, tiny_args(tmp_path, data_dir, out_dir="moved/dpo", init_from="resume", max_iters=5),
-               r"the reference .*sft changed since this run started .*restore it, or start a new run")
+               r"its reference .*sft changed since this run started .*restore it, or start a new run")
     assert open("moved/dpo/ckpt.pt", "rb").read() == before
-    with pytest.raises(ValueError, match=r"moved/dpo/ckpt\.pt: its reference .*sft changed since it was trained"):
+    with pytest.raises(ValueError, match=r"moved/dpo/ckpt\.pt: its reference .*sft changed since this run started"):
         sample_module.load_pair_of_models(sample_cfg(tmp_path, data_dir, init_from="moved/dpo"), torch.device("cpu"))
     # a run never overwrites the checkpoint its own reference comes from
     before = open("moved/sft/ckpt.pt", "rb").read()
