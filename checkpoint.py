@@ -164,6 +164,13 @@ class Stop:
         if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here can re-enter a print the step is in
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (again to quit now)\n".encode())
 
+    def agreed(self, device):
+        """asked on any rank: all ranks stop after the same step"""
+        asked = torch.tensor(float(self.asked), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        return bool(asked.item())
+
     def restore(self):
         for s, h in self.old.items():
             signal.signal(s, h)

@@ -181,12 +181,6 @@ class PairData:
         h.update(self.lengths.tobytes() + str(self.block_size).encode())
         return h.hexdigest()[:16]
 
-def has_split(data_dir, split):
-    try:
-        return bool(list_shards(data_dir, split))
-    except (FileNotFoundError, ValueError):
-        return False
-
 def step_pairs(n, seed, step, global_batch, rank, world):
     """the dataset indices this rank trains on at optimizer step `step`: a fixed function of (seed, step), so a
     resumed run sees the same pairs. each epoch is a fresh permutation"""
@@ -388,14 +382,11 @@ def _smoothed_logistic(z, label_smoothing):
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 def _token_counts(lengths, like, what, why):
-    if lengths is None:
-        raise ValueError(f"dpo_loss: {why} needs {what} (number of response tokens per sequence, shape (B,)) "
-                         f"to average log-probs per token; pass {what}=... (e.g. the response mask summed over T)")
-    lengths = torch.as_tensor(lengths, dtype=like.dtype, device=like.device)
-    if lengths.shape != like.shape:
-        raise ValueError(f"dpo_loss: {what} has shape {tuple(lengths.shape)}, expected {tuple(like.shape)} "
-                         f"(one token count per pair)")
-    return lengths.clamp(min=1)  # an empty response would divide by zero
+    if lengths is None or torch.as_tensor(lengths).shape != like.shape:
+        got = "none" if lengths is None else f"shape {tuple(torch.as_tensor(lengths).shape)}"
+        raise ValueError(f"dpo_loss: {why} needs {what}, the response token count of each sequence (per-token "
+                         f"averages), shape {tuple(like.shape)}; got {got}")
+    return torch.as_tensor(lengths, dtype=like.dtype, device=like.device).clamp(min=1)  # an empty response: no 0/0
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
@@ -426,10 +417,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         raise ValueError(f"dpo_loss: policy log-probs must both be (B,), got {tuple(pc.shape)} and {tuple(pr.shape)}")
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
         raise ValueError("dpo_loss: pass both reference log-prob tensors or neither (None = reference-free)")
-    if reference_free or reference_chosen_logps is None:
-        rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
-    else:
-        rc, rr = reference_chosen_logps, reference_rejected_logps
+    free = reference_free or reference_chosen_logps is None
+    rc, rr = (torch.zeros_like(pc), torch.zeros_like(pr)) if free else (reference_chosen_logps, reference_rejected_logps)
     if loss_type in NEEDS_LENGTHS:
         lc = _token_counts(chosen_lengths, pc, "chosen_lengths", f"loss_type={loss_type!r}")
         lr = _token_counts(rejected_lengths, pr, "rejected_lengths", f"loss_type={loss_type!r}")
@@ -559,10 +548,24 @@ class Reference:
         return to_device(c[j], self.run.device), to_device(r[j], self.run.device)
 
 @torch.inference_mode()
-def compute_reference(ref_model, data, run):
-    """(N,) chosen and (N,) rejected reference log-probs for every pair of `data`; ranks split the work"""
+def reference_logps(ref_model, ref_hash, data, run):
+    """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
+    pairs) and cached beside the shards, keyed by the reference's weights and the data. rank 0 reads the cache and
+    shares it (other nodes may not see its filesystem); an unreadable file is computed again"""
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{data.fingerprint()}.pt")
+    out = torch.zeros(3, len(data), dtype=torch.float32, device=run.device)  # chosen, rejected, found in the cache
+    if run.rank == 0 and os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            out[0], out[1], out[2] = saved["chosen"], saved["rejected"], 1
+        except Exception as e:  # truncated, foreign, wrong length: recompute
+            out.zero_()
+            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {' '.join(str(e).split())[:80]}); computing it again")
+    if run.world > 1:
+        dist.broadcast(out, 0)
+    if out[2, 0] == 1:
+        return out[0].cpu(), out[1].cpu()
     module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk).eval()
-    out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
     ids, step, t0, last = np.arange(run.rank, len(data), run.world), 16 * run.cfg.batch_size, time.time(), 0
     print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
            f"(--reference=model skips this pass: a frozen copy runs every step instead)")
@@ -577,27 +580,9 @@ def compute_reference(ref_model, data, run):
             print0(f"reference log-probs {data.split}: {done}/{len(ids)} pairs, eta {(last - t0) / done * (len(ids) - done):.0f}s")
     if run.world > 1:
         dist.all_reduce(out)  # each pair was computed by exactly one rank, zeros elsewhere
-    return out[0].cpu(), out[1].cpu()
-
-def cached_reference(ref_model, ref_hash, data, run):
-    """reference log-probs stored beside the shards, keyed by the reference weights and the data. rank 0 reads the
-    file and shares it (other nodes may not see its filesystem); an unreadable file is computed again"""
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{data.fingerprint()}.pt")
-    both = torch.zeros(3, len(data), dtype=torch.float32, device=run.device)  # chosen, rejected, found
-    if run.rank == 0 and os.path.exists(path):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            both[0], both[1], both[2] = saved["chosen"], saved["rejected"], 1
-        except Exception as e:  # truncated, foreign, wrong length: recompute
-            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {' '.join(str(e).split())[:80]}); computing it again")
-    if run.world > 1:
-        dist.broadcast(both, 0)
-    if both[2, 0] == 1:
-        return both[0].cpu(), both[1].cpu()
-    chosen, rejected = compute_reference(ref_model, data, run)
     if run.rank == 0:
-        checkpoint.atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
-    return chosen, rejected
+        checkpoint.atomic_save({"chosen": out[0].cpu(), "rejected": out[1].cpu()}, path, "the reference cache")
+    return out[0].cpu(), out[1].cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -619,13 +604,6 @@ def peak_flops(device):
     """bf16 dense peak of a known GPU, what MFU is reported against; None elsewhere (bench.py measures a CPU's)"""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((flops for key, flops in GPU_PEAK if key in name), None)
-
-def step_flops(model, b):
-    """training FLOPs of one micro-batch: 6 per parameter per token for the blocks, the lm_head on response tokens
-    only (that is all we compute), and attention over the keys each token actually sees"""
-    c = model.config
-    head = 6 * c.n_embd * c.vocab_size * len(b.tgt)
-    return 6 * model.num_params(non_embedding=True) * b.n_tokens + head + 12 * c.n_layer * c.n_embd * b.ctx_sum
 
 class Metrics:
     """sums over pairs, all-reduced across ranks, then averaged"""
@@ -680,7 +658,6 @@ def _train(cfg, stack):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
         stack.enter_context(checkpoint.lock(cfg.out_dir))
-    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
 
     model, ref_model, ck, meta = checkpoint.start(cfg)  # the policy, its reference, and the reference's identity
@@ -692,12 +669,13 @@ def _train(cfg, stack):
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, sft, vocab)
     if not len(train_data):
         raise ValueError(f"{cfg.data_dir}: the train split has no pairs")
-    val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if has_split(cfg.data_dir, "val") else None
+    has_val = os.path.exists(os.path.join(cfg.data_dir, "val_000000.bin"))
+    val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if has_val else None
     datasets = [d for d in (train_data, val_data) if d]
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run)
     if cfg.loss_type not in REFERENCE_FREE_LOSSES and cfg.reference == "cached":
-        ref.tables = {d.split: cached_reference(ref_model.to(run.device), meta["ref_hash"], d, run) for d in datasets}
+        ref.tables = {d.split: reference_logps(ref_model.to(run.device), meta["ref_hash"], d, run) for d in datasets}
     elif cfg.loss_type not in REFERENCE_FREE_LOSSES:
         frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
         frozen.gradient_checkpointing = False
@@ -723,18 +701,15 @@ def _train(cfg, stack):
     start = checkpoint.restore(ck, model, optimizer, run.device) if ck else 0  # a resume restores the rngs too
     if not ck:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
-    # rank 0 writes metrics.jsonl (a fresh file for a fresh run) and wandb
-    log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ck else "w") if master else None
-    wandb = None
     if cfg.wandb_log and master:
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    log_file = stack.enter_context(open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ck else "w")) if master else None
 
-    def log(rec):
+    def log(rec):  # rank 0: metrics.jsonl (a fresh file for a fresh run) and wandb
         if master:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            if wandb:
+            print(json.dumps(rec), file=log_file, flush=True)
+            if cfg.wandb_log:
                 wandb.log(rec, step=rec["iter"])
 
     peak, s = peak_flops(run.device), run.shape
@@ -742,86 +717,78 @@ def _train(cfg, stack):
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_data)} train pairs, "
            f"{len(val_data) if val_data else 0} val pairs, {run.world} rank(s) on {run.device}{' fsdp' if cfg.fsdp else ''}, "
            f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, reference {meta['ref_from']}")
-    history, step_time, stop = [], 0.0, checkpoint.Stop()
-    try:
-        for it in range(start, cfg.max_iters + 1):
-            # ---- evaluation, then checkpoint (the ones at `start` were done before that checkpoint was saved)
-            if it > start or ck is None:
-                if val_data and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
-                    ev = evaluate(module, val_data, ref, run, min(cfg.eval_pairs or len(val_data), len(val_data)))
-                    print0(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in (("loss", "chosen_logp") if sft else ev)))
-                    log({"iter": it, **{f"val/{k}": v for k, v in ev.items()}})
-                if cfg.save_checkpoint and ((cfg.eval_interval and it % cfg.eval_interval == 0 and it > 0) or it == cfg.max_iters):
-                    checkpoint.save(cfg, model, optimizer, it, meta)
-            if it == cfg.max_iters:
-                break
+    ckpt, history, step_time, stop = os.path.join(cfg.out_dir, "ckpt.pt"), [], 0.0, checkpoint.Stop()
+    stack.callback(stop.restore)
+    for it in range(start, cfg.max_iters + 1):
+        # ---- evaluation, then checkpoint (those at `start` were done before its checkpoint was saved)
+        if it > start or not ck:
+            if val_data and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+                ev = evaluate(module, val_data, ref, run, min(cfg.eval_pairs or len(val_data), len(val_data)))
+                print0(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in (("loss", "chosen_logp") if sft else ev)))
+                log({"iter": it, **{f"val/{k}": v for k, v in ev.items()}})
+            if cfg.save_checkpoint and ((cfg.eval_interval and it % cfg.eval_interval == 0 and it > 0) or it == cfg.max_iters):
+                checkpoint.save(cfg, model, optimizer, it, meta)
+        if it == cfg.max_iters:
+            break
 
-            # ---- TRAINING SECTION: one optimizer step over this rank's slice of the global batch
-            t0 = time.time()
-            lr = get_lr(it, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            ids = step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, run.rank, run.world)
-            mbs = same_count(micro_batches(train_data, ids, run.shape), run)
-            m, work = Metrics(run.device), [0.0, 0.0]  # tokens, flops: counted on the host, no per-batch copies
-            for i, (b, w) in enumerate(mbs):
-                last = i == len(mbs) - 1  # gradients are reduced across ranks in the last backward only
-                if isinstance(module, DDP):
-                    module.require_backward_grad_sync = last
-                elif cfg.fsdp:
-                    module.set_requires_gradient_sync(last)
-                with run.ctx:
-                    pc, pr, nc, nr = batch_logps(module, b, run.device, run.flex)
-                losses, cr, rr = dpo_loss(pc, pr, *ref(b, "train"), chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs(cfg))
-                # each pair weighs 1/global_batch; ddp and fsdp average over ranks, hence the factor world
-                (losses.sum() * w * run.world / cfg.global_batch_size).backward()
-                if w:
-                    m.add(losses, cr, rr, pc, pr)
-                    work = [work[0] + b.n_tokens, work[1] + step_flops(model, b)]
-            stats = m.result(run.world)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
-            good = ckpt if os.path.exists(ckpt) else "none saved yet"
-            if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
-                what = f"loss is {stats['loss']}" if not math.isfinite(stats["loss"]) else f"gradient norm is {norm.item()}"
-                raise FloatingPointError(f"step {it}: the {what}; stopping. the last good checkpoint is {good}. "
-                                         f"try a lower learning_rate or beta")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        # ---- TRAINING SECTION: one optimizer step over this rank's slice of the global batch
+        t0 = time.time()
+        lr = get_lr(it, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        ids = step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, run.rank, run.world)
+        mbs = same_count(micro_batches(train_data, ids, run.shape), run)
+        m, work = Metrics(run.device), np.zeros(2)  # tokens, flops: counted on the host, no per-batch copies
+        for i, (b, w) in enumerate(mbs):
+            last = i == len(mbs) - 1  # gradients are reduced across ranks in the last backward only
+            if isinstance(module, DDP):
+                module.require_backward_grad_sync = last
+            elif cfg.fsdp:
+                module.set_requires_gradient_sync(last)
+            with run.ctx:
+                pc, pr, nc, nr = batch_logps(module, b, run.device, run.flex)
+            losses, cr, rr = dpo_loss(pc, pr, *ref(b, "train"), chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs(cfg))
+            # each pair weighs 1/global_batch; ddp and fsdp average over ranks, hence the factor world
+            (losses.sum() * w * run.world / cfg.global_batch_size).backward()
+            if w:
+                m.add(losses, cr, rr, pc, pr)
+                work += (b.n_tokens, model.flops(b.n_tokens, len(b.tgt), b.ctx_sum))
+        stats = m.result(run.world)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
+        if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
+            what = f"loss is {stats['loss']}" if not math.isfinite(stats["loss"]) else f"gradient norm is {norm.item()}"
+            raise FloatingPointError(f"step {it}: the {what}; stopping. the last good checkpoint is "
+                                     f"{ckpt if os.path.exists(ckpt) else 'none saved yet'}. try a lower learning_rate or beta")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-            # ---- everything that follows is diagnostics, logging and the stop signal
-            if run.world > 1:
-                work = torch.tensor(work, dtype=torch.float64, device=run.device)
-                dist.all_reduce(work)
-                work = work.tolist()
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            step_time += dt
-            rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm.item(), "ms": 1000 * dt,
-                   "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0] / dt,
-                   "flops_per_s": work[1] / dt, "mfu": work[1] / dt / (peak * run.world) if peak else None}
-            if run.device.type == "cuda":
-                rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-            history.append(rec)
-            log(rec)
-            if it % cfg.log_interval == 0:
-                eta = step_time / (it - start + 1) * (cfg.max_iters - it - 1)  # training steps only (not evals)
-                pref = "" if sft else f", acc {stats['accuracy']:.2f}, margin {stats['margin']:.3f}"
-                mfu = f", mfu {100 * rec['mfu']:.1f}%" if peak else ""
-                print0(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, "
-                       f"{rec['pairs_per_s']:.1f} pairs/s{mfu}, eta {eta:.0f}s")
-            asked = torch.tensor(float(stop.asked), device=run.device)
-            if run.world > 1:
-                dist.all_reduce(asked, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            if asked.item():
-                checkpoint.save(cfg, model, optimizer, it + 1, meta)
-                print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
-                raise checkpoint.Interrupted()
-    finally:
-        stop.restore()
-        if log_file:
-            log_file.close()
+        # ---- everything that follows is diagnostics, logging and the stop signal
+        if run.world > 1:
+            work = torch.from_numpy(work).to(run.device)
+            dist.all_reduce(work)
+            work = work.cpu().numpy()
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step_time += dt
+        rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm.item(), "ms": 1000 * dt,
+               "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0] / dt,
+               "flops_per_s": work[1] / dt, "mfu": work[1] / dt / (peak * run.world) if peak else None}
+        if run.device.type == "cuda":
+            rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        history.append(rec)
+        log(rec)
+        if it % cfg.log_interval == 0:
+            eta = step_time / (it - start + 1) * (cfg.max_iters - it - 1)  # training steps only (not evals)
+            pref = "" if sft else f", acc {stats['accuracy']:.2f}, margin {stats['margin']:.3f}"
+            mfu = f", mfu {100 * rec['mfu']:.1f}%" if peak else ""
+            print0(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, "
+                   f"{rec['pairs_per_s']:.1f} pairs/s{mfu}, eta {eta:.0f}s")
+        if stop.agreed(run.device):  # every rank stops after the same step
+            checkpoint.save(cfg, model, optimizer, it + 1, meta)
+            print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
+            raise checkpoint.Interrupted()
     if master and cfg.export_hf:
         model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
     return history

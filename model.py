@@ -174,11 +174,11 @@ class GPT(nn.Module):
         emb = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return sum(p.numel() for p in self.parameters()) - (emb if non_embedding else 0)
 
-    def flops_per_token(self, context_len: int) -> float:
-        """Training FLOPs per token as in PaLM, appendix B: 6 per weight of the matmuls (non-embedding
-        parameters plus the lm_head once; lookups are free), plus 12 * n_layer * n_embd * context for attention."""
+    def flops(self, n_tokens, n_predicted, ctx_sum) -> float:
+        """training FLOPs as in PaLM, appendix B: 6 per weight per token for the blocks (lookups are free), the lm_head
+        on the n_predicted positions only, 12 * n_layer * n_embd per (query, key) pair (ctx_sum) for attention"""
         c, n = self.config, self.num_params(non_embedding=True)
-        return 6.0 * (n + c.n_embd * c.vocab_size) + 12.0 * c.n_layer * c.n_embd * context_len
+        return 6.0 * (n * n_tokens + c.n_embd * c.vocab_size * n_predicted) + 12.0 * c.n_layer * c.n_embd * ctx_sum
 
     def hidden(self, idx, pos=None, attn_mask=None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd). idx: (B, T) token ids. pos: None -> 0..T-1, else (T,) or (B, T)

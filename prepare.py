@@ -1,47 +1,13 @@
 """
-prepare.py: turn preference datasets into token shards that dpo.py memory-maps.
+prepare.py: turn preference datasets into token shards that dpo.py memory-maps. The input formats, tokens and
+truncation, the train/val split, skipped rows and the shard layout: README.md, "Data format".
 
     python prepare.py                                   # toy task -> data/toy/ (offline, a few seconds)
     python prepare.py --dataset=hh                      # Anthropic HH-RLHF harmless-base -> data/hh/
     python prepare.py --input=pairs.jsonl.gz --format=auto --max_length=512
     python prepare.py --help                            # all options (its speed: python bench.py --prepare=1)
-
-Input formats (--format=auto picks one from the first row):
-  hh             {"chosen": transcript, "rejected": transcript}; the prompt is chosen up to and including
-                 its last "\\n\\nAssistant:". If rejected does not start with that prompt, --hh_mismatch=recover
-                 uses the longest prefix ending at an "\\n\\nAssistant:" that both share (skip if none).
-  standard       {"prompt": str, "chosen": str, "rejected": str} (names set by --*_key); joined as-is.
-  implicit       {"chosen": str, "rejected": str}; prompt = their common prefix, cut back to the end of its
-                 last "\\n\\nAssistant:" if it has one, else to the last whitespace before they differ, so the
-                 responses start with whitespace (GPT-2 tokens carry their leading space).
-  conversational chosen/rejected (and optional prompt, a message list or a string = one user message) are
-                 lists of {"role": user|assistant|system, "content": str}. Rendered like HH: each message is
-                 "\\n\\n{Human|Assistant|System}: {content}", the prompt (messages shared by both, including the
-                 given prompt) ends with "\\n\\nAssistant:", a response is " " + its first (assistant) message's
-                 content followed by any later messages rendered the same way.
-
-Tokens: GPT-2 BPE (tiktoken). Prompt and responses are encoded separately (so the prompt tokens are the same
-in chosen and rejected), special-looking text like "<|endoftext|>" is plain text, and each response ends with
-<|endoftext|> (50256). If prompt + longer response > max_length, the prompt keeps its last max_prompt_length
-tokens, then responses are cut at the end (losing their end token). A prompt is never empty.
-
-Toy task (--dataset=toy, the default): "Review of the{item}:"-style prompts, responses of 6-10 single-token
-words ending in " .", drawn with a per-response mood; chosen is the sample with the higher toy_reward
-(#positive - #negative words) / #words. Val prompts use 10 held-out items never seen in train.
-
-Output folder (default data/<name>), replaced as a whole only when a run succeeds: train_000000.bin ...,
-val_000000.bin ..., meta.json. Shard layout:
-  int32[256] header [MAGIC, VERSION, num_pairs, num_tokens, 0...]
-  int32[num_pairs, 3] lengths (prompt, chosen, rejected)
-  uint16[num_tokens] tokens, per pair: prompt, chosen, rejected
-The validation split is by prompt (a hash of its text; toy: by held-out items), so no prompt is in both.
-Every row (non-blank line; item of a .json array, which is loaded whole) is written or skipped with a reason,
-counted in meta.json "skipped" with its first line numbers: malformed_json, wrong_type, missing_field,
-empty_text (blank prompt or response), identical, no_assistant_turn, prompt_mismatch, no_shared_prompt,
-empty_after_truncation, identical_after_truncation. Input that is not the claimed format at all stops the run.
 """
 
-import collections
 import concurrent.futures
 import difflib
 import functools
@@ -70,7 +36,6 @@ EOT = 50256  # <|endoftext|> in GPT-2 BPE
 HUMAN, ASSIST = "\n\nHuman:", "\n\nAssistant:"
 ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 FORMATS = ("hh", "standard", "implicit", "conversational")
-HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "val")
 
@@ -87,7 +52,7 @@ OPTIONS = {  # name: (default, help); the default's type is the option's type
     "hh_mismatch": ("recover", "recover | skip: hh rows whose rejected does not start with chosen's prompt"),
     "hh_subsets": ("harmless-base", "comma separated, of: " + ", ".join(HH_SUBSETS)),
     "hh_split": ("train", "train | test | both: which HH files to download"),
-    "hh_base_url": (HH_URL, "where the HH files live (file:// works)"),
+    "hh_base_url": ("https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main", "where the HH files live (file:// works)"),
     "download_dir": ("data/downloads/hh-rlhf", "cache for downloaded files"),
     "out_dir": ("", "output folder (default data/<dataset or input file name>)"),
     "max_length": (512, "max tokens of prompt + response"),
@@ -144,8 +109,7 @@ def validate(cfg):
         need(ok, msg, PrepareError)
 
 # -----------------------------------------------------------------------------
-# toy task: a controlled-sentiment task with a known ground-truth reward (like the DPO paper's IMDb task).
-# every word below is a single GPT-2 token (with its leading space), so sequences stay short.
+# toy task: controlled sentiment with a known reward (like the DPO paper's IMDb task); each word is one GPT-2 token
 
 TOY_ITEMS = [" " + w for w in (
     "movie book phone car hotel restaurant game song album laptop camera shoe chair table coffee pizza "
@@ -166,13 +130,11 @@ def toy_reward(text):
     return (sum(w in _POS for w in words) - sum(w in _NEG for w in words)) / max(len(words), 1)
 
 def _toy_response(rng, item):
-    mood = rng.random()  # per-response mood: P(positive word) = 0.45 * mood, P(negative) = 0.45 * (1 - mood)
-    n = rng.randint(6, 10)
+    mood, n = rng.random(), rng.randint(6, 10)  # P(positive word) = 0.45 * mood, P(negative) = 0.45 * (1 - mood)
     words = [item] if rng.random() < 0.5 else []  # often starts with the item
     while len(words) < n:
         u = rng.random()
-        words.append(rng.choice(TOY_POSITIVE) if u < 0.45 * mood else rng.choice(TOY_NEGATIVE) if u < 0.45
-                     else rng.choice(TOY_NEUTRAL + [item]))
+        words.append(rng.choice(TOY_POSITIVE if u < 0.45 * mood else TOY_NEGATIVE if u < 0.45 else TOY_NEUTRAL + [item]))
     return "".join(words) + " ."
 
 def make_toy_pairs(n, seed):
@@ -184,9 +146,8 @@ def make_toy_pairs(n, seed):
         a, b = _toy_response(rng, item), _toy_response(rng, item)
         while toy_reward(a) == toy_reward(b):  # ties carry no preference: resample
             b = _toy_response(rng, item)
-        if toy_reward(a) < toy_reward(b):
-            a, b = b, a
-        pairs.append({"prompt": prompt, "chosen": a, "rejected": b})
+        chosen, rejected = sorted((a, b), key=toy_reward, reverse=True)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
 
 def toy_prompts(split, seed=0):
@@ -243,8 +204,7 @@ class Pairs:
         o, (p, c, r) = int(self.offsets[i]), self.lengths[i]
         return self.tokens[o:o + p], self.tokens[o + p:o + p + c], self.tokens[o + p + c:o + p + c + r]
 
-def load_pairs(path):
-    return Pairs(path)
+load_pairs = Pairs
 
 def list_shards(data_dir, split):
     paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
@@ -254,93 +214,11 @@ def list_shards(data_dir, split):
     return paths
 
 # -----------------------------------------------------------------------------
-# rows -> (prompt, chosen, rejected, note) text, one function per format. A bad row raises Skip(reason).
-
-def _text(row, key):
-    need(key in row, "missing_field")
-    need(isinstance(row[key], str), "wrong_type")
-    return row[key]
-
-def _checked(prompt, chosen, rejected, note=None):
-    need(prompt.strip() and chosen.strip() and rejected.strip(), "empty_text")
-    need(chosen != rejected, "identical")
-    return prompt, chosen, rejected, note
-
-def extract_standard(row, o):
-    return _checked(_text(row, o.prompt_key), _text(row, o.chosen_key), _text(row, o.rejected_key))
-
-def extract_hh(row, o):
-    chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
-    need(chosen.strip() and rejected.strip(), "empty_text")
-    k, note = chosen.rfind(ASSIST), None
-    need(k >= 0, "no_assistant_turn")
-    while not rejected.startswith(chosen[:k + len(ASSIST)]):
-        # rejected diverges before chosen's last turn: fall back to an earlier turn both share
-        k, note = chosen.rfind(ASSIST, 0, k), "prompt_mismatch_recovered"
-        need(o.hh_mismatch == "recover" and k >= 0, "prompt_mismatch")
-    n = k + len(ASSIST)
-    return _checked(chosen[:n], chosen[n:], rejected[n:], note)
-
-def extract_implicit(row, o):
-    chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
-    need(chosen != rejected, "identical")
-    common = os.path.commonprefix([chosen, rejected])
-    n = common.rfind(ASSIST)
-    if n >= 0:
-        n += len(ASSIST)
-    else:  # back up to whitespace that starts both responses
-        n = len(common)
-        while n > 0 and not (n < min(len(chosen), len(rejected)) and chosen[n].isspace() and rejected[n].isspace()):
-            n -= 1
-    need(n > 0, "no_shared_prompt")
-    return _checked(chosen[:n], chosen[n:], rejected[n:])
-
-def _messages(value, is_prompt=False):
-    if is_prompt and isinstance(value, str):  # a bare prompt string is one user message
-        value = [{"role": "user", "content": value}]
-    need(isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES
-                                         and isinstance(m.get("content"), str) for m in value), "wrong_type")
-    return [(m["role"], m["content"]) for m in value]
-
-def extract_conversational(row, o):
-    need(o.chosen_key in row and o.rejected_key in row, "missing_field")
-    chosen, rejected = _messages(row[o.chosen_key]), _messages(row[o.rejected_key])
-    if o.prompt_key in row:  # the prompt may or may not be repeated inside chosen/rejected
-        prompt = _messages(row[o.prompt_key], is_prompt=True)
-        chosen = chosen if chosen[:len(prompt)] == prompt else prompt + chosen
-        rejected = rejected if rejected[:len(prompt)] == prompt else prompt + rejected
-    need(chosen and rejected, "empty_text")
-    need(chosen != rejected, "identical")
-    k = 0  # the messages both share are the prompt
-    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-        k += 1
-    need(k > 0, "no_shared_prompt")
-    need(k < len(chosen) and k < len(rejected), "empty_text")
-    # they must diverge at an assistant message, else there is no common prompt
-    need(chosen[k][0] == "assistant" and rejected[k][0] == "assistant", "prompt_mismatch")
-    render = lambda ms: "".join(f"\n\n{ROLES[role]}: {content}" for role, content in ms)
-    response = lambda ms: " " + ms[0][1] + render(ms[1:])
-    return _checked(render(chosen[:k]) + ASSIST, response(chosen[k:]), response(rejected[k:]))
-
-EXTRACT = {"hh": extract_hh, "standard": extract_standard, "implicit": extract_implicit,
-           "conversational": extract_conversational}
-
-def detect_format(row, o):
-    chosen, rejected = (row.get(o.chosen_key), row.get(o.rejected_key)) if isinstance(row, dict) else (None, None)
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        return "conversational"
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        if isinstance(row.get(o.prompt_key), str):
-            return "standard"
-        return "hh" if HUMAN in chosen and ASSIST in chosen else "implicit"
-    return None
-
-# -----------------------------------------------------------------------------
-# reading input files lazily, with fatal errors for input that is not the claimed format
+# input: files -> rows (read lazily) -> (prompt, chosen, rejected, note) text; a bad row raises Skip(reason)
 
 def iter_rows(paths, state):
-    """Yield (where, row): row is a jsonl line's raw bytes (parsed later, in the workers) or a parsed object.
-    state.raw and state.done_bytes tell how far the reading got (for the progress line)."""
+    """Yield (where, row), row = a jsonl line's bytes (parsed in the workers) or a parsed object; state: progress.
+    Input that is not the claimed format at all (not JSON, a broken gzip file, an empty file) is fatal."""
     for path in paths:
         gz, is_array, n, rows = path.endswith(".gz"), path.removesuffix(".gz").endswith(".json"), 0, 0
         state.raw = raw = open(path, "rb")  # its position is the progress (compressed bytes read)
@@ -372,8 +250,82 @@ def iter_rows(paths, state):
         need(rows, f"{path}:1: empty file (no rows); expected one JSON object per line", PrepareError)
         state.done_bytes += os.path.getsize(path)
 
+def _text(row, key):
+    need(key in row, "missing_field")
+    need(isinstance(row[key], str), "wrong_type")
+    return row[key]
+
+def _checked(prompt, chosen, rejected, note=None):
+    need(prompt.strip() and chosen.strip() and rejected.strip(), "empty_text")
+    need(chosen != rejected, "identical")
+    return prompt, chosen, rejected, note
+
+def extract_standard(row, o):
+    return _checked(_text(row, o.prompt_key), _text(row, o.chosen_key), _text(row, o.rejected_key))
+
+def extract_hh(row, o):
+    chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
+    need(chosen.strip() and rejected.strip(), "empty_text")
+    k, note = chosen.rfind(ASSIST), None
+    need(k >= 0, "no_assistant_turn")
+    while not rejected.startswith(chosen[:k + len(ASSIST)]):  # diverged before chosen's last turn: try an earlier one
+        k, note = chosen.rfind(ASSIST, 0, k), "prompt_mismatch_recovered"
+        need(o.hh_mismatch == "recover" and k >= 0, "prompt_mismatch")
+    n = k + len(ASSIST)
+    return _checked(chosen[:n], chosen[n:], rejected[n:], note)
+
+def extract_implicit(row, o):
+    chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
+    need(chosen != rejected, "identical")
+    common = os.path.commonprefix([chosen, rejected])
+    if ASSIST in common:
+        n = common.rfind(ASSIST) + len(ASSIST)
+    else:  # back up to whitespace that starts both responses
+        n = len(common)
+        while n > 0 and not (n < min(len(chosen), len(rejected)) and chosen[n].isspace() and rejected[n].isspace()):
+            n -= 1
+    need(n > 0, "no_shared_prompt")
+    return _checked(chosen[:n], chosen[n:], rejected[n:])
+
+def _messages(value, is_prompt=False):
+    if is_prompt and isinstance(value, str):  # a bare prompt string is one user message
+        value = [{"role": "user", "content": value}]
+    need(isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES
+                                         and isinstance(m.get("content"), str) for m in value), "wrong_type")
+    return [(m["role"], m["content"]) for m in value]
+
+def extract_conversational(row, o):
+    need(o.chosen_key in row and o.rejected_key in row, "missing_field")
+    chosen, rejected = _messages(row[o.chosen_key]), _messages(row[o.rejected_key])
+    if o.prompt_key in row:  # the prompt may or may not be repeated inside chosen/rejected
+        prompt = _messages(row[o.prompt_key], is_prompt=True)
+        chosen, rejected = (ms if ms[:len(prompt)] == prompt else prompt + ms for ms in (chosen, rejected))
+    need(chosen and rejected, "empty_text")
+    need(chosen != rejected, "identical")
+    k = len(os.path.commonprefix([chosen, rejected]))  # the messages both share are the prompt
+    need(k > 0, "no_shared_prompt")
+    need(k < len(chosen) and k < len(rejected), "empty_text")
+    need(chosen[k][0] == "assistant" and rejected[k][0] == "assistant", "prompt_mismatch")  # they diverge at a reply
+    render = lambda ms: "".join(f"\n\n{ROLES[role]}: {content}" for role, content in ms)
+    response = lambda ms: " " + ms[0][1] + render(ms[1:])
+    return _checked(render(chosen[:k]) + ASSIST, response(chosen[k:]), response(rejected[k:]))
+
+EXTRACT = dict(hh=extract_hh, standard=extract_standard, implicit=extract_implicit, conversational=extract_conversational)
+
+def detect_format(row, o, where):
+    chosen, rejected = (row.get(o.chosen_key), row.get(o.rejected_key)) if isinstance(row, dict) else (None, None)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return "conversational"
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if isinstance(row.get(o.prompt_key), str):
+            return "standard"
+        return "hh" if HUMAN in chosen and ASSIST in chosen else "implicit"
+    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise PrepareError(f"{where}: unknown format (row has {keys}); expected chosen/rejected strings or message lists: "
+                       "pass --format and --prompt_key/--chosen_key/--rejected_key")
+
 # -----------------------------------------------------------------------------
-# tokenizing: parse, tokenize and truncate batches of rows, in worker processes (or inline)
+# tokenizing (batches of rows, in worker processes or inline) and writing shards
 
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE; its first use downloads two small files, which can fail offline"""
@@ -391,15 +343,14 @@ def gpt2_encoding():
 def truncate(p, c, r, max_length, max_prompt_length):
     """Cut token lists: the prompt loses its start (only if the pair is too long), then responses their end."""
     cut_p = len(p) + max(len(c), len(r)) > max_length and len(p) > max_prompt_length
-    if cut_p:
-        p = p[-max_prompt_length:]
+    p = p[-max_prompt_length:] if cut_p else p
     room = max(max_length - len(p), 0)
     return p, c[:room], r[:room], (cut_p, len(c) > room, len(r) > room)
 
 def process_batch(batch, o):
-    """rows -> (#rows, skips, notes, {split: (lengths (k, 3) int32, tokens uint16)}, #truncated [pairs, prompts,
-    chosen, rejected]); in a worker process, or inline"""
-    texts, kept, skips, notes, cuts = [], [], [], [], np.zeros(4, dtype=np.int64)
+    """rows -> (#rows, skips, notes, {split: (lengths (k, 3) int32, tokens uint16)}, truncation counts)"""
+    enc, out = gpt2_encoding(), {s: ([], []) for s in SPLITS}  # split -> (lengths, tokens)
+    skips, late, notes, cuts = [], [], [], np.zeros(4, dtype=np.int64)  # late: skips after tokenizing, listed last
     for where, row in batch:
         try:
             if isinstance(row, bytes):
@@ -415,54 +366,47 @@ def process_batch(batch, o):
         if note:
             notes.append((where, note))
         if o.split_mode == "toy" and prompt in _TOY_SPLIT:
-            kept.append((where, _TOY_SPLIT[prompt]))
+            split = _TOY_SPLIT[prompt]
         else:  # by a hash of the prompt, so no prompt is in both splits
             h = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
-            kept.append((where, "val" if h / 2**64 < o.val_fraction else "train"))
-        texts += (prompt, chosen, rejected)
-    enc = gpt2_encoding()
-    ids = [enc.encode_ordinary(t) for t in texts]  # ordinary: "<|endoftext|>" in text is plain text
-    out = {s: ([], []) for s in SPLITS}  # split -> (lengths, tokens)
-    for i, (where, split) in enumerate(kept):
-        p, c, r, cut = truncate(ids[3 * i], ids[3 * i + 1] + [EOT], ids[3 * i + 2] + [EOT], o.max_length, o.max_prompt_length)
+            split = "val" if h / 2**64 < o.val_fraction else "train"
+        p, c, r = (enc.encode_ordinary(t) for t in (prompt, chosen, rejected))  # "<|endoftext|>" in text is plain text
+        p, c, r, cut = truncate(p, c + [EOT], r + [EOT], o.max_length, o.max_prompt_length)
         if not (p and c and r):  # (p is never empty: its text is not blank, and max_prompt_length >= 1)
-            skips.append((where, "empty_after_truncation"))
+            late.append((where, "empty_after_truncation"))
         elif c == r:
-            skips.append((where, "identical_after_truncation"))
+            late.append((where, "identical_after_truncation"))
         else:
             out[split][0].append((len(p), len(c), len(r)))
             out[split][1].extend(p + c + r)
             cuts += (any(cut), *cut)
     arrays = {s: (np.array(l, dtype=np.int32).reshape(-1, 3), np.fromiter(t, np.uint16, len(t))) for s, (l, t) in out.items()}
-    return len(batch), skips, notes, arrays, cuts
+    return len(batch), skips + late, notes, arrays, cuts
 
-def tokenized_batches(rows, opts):
-    """Yield process_batch results in input order, computed here (1 worker) or in a process pool."""
+def tokenized_batches(rows, opts):  # process_batch results in input order, computed here (1 worker) or in a pool
     workers = opts.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     batches = iter(lambda: list(itertools.islice(rows, opts.batch_rows)), [])  # lists of batch_rows rows, until []
     gpt2_encoding()  # load once here (a clear error offline); forked workers inherit tiktoken's cache
     if workers == 1:
         yield from (process_batch(batch, opts) for batch in batches)
         return
-    # the workers ignore Ctrl-C: the parent gets it and leaving the with-block ends the pool once the batches in
-    # flight are done (a multiprocessing.Pool whose worker died mid-send waited for the rest of the message forever)
+    # the workers ignore Ctrl-C: the parent ends the pool (a multiprocessing.Pool could hang on a worker killed mid-send)
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else None)
     with concurrent.futures.ProcessPoolExecutor(workers, ctx, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as ex:
-        pending = collections.deque()  # at most 2 batches per worker in flight, so memory stays flat
+        pending = []  # at most 2 batches per worker in flight, so memory stays flat
         try:
             for batch in batches:
                 pending.append(ex.submit(process_batch, batch, opts))
                 if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
+                    yield pending.pop(0).result()
             while pending:
-                yield pending.popleft().result()
+                yield pending.pop(0).result()
         except concurrent.futures.process.BrokenProcessPool:
             raise PrepareError("a tokenizer process died (out of memory?); try fewer --num_workers") from None
 
-# -----------------------------------------------------------------------------
-# writing shards: tokens stream to a side file, lengths stay in memory (bounded by shard_pairs)
-
 class ShardWriter:
+    """Shards of one split: tokens stream to a side file, lengths stay in memory (bounded by shard_pairs)."""
+
     def __init__(self, folder, split, shard_pairs):
         self.folder, self.split, self.shard_pairs, self.shards = folder, split, shard_pairs, []
         self.side = folder / f".{split}.tokens.tmp"
@@ -487,8 +431,7 @@ class ShardWriter:
         self.tokfile.close()
         if self.pairs:
             name = f"{self.split}_{len(self.shards):06d}.bin"
-            header = np.zeros(HEADER_INTS, dtype=np.int32)
-            header[:4] = MAGIC, VERSION, self.pairs, self.ntok
+            header = np.array([MAGIC, VERSION, self.pairs, self.ntok] + [0] * (HEADER_INTS - 4), dtype=np.int32)
             with open(self.folder / name, "wb") as f, open(self.side, "rb") as t:
                 header.tofile(f)
                 np.concatenate(self.lengths).astype(np.int32).tofile(f)
@@ -501,8 +444,7 @@ class ShardWriter:
 # the whole run
 
 def download(url, dest, log=print):
-    """Fetch url to dest once (an existing dest is kept) and return dest as a str. The bytes stream to a .partial
-    file, renamed into place only when complete; on any failure nothing is left and OSError says what happened."""
+    """Fetch url to dest once (an existing dest is kept) -> str(dest); on any failure: nothing left, OSError says why"""
     dest = Path(dest)
     if dest.exists():
         log(f"using {dest} (delete it to download again)")
@@ -530,12 +472,12 @@ def download(url, dest, log=print):
         tmp.unlink(missing_ok=True)
     return str(dest)
 
-def _sources(cfg, log):
-    """-> (name, input paths or None for toy)"""
+def _sources(cfg, log):  # -> (name, input paths or None for toy)
     if cfg.input:
-        for p in cfg.input.split(","):
+        paths = cfg.input.split(",")
+        for p in paths:
             need(os.path.isfile(p), f"{p}: no such file (--input)", PrepareError)
-        return Path(cfg.input.split(",")[0]).name.split(".")[0], cfg.input.split(",")
+        return Path(paths[0]).name.split(".")[0], paths
     if cfg.dataset == "toy":
         return "toy", None
     subsets, splits = cfg.hh_subsets.split(","), ["train", "test"] if cfg.hh_split == "both" else [cfg.hh_split]
@@ -547,14 +489,14 @@ def _sources(cfg, log):
     except OSError as e:
         raise PrepareError(f"{e} (set --hh_base_url, or pass a local file with --input)") from None
 
-def _count(tally, where, reason):  # per reason: how many, and the first 5 source lines
-    e = tally.setdefault(reason, {"count": 0, "first_lines": []})
-    e["count"] += 1
-    e["first_lines"] += [where] if len(e["first_lines"]) < 5 else []
+def _count(tally, items):  # per reason: how many, and the first 5 source lines
+    for where, reason in items:
+        e = tally.setdefault(reason, {"count": 0, "first_lines": []})
+        e["count"] += 1
+        e["first_lines"] += [where] if len(e["first_lines"]) < 5 else []
 
 def prepare(cfg, log=print):
-    """Run the whole pipeline for the options in cfg; returns the meta dict (also written to meta.json).
-    log prints the summary (log=None: silent, no progress either)."""
+    """Run the whole pipeline for cfg -> the meta dict (also meta.json); log prints the summary (None: silent)"""
     validate(cfg)
     t0 = time.time()
     name, paths = _sources(cfg, log or (lambda *a: None))
@@ -571,11 +513,7 @@ def prepare(cfg, log=print):
         rows = iter_rows(paths, state)
     first = next(rows)  # iter_rows raises on an empty file
     if opts.format == "auto":
-        opts.format = detect_format(first[1], opts)
-        if opts.format is None:
-            keys = sorted(first[1]) if isinstance(first[1], dict) else type(first[1]).__name__
-            raise PrepareError(f"{paths[0]}:{first[0]}: unknown format (row has {keys}); expected chosen/rejected "
-                               "strings or message lists: pass --format and --prompt_key/--chosen_key/--rejected_key")
+        opts.format = detect_format(first[1], opts, f"{paths[0]}:{first[0]}")
 
     # all output goes to a hidden sibling folder (same filesystem) that replaces out_dir in one rename at the end
     made = [d for d in [out_dir.parent, *out_dir.parent.parents] if not d.exists()]  # removed again on failure
@@ -587,10 +525,8 @@ def prepare(cfg, log=print):
         total = sum(map(os.path.getsize, paths)) if log and paths else 0
         for n, skips, nts, arrays, cuts in tokenized_batches(itertools.chain([first], rows), opts):
             nrows, trunc = nrows + n, trunc + cuts
-            for where, reason in skips:
-                _count(skipped, where, reason)
-            for where, note in nts:
-                _count(notes, where, note)
+            _count(skipped, skips)
+            _count(notes, nts)
             for s, (lengths, tokens) in arrays.items():
                 writers[s].add(lengths, tokens)
             if total and time.time() - shown > 1:  # progress on runs over a second: rows/s, % of input read, ETA
@@ -610,50 +546,45 @@ def prepare(cfg, log=print):
                              f"(skipped: {json.dumps(skipped)})", PrepareError)
         command = " ".join(["python prepare.py"] + [f"--{k}={getattr(cfg, k)}" for k, (d, _) in OPTIONS.items()
                                                     if getattr(cfg, k) != d])
-        meta = {
-            "tokenizer": "gpt2", "eot_token": EOT, "magic": MAGIC, "version": VERSION,
-            "dataset": name, "source": paths or "toy", "format": opts.format, "command": command,
-            "options": vars(cfg), "rows_read": nrows, "pairs": pairs,
-            "tokens": {s: sum(x["tokens"] for x in v) for s, v in shards.items()}, "shards": shards,
-            "skipped": skipped, "notes": notes, "truncated": dict(zip(("pairs", "prompts", "chosen", "rejected"), map(int, trunc))),
-            "seconds": round(time.time() - t0, 3),
-        }
-        if paths is None:
-            meta["toy_val_items"] = TOY_VAL_ITEMS
+        meta = {"tokenizer": "gpt2", "eot_token": EOT, "magic": MAGIC, "version": VERSION, "dataset": name,
+                "source": paths or "toy", "format": opts.format, "command": command, "options": vars(cfg),
+                "rows_read": nrows, "pairs": pairs, "tokens": {s: sum(x["tokens"] for x in v) for s, v in shards.items()},
+                "shards": shards, "skipped": skipped, "notes": notes,
+                "truncated": dict(zip(("pairs", "prompts", "chosen", "rejected"), map(int, trunc))),
+                "seconds": round(time.time() - t0, 3), **({"toy_val_items": TOY_VAL_ITEMS} if paths is None else {})}
         (stage / "meta.json").write_text(json.dumps(meta, indent=1))
         if out_dir.exists():
             os.replace(out_dir, old)  # the previous output steps aside only for the instant of the swap
         os.replace(stage, out_dir)
-    except BaseException as e:  # an error or Ctrl-C: the previous output stays (or goes back), nothing else is left
+    except BaseException as e:  # an error or Ctrl-C: the previous output stays (or goes back)
         if old.exists() and not out_dir.exists():
             os.replace(old, out_dir)
-        for d in (stage, old):
-            shutil.rmtree(d, ignore_errors=True)
-        for d in made:  # deepest first
-            if d.exists() and not os.listdir(d):
-                d.rmdir()
         if isinstance(e, OSError):  # disk full, read-only folder, ...
             raise PrepareError(f"could not write {out_dir}: {e.strerror or e}; the previous output, if any, is "
                                "unchanged") from None
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    finally:  # nothing else is left
+        for d in (stage, old):
+            shutil.rmtree(d, ignore_errors=True)
+        for d in made:  # deepest first; only a failed run leaves them empty
+            if d.exists() and not os.listdir(d):
+                d.rmdir()
     if log:
         log(summary(meta, out_dir))
     return meta
 
 def summary(meta, out_dir):
-    sk, t = meta["skipped"], meta["truncated"]
+    sk, t, p, n = meta["skipped"], meta["truncated"], meta["pairs"], meta["tokens"]
     at = lambda v: ", ".join(map(str, v["first_lines"])) + (", ..." if v["count"] > len(v["first_lines"]) else "")
     return "\n".join(
         [f"prepare: {out_dir} ({meta['format']}, gpt2 tokens) in {meta['seconds']:.1f}s",
          f"  rows read   {meta['rows_read']:,}",
-         f"  written     train {meta['pairs']['train']:,} pairs ({meta['tokens']['train']:,} tokens), "
-         f"val {meta['pairs']['val']:,} pairs ({meta['tokens']['val']:,} tokens)",
+         f"  written     train {p['train']:,} pairs ({n['train']:,} tokens), val {p['val']:,} pairs ({n['val']:,} tokens)",
          f"  skipped     {sum(v['count'] for v in sk.values()):,}"]
         + [f"    {r:<28} {v['count']:>7,}  (lines {at(v)})" for r, v in sk.items()]
         + [f"  note: {r} {v['count']:,} (lines {at(v)})" for r, v in meta["notes"].items()]
         + [f"  truncated   {t['pairs']:,} pairs (prompts {t['prompts']:,}, chosen {t['chosen']:,}, rejected {t['rejected']:,})"]
-        + (["  warning: no val pairs (raise --val_fraction?)"] if not meta["pairs"]["val"] else []))
+        + (["  warning: no val pairs (raise --val_fraction?)"] if not p["val"] else []))
 
 def main(argv):
     try:

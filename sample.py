@@ -135,7 +135,7 @@ def demo():
     data and checkpoints go to data/toy and out/ under the current folder"""
     import prepare
     times, t0 = {}, time.time()
-    if not dpo.has_split("data/toy", "train"):
+    if not os.path.exists("data/toy/train_000000.bin"):
         prepare.main([])
     times["prepare"] = time.time() - t0
     for name in ("toy_sft", "toy_dpo"):

@@ -503,12 +503,13 @@ def test_generate_sampling():
     assert not m.training
 
 
-def test_flops_per_token_hand_count():
+def test_flops_hand_count():
     m = GPT(GPTConfig(**TINY))
     L, C, V, T = 2, 64, 1000, 64
     per_layer = (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C  # attn, mlp, 2 LN
-    n = L * per_layer + 2 * C + V * C  # + ln_f + the lm_head matmul (tied wte counted once, wpe not at all)
-    assert m.flops_per_token(T) == 6 * n + 12 * L * C * T
+    blocks = L * per_layer + 2 * C  # + ln_f; the lm_head (tied wte) only on predicted positions, wpe a lookup
+    # 10 tokens in, 4 of them predict a response token, attention over 1+2+...+10 (query, key) pairs
+    assert m.flops(10, 4, 55) == 6 * blocks * 10 + 6 * V * C * 4 + 12 * L * C * 55
     assert m.num_params(non_embedding=False) == L * per_layer + 2 * C + V * C + 64 * C
 
 
