@@ -531,10 +531,19 @@ def setup(cfg):
 
 class Reference:
     """ref(batch, split) -> the reference log-probs (K,) chosen, (K,) rejected of a micro-batch's pairs: looked up in
-    tables computed once (cached), computed now by a frozen copy (model), or (None, None) for reference-free losses"""
+    tables computed once (--reference=cached), computed now by a frozen copy (--reference=model), or (None, None)
+    for reference-free losses"""
 
-    def __init__(self, run, tables=None, model=None):
-        self.run, self.tables, self.model = run, tables, model
+    def __init__(self, run, ref_model, ref_hash, datasets):
+        self.run, self.tables, self.model = run, None, None
+        if run.cfg.loss_type in REFERENCE_FREE_LOSSES:
+            return
+        if run.cfg.reference == "cached":
+            self.tables = {d.split: reference_logps(ref_model.to(run.device), ref_hash, d, run) for d in datasets}
+        else:
+            frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
+            frozen.gradient_checkpointing = False
+            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk)
 
     def __call__(self, b, split):
         if self.model is not None:
@@ -673,14 +682,8 @@ def _train(cfg, stack):
     val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if has_val else None
     datasets = [d for d in (train_data, val_data) if d]
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
-    ref = Reference(run)
-    if cfg.loss_type not in REFERENCE_FREE_LOSSES and cfg.reference == "cached":
-        ref.tables = {d.split: reference_logps(ref_model.to(run.device), meta["ref_hash"], d, run) for d in datasets}
-    elif cfg.loss_type not in REFERENCE_FREE_LOSSES:
-        frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
-        frozen.gradient_checkpointing = False
-        ref.model = SequenceLogps(frozen, compile=run.compile, chunk=cfg.logprob_chunk)
-    del ref_model
+    ref = Reference(run, ref_model, meta["ref_hash"], datasets)
+    del ref_model  # cached: only its tables stay
     model.train()
 
     module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk)
