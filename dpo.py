@@ -155,22 +155,18 @@ class PairData:
                 f"(longest prompt+response: {seq_len.max()} tokens). Set --truncate=true to cut them, raise --block_size "
                 f"(GPT-2 has 1024 positions), or re-run prepare.py with --max_length={block_size}")
         if self.n_cut:
-            self.lengths = np.array([[len(x) for x in self._cut(*self._raw(i))] for i in range(len(self))], dtype=np.int64)
+            self.lengths = np.array([[len(x) for x in self[i]] for i in range(len(self))], dtype=np.int64)
         if chosen_only:
             self.lengths[:, 2] = 0
 
     def __len__(self):
         return int(self.starts[-1])
 
-    def _raw(self, i):
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.shards[s][i - int(self.starts[s])]
-
-    def _cut(self, p, c, r):  # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
-        return truncate(p, c, r, self.block_size, self.block_size // 2)[:3]
-
     def __getitem__(self, i):
-        p, c, r = self._cut(*self._raw(i)) if self.n_cut else self._raw(i)
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        p, c, r = self.shards[s][i - int(self.starts[s])]
+        if self.n_cut:  # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
+            p, c, r = truncate(p, c, r, self.block_size, self.block_size // 2)[:3]
         return p.astype(np.int64), c.astype(np.int64), r[: 0 if self.chosen_only else len(r)].astype(np.int64)
 
     def fingerprint(self):

@@ -1888,10 +1888,11 @@ def test_block_size_smaller_than_data(tmp_path):
     with pytest.raises(ValueError, match=r"longer than block_size=16.*--truncate=true"):
         PairData(data_dir, "train", 16)
     data = PairData(data_dir, "train", 16, truncate=True)
-    assert data.n_cut > 0
+    uncut = PairData(data_dir, "train", 10_000)
+    assert data.n_cut > 0 and uncut.n_cut == 0
     for i in range(len(data)):
         p, c, r = data[i]
-        full = data._raw(i)
+        full = uncut[i]
         assert len(p) + max(len(c), len(r)) <= 16 and len(c) > 0 and len(r) > 0
         assert list(p) == list(full[0][len(full[0]) - len(p):])  # the prompt kept its end
         assert list(c) == list(full[1][: len(c)])  # responses kept their start
