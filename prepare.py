@@ -206,9 +206,9 @@ class Pairs:
 
 load_pairs = Pairs
 
-def list_shards(data_dir, split):
+def list_shards(data_dir, split, required=True):
     paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
-    if not paths:
+    if not paths and required:
         raise FileNotFoundError(f"no {split} shards ({split}_*.bin) in {data_dir}; create them with: "
                                 f"python prepare.py --out_dir={data_dir} (toy), or add --dataset=hh / --input=FILE")
     return paths

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import dpo
-from prepare import EOT, PrepareError, gpt2_encoding, toy_reward
+from prepare import EOT, PrepareError, gpt2_encoding, list_shards, toy_reward
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the demo works from any folder
 
@@ -135,7 +135,7 @@ def demo():
     data and checkpoints go to data/toy and out/ under the current folder"""
     import prepare
     times, t0 = {}, time.time()
-    if not os.path.exists("data/toy/train_000000.bin"):
+    if not list_shards("data/toy", "train", required=False):
         prepare.main([])
     times["prepare"] = time.time() - t0
     for name in ("toy_sft", "toy_dpo"):
