@@ -1,25 +1,65 @@
 """
 checkpoint.py: how a dpo.py run starts, saves, resumes and stops, kept out of the trainer so dpo.py reads as DPO.
 
+- where it computes: device, dtype, torchrun's process group (setup -> Run)
 - models from any source: scratch, a GPT-2 name, a Hugging Face folder, one of our checkpoints
 - the reference's identity: a run records where its reference came from and a hash of its weights; a resume (or
   sample.py) rebuilds that reference and refuses one whose weights changed
 - checkpoints hold the full (unsharded) state, written atomically: any world size resumes bit for bit
+- what it writes besides: the cached reference log-probs, metrics.jsonl and wandb
 - one trainer per out_dir (a file lock), and SIGINT/SIGTERM finish the step, save and exit
 """
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import signal
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
 
+
+@dataclass
+class Run:
+    """where and how this process computes: decided once, from the config and torchrun's environment"""
+    rank: int
+    world: int
+    device: torch.device
+    dtype: str  # float32 | bfloat16
+    ctx: contextlib.AbstractContextManager  # bf16 autocast, or nothing
+    compile: bool  # torch.compile the transformer
+    flex: bool  # FlexAttention block masks (CUDA, packed): compiled kernels that skip masked-out blocks
+    cfg: object  # dpo.Config
+    shape: object = None  # dpo.Shape, set once the data is loaded (make_shape)
+
+def print0(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
+
+def setup(cfg):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: then one process group, nccl on GPUs, gloo on CPU"""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" in os.environ:
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    elif cfg.fsdp:
+        raise ValueError("--fsdp=true shards over torchrun's ranks: start it with torchrun (--nproc_per_node=1 works)")
+    if cfg.global_batch_size % world:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be divisible by the {world} ranks")
+    device = torch.device(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    return Run(rank, world, device, dtype, ctx, compile_, device.type == "cuda" and cfg.layout == "packed", cfg)
 
 def load_model(source, cfg):
     """scratch, a GPT-2 name, a Hugging Face folder, or one of our checkpoints (a ckpt.pt or the folder holding it)"""
@@ -100,8 +140,8 @@ def start(cfg):
     if source and os.path.realpath(source) == os.path.realpath(ckpt):
         raise ValueError(f"init_from={cfg.init_from} is out_dir's own checkpoint: this run would overwrite its "
                          f"reference. choose another --out_dir (or --init_from=resume to continue it)")
-    if os.path.isfile(ckpt) and int(os.environ.get("RANK", 0)) == 0:
-        print(f"note: {ckpt} from an earlier run will be replaced (--init_from=resume continues it instead)")
+    if os.path.isfile(ckpt):
+        print0(f"note: {ckpt} from an earlier run will be replaced (--init_from=resume continues it instead)")
     model = load_model(cfg.init_from, cfg)
     ref_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
     rel = os.path.relpath(ref_from, cfg.out_dir) if os.path.isabs(ref_from) else None
@@ -142,8 +182,45 @@ def restore(ck, model, optimizer, device):
         torch.cuda.set_rng_state_all(ck["rng_cuda"])
     return ck["iter_num"]
 
+def cached(path, n, run, compute):
+    """(n,) chosen and (n,) rejected float32 tables stored at path, else compute() them and store them. rank 0 reads
+    the file and shares it (other nodes may not see its filesystem); an unreadable file is computed again"""
+    found = torch.zeros(3, n, dtype=torch.float32, device=run.device)  # chosen, rejected, found in the file
+    if run.rank == 0 and os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            found[0], found[1], found[2] = saved["chosen"], saved["rejected"], 1
+        except Exception as e:  # truncated, foreign, wrong length: computed again
+            found.zero_()
+            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {' '.join(str(e).split())[:80]}); computing it again")
+    if run.world > 1:
+        dist.broadcast(found, 0)
+    if found[2, 0] == 1:
+        return found[0].cpu(), found[1].cpu()
+    chosen, rejected = compute()
+    if run.rank == 0:
+        atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
+    return chosen, rejected
+
+def metrics_log(cfg, stack, append):
+    """-> log(record): rank 0 writes metrics.jsonl (appended on a resume, else a fresh file) and wandb"""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return lambda rec: None
+    if cfg.wandb_log:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    f = stack.enter_context(open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if append else "w"))
+
+    def log(rec):
+        print(json.dumps(rec), file=f, flush=True)
+        if cfg.wandb_log:
+            wandb.log(rec, step=rec["iter"])
+    return log
+
 def lock(out_dir):
-    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9)"""
+    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9). rank 0 holds it"""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
     f = open(os.path.join(out_dir, ".lock"), "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

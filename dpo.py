@@ -22,14 +22,13 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
+from checkpoint import print0, setup
 from prepare import EOT, PrepareError, list_shards, load_pairs, truncate
 
 # -----------------------------------------------------------------------------
@@ -486,44 +486,7 @@ def loss_kwargs(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the run and its reference
-
-@dataclass
-class Run:
-    """where and how this process computes: decided once, from the config and torchrun's environment"""
-    rank: int
-    world: int
-    device: torch.device
-    dtype: str  # float32 | bfloat16
-    ctx: contextlib.AbstractContextManager  # bf16 autocast, or nothing
-    compile: bool  # torch.compile the transformer
-    flex: bool  # FlexAttention block masks (CUDA, packed): compiled kernels that skip masked-out blocks
-    cfg: Config
-    shape: Shape = None  # set once the data is loaded (make_shape)
-
-def print0(*args):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, flush=True)
-
-def setup(cfg):
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: then one process group, nccl on GPUs, gloo on CPU"""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" in os.environ:
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    elif cfg.fsdp:
-        raise ValueError("--fsdp=true shards over torchrun's ranks: start it with torchrun (--nproc_per_node=1 works)")
-    if cfg.global_batch_size % world:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be divisible by the {world} ranks")
-    device = torch.device(device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    return Run(rank, world, device, dtype, ctx, compile_, device.type == "cuda" and cfg.layout == "packed", cfg)
+# the reference
 
 class Reference:
     """ref(batch, split) -> the reference log-probs (K,) chosen, (K,) rejected of a micro-batch's pairs: looked up in
@@ -552,24 +515,15 @@ class Reference:
         j = torch.from_numpy(b.pair_ids)
         return to_device(c[j], self.run.device), to_device(r[j], self.run.device)
 
-@torch.inference_mode()
 def reference_logps(ref_model, ref_hash, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
-    pairs) and cached beside the shards, keyed by the reference's weights and the data. rank 0 reads the cache and
-    shares it (other nodes may not see its filesystem); an unreadable file is computed again"""
+    pairs) and cached beside the shards, keyed by the reference's weights and the data"""
     path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{data.fingerprint()}.pt")
-    out = torch.zeros(3, len(data), dtype=torch.float32, device=run.device)  # chosen, rejected, found in the cache
-    if run.rank == 0 and os.path.exists(path):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            out[0], out[1], out[2] = saved["chosen"], saved["rejected"], 1
-        except Exception as e:  # truncated, foreign, wrong length: recompute
-            out.zero_()
-            print0(f"{path}: unreadable reference cache ({type(e).__name__}: {' '.join(str(e).split())[:80]}); computing it again")
-    if run.world > 1:
-        dist.broadcast(out, 0)
-    if out[2, 0] == 1:
-        return out[0].cpu(), out[1].cpu()
+    return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
+
+@torch.inference_mode()
+def compute_reference(ref_model, data, run):
+    out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
     module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk).eval()
     ids, step, t0, last = np.arange(run.rank, len(data), run.world), 16 * run.cfg.batch_size, time.time(), 0
     print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
@@ -585,8 +539,6 @@ def reference_logps(ref_model, ref_hash, data, run):
             print0(f"reference log-probs {data.split}: {done}/{len(ids)} pairs, eta {(last - t0) / done * (len(ids) - done):.0f}s")
     if run.world > 1:
         dist.all_reduce(out)  # each pair was computed by exactly one rank, zeros elsewhere
-    if run.rank == 0:
-        checkpoint.atomic_save({"chosen": out[0].cpu(), "rejected": out[1].cpu()}, path, "the reference cache")
     return out[0].cpu(), out[1].cpu()
 
 
@@ -659,10 +611,8 @@ def train(cfg):
 
 def _train(cfg, stack):
     run = setup(cfg)
-    master = run.rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if master:
-        stack.enter_context(checkpoint.lock(cfg.out_dir))
+    stack.enter_context(checkpoint.lock(cfg.out_dir))
     list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
 
     model, ref_model, ck, meta = checkpoint.start(cfg)  # the policy, its reference, and the reference's identity
@@ -674,7 +624,7 @@ def _train(cfg, stack):
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, sft, vocab)
     if not len(train_data):
         raise ValueError(f"{cfg.data_dir}: the train split has no pairs")
-    has_val = os.path.exists(os.path.join(cfg.data_dir, "val_000000.bin"))
+    has_val = list_shards(cfg.data_dir, "val", required=False)
     val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if has_val else None
     datasets = [d for d in (train_data, val_data) if d]
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
@@ -700,16 +650,7 @@ def _train(cfg, stack):
     start = checkpoint.restore(ck, model, optimizer, run.device) if ck else 0  # a resume restores the rngs too
     if not ck:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
-    if cfg.wandb_log and master:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-    log_file = stack.enter_context(open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ck else "w")) if master else None
-
-    def log(rec):  # rank 0: metrics.jsonl (a fresh file for a fresh run) and wandb
-        if master:
-            print(json.dumps(rec), file=log_file, flush=True)
-            if cfg.wandb_log:
-                wandb.log(rec, step=rec["iter"])
+    log = checkpoint.metrics_log(cfg, stack, append=ck is not None)
 
     peak, s = peak_flops(run.device), run.shape
     rows = f"{'fixed' if s.fixed else 'per step'} {s.rows} x {s.row_len}" if cfg.layout == "packed" else f"rows of {s.row_len}"
@@ -788,7 +729,7 @@ def _train(cfg, stack):
             checkpoint.save(cfg, model, optimizer, it + 1, meta)
             print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
             raise checkpoint.Interrupted()
-    if master and cfg.export_hf:
+    if run.rank == 0 and cfg.export_hf:
         model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
     return history
 
