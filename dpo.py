@@ -176,10 +176,12 @@ class PairData:
         """segments end to end, kinds[s] (0 prompt, 1 chosen, 2 rejected) of pair pairs[s] -> their tokens (n,) int64,
         and for each token its segment (n,) and its place in it (n,)"""
         seg, within = spans(self.lengths[pairs, kinds])
-        at, shard = self.seg[pairs, kinds][seg] + within, self.shard_of[pairs][seg]
-        out = np.empty(len(at), dtype=np.int64)
+        at = self.seg[pairs, kinds][seg] + within
+        if len(self.shards) == 1:
+            return self.shards[0].tokens[at].astype(np.int64), seg, within
+        out, shard = np.empty(len(at), dtype=np.int64), self.shard_of[pairs][seg]
         for s, sh in enumerate(self.shards):  # a loop over shards, not pairs
-            out[shard == s] = sh.tokens[at[shard == s]] if len(self.shards) > 1 else sh.tokens[at]
+            out[shard == s] = sh.tokens[at[shard == s]]
         return out, seg, within
 
     def fingerprint(self):
@@ -236,8 +238,8 @@ def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
     at = dst[seg] + within
     idx = np.full(rows * row_len, EOT, dtype=np.int64)
     idx[at] = tok
-    resp = kinds[seg] > 0
-    src = np.where(within == 0, pred[seg], at - 1)[resp]
+    resp = np.flatnonzero(kinds[seg] > 0)
+    src = np.where(within[resp] == 0, pred[seg[resp]], at[resp] - 1)
     return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp]
 
 def plain_batch(data, ids, row_len):
@@ -256,7 +258,6 @@ def plain_batch(data, ids, row_len):
 def plan_packed(need, row_len):
     """first-fit decreasing: longest pair first, each into the first row with room for it.
     need (K,) tokens per pair -> row (K,) and offset (K,) of each pair"""
-    need = np.asarray(need, dtype=np.int64)
     free = np.full(len(need), row_len)  # K rows always suffice; the first untouched row is the first with all its room
     row, offset = np.zeros_like(need), np.zeros_like(need)
     for k in np.argsort(-need, kind="stable"):
@@ -311,8 +312,8 @@ def make_shape(cfg, datasets, fixed, multiple=64):
     row_len, train = cfg.pack_len or round_up(longest, multiple), datasets[0].lengths
     rows = cfg.batch_size if cfg.layout == "plain" else \
         cfg.pack_rows or max(1, math.ceil(cfg.batch_size * train.sum(1).mean() / row_len))
-    pairs = rows if cfg.layout == "plain" else rows * row_len / max(train.sum(1).mean(), 1)  # per micro-batch
-    n_pred = round_up(max(1.25 * pairs * train[:, 1:].sum(1).mean(), L[:, 1:].sum(1).max(), 1), 64) if fixed else 0
+    pairs, most = (rows, L[:, 1:].sum(1).max()) if cfg.layout == "plain" else (rows * row_len / train.sum(1).mean(), row_len)
+    n_pred = round_up(max(1.25 * pairs * train[:, 1:].sum(1).mean(), most), 64) if fixed else 0  # one row always fits
     return Shape(cfg.layout, row_len, rows, fixed, multiple, n_pred)
 
 def groups(sizes, most, cap):
@@ -377,9 +378,7 @@ def flex_block_mask(doc, branch, block=128):
     host sync, nothing compiled per call): a (query block, key block) tile where nothing may attend is skipped, one
     where everything may runs without mask_mod"""
     from torch.nn.attention.flex_attention import BlockMask
-    R, T = doc.shape
-    if T % block:
-        raise ValueError(f"FlexAttention rows must be a multiple of {block} tokens, got {T}")
+    R, T = doc.shape  # T: a multiple of block (make_shape)
     tiles = attention_mask(doc, branch).view(R, T // block, block, T // block, block)
     some, every = tiles.any(4).any(2), tiles.all(4).all(2)  # (R, T/block, T/block)
 
