@@ -28,6 +28,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never ask the hub for anything
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # one progress bar per dataset pass: noise in logs
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # GPT-2's BPE files, cached offline
 import torch
 import datasets
@@ -105,7 +106,7 @@ class StepTimer(TrainerCallback):
 
 def bench(o):
     tok = gpt2_tokenizer()
-    rows = hh_pairs(o["data"])
+    rows = hh_pairs(o["data"])[:o["pairs"] or None]  # TRL tokenizes (and may precompute) them all before step 1
     gbs, bs, warmup = o["global_batch_size"], o["batch_size"], o["warmup"]
     if gbs % bs or warmup < 1:
         sys.exit(f"error: --global_batch_size={gbs} must be a multiple of --batch_size={bs}, and --warmup >= 1")
@@ -196,7 +197,7 @@ def check(seed, data, n_pairs=6):
 
 if __name__ == "__main__":
     opts = dict(steps=6, warmup=2, check=0, seed=1337, data=DATA, device="cpu", n_layer=4, n_head=4, n_embd=256,
-                global_batch_size=8, batch_size=8, max_length=512, precompute_ref_log_probs=0)
+                global_batch_size=8, batch_size=8, max_length=512, precompute_ref_log_probs=0, pairs=0)
     for arg in sys.argv[1:]:
         key, _, val = arg.removeprefix("--").partition("=")
         if key not in opts or not val:
