@@ -11,8 +11,8 @@ On a GPU (bf16, TRL's default there), GPT-2 124M-shaped, our packed bench's batc
     python bench_trl.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --global_batch_size=512 --batch_size=32
     ... --precompute_ref_log_probs=1                 # TRL's reference log-probs computed once, before training
 Prints one JSON line last. Options: --steps, --warmup, --check, --data, --seed, --device, --n_layer, --n_head, --n_embd,
---global_batch_size (pairs per optimizer step), --batch_size (pairs per micro-step; TRL's
-per_device_train_batch_size), --max_length, --precompute_ref_log_probs. TIKTOKEN_CACHE_DIR defaults to
+--global_batch_size (pairs per optimizer step), --batch_size (pairs per micro-step: TRL's per_device_train_batch_size),
+--max_length, --precompute_ref_log_probs, --pairs (the first N pairs only; 0: all). TIKTOKEN_CACHE_DIR defaults to
 /work/shared/tiktoken. Time it on an otherwise idle machine: load_avg_1m in the output says if it was not.
 """
 import copy
