@@ -7,14 +7,18 @@ checkpoint.py: how a dpo.py run starts, saves, resumes and stops, kept out of th
   sample.py) rebuilds that reference and refuses one whose weights changed
 - checkpoints hold the full (unsharded) state, written atomically: any world size resumes bit for bit
 - what it writes besides: the cached reference log-probs, metrics.jsonl and wandb
+- a resume continues the run as it was: its options come from the checkpoint, the command line changes only what it
+  names, and a change that would break the run (its data, model shape, loss, seed, batch, layout, reference) is refused
 - one trainer per out_dir (a file lock), and SIGINT/SIGTERM finish the step, save and exit
 """
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 from dataclasses import asdict, dataclass
 
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
+from prepare import list_shards, load_pairs
 
 
 @dataclass
@@ -65,7 +70,7 @@ def load_model(source, cfg):
     """scratch, a GPT-2 name, a Hugging Face folder, or one of our checkpoints (a ckpt.pt or the folder holding it)"""
     if source == "scratch":
         torch.manual_seed(cfg.seed)  # the same seed gives the same init: a resumed run rebuilds its reference
-        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        return GPT(GPTConfig(block_size=cfg.block_size or data_block_size(cfg.data_dir), n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     if (source.startswith("gpt2") and not os.path.exists(source)) or os.path.isfile(os.path.join(source, "config.json")):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
@@ -75,14 +80,30 @@ def load_model(source, cfg):
                                 f"folder with config.json, or a checkpoint file / folder with ckpt.pt; found none")
     return model_from_checkpoint(read_checkpoint(path), cfg, path)
 
+def data_block_size(data_dir):
+    """block_size=0: the longest prompt + response of the data, at most GPT-2's 1024 positions (1024 without data)"""
+    shards = [load_pairs(p) for split in ("train", "val") for p in list_shards(data_dir, split, required=False)]
+    return min(1024, max((int((s.lengths[:, 0] + s.lengths[:, 1:].max(1)).max()) for s in shards if len(s)), default=1024))
+
+def data_hash(data_dir):
+    """the identity of data_dir's pairs, every shard's bytes: a resume may find its data under another path, not other data"""
+    h = hashlib.sha256()
+    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False):
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
 def checkpoint_path(source):
     """our checkpoint file for a ckpt.pt path or the folder holding it; None if there is none"""
     path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     return path if os.path.isfile(path) else None
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
+    """mmap: the tensors are not read until used (a resume reads the config first)"""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
     if not isinstance(ck, dict) or not {"model", "model_config"} <= ck.keys():
@@ -103,11 +124,11 @@ def weights_hash(model):
         h.update(k.encode() + v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
-def load_run(path, cfg):
+def load_run(path, cfg, ck=None):
     """a checkpoint -> (ck, policy, reference); reference None if the run had none. the reference is rebuilt from its
     recorded source: scratch from the run's seed and model shape, never the command line's; a path that no longer
     exists is looked for where it was relative to the checkpoint (both moved together). changed weights: refused"""
-    ck = read_checkpoint(path)
+    ck = ck or read_checkpoint(path)
     policy = model_from_checkpoint(ck, cfg, path)
     if not ck.get("ref_from"):
         return ck, policy, None
@@ -125,6 +146,42 @@ def load_run(path, cfg):
                          f"checkpoint recorded {ck['ref_hash']}): restore it, or start a new run")
     return ck, policy, reference
 
+# what --init_from=resume needs besides the weights, and the options it cannot change without breaking the run
+RESUME_NEEDS = {"config": "options", "optimizer": "optimizer state", "iter_num": "step", "rng_cpu": "random state",
+                "ref_from": "reference source"}
+FIXED = ("seed", "global_batch_size", "loss_type", "layout", "reference", "truncate")  # and the model's shape
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+MACHINE = ("device", "dtype", "compile", "fsdp")  # where it computes: this launch's (an FSDP run may resume unsharded)
+
+def resumable(ck, path):
+    missing = [f"{what} ({k})" for k, what in RESUME_NEEDS.items() if k not in ck]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} saved, which --init_from=resume needs; "
+                         f"--init_from={path} starts a new run from its weights")
+
+def refuse(path, changes):
+    """changes: {option: (the run's value, the asked one)} that would break the run"""
+    if changes:
+        raise ValueError(f"resume: {', '.join(f'--{k}={new}' for k, (old, new) in changes.items())} would break the run "
+                         f"in {path} ({', '.join(f'{k}={old}' for k, (old, new) in changes.items())} there): drop {'them' if len(changes) > 1 else 'it'} to "
+                         f"continue the run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
+
+def resume_config(out_dir, parse):
+    """--init_from=resume: every option from the checkpoint's config (the model's shape from the model itself), the
+    command line changes only what it names; parse(saved options) -> the config. each change is printed once"""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_from=resume: no checkpoint at {path}")
+    ck = read_checkpoint(path, mmap=True)
+    resumable(ck, path)
+    saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
+    cfg = parse({k: v for k, v in saved.items() if k not in ("out_dir", "init_from") + MACHINE})
+    changes = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in ("out_dir", "init_from") and getattr(cfg, k, v) != v}
+    refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE})
+    for k, (old, new) in changes.items():
+        print0(f"resume: {k} {old} -> {new}" + (f" (this launch's; --{k}={old} keeps the run's)" if k in MACHINE else ""))
+    return cfg
+
 def start(cfg):
     """-> (policy, reference model, the checkpoint resumed from or None, meta). meta is the reference's identity,
     saved in every checkpoint: its source (absolute, and relative to out_dir), weights hash and seed"""
@@ -132,9 +189,16 @@ def start(cfg):
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt}")
-        ck, model, ref_model = load_run(ckpt, cfg)
+        ck = read_checkpoint(ckpt)
+        resumable(ck, ckpt)
+        refuse(ckpt, {k: (ck["config"][k], getattr(cfg, k)) for k in FIXED if ck["config"].get(k, getattr(cfg, k)) != getattr(cfg, k)})
+        if ck.get("data_hash") not in (None, data_hash(cfg.data_dir)):
+            raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {ckpt} trained on (from "
+                             f"{ck['config']['data_dir']}): restore it, or start a new run: --init_from={ckpt} --out_dir=NEW")
+        ck, model, ref_model = load_run(ckpt, cfg, ck)
         meta = {"ref_from": ck["ref_from"], "ref_hash": ck.get("ref_hash") or weights_hash(ref_model),
-                "ref_rel": ck.get("ref_rel"), "ref_seed": ck.get("ref_seed", ck["config"]["seed"])}  # the first run's
+                "ref_rel": ck.get("ref_rel"), "ref_seed": ck.get("ref_seed", ck["config"]["seed"]),  # the first run's
+                "data_hash": ck.get("data_hash") or data_hash(cfg.data_dir)}
         return model, ref_model, ck, meta
     source = checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
     if source and os.path.realpath(source) == os.path.realpath(ckpt):
@@ -145,7 +209,8 @@ def start(cfg):
     model = load_model(cfg.init_from, cfg)
     ref_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
     rel = os.path.relpath(ref_from, cfg.out_dir) if os.path.isabs(ref_from) else None
-    return model, model, None, {"ref_from": ref_from, "ref_hash": weights_hash(model), "ref_rel": rel, "ref_seed": cfg.seed}
+    return model, model, None, {"ref_from": ref_from, "ref_hash": weights_hash(model), "ref_rel": rel, "ref_seed": cfg.seed,
+                                "data_hash": data_hash(cfg.data_dir)}
 
 def atomic_save(obj, path, what):
     """write, then rename: a crash or a full disk mid-save leaves the previous file intact and no temp file"""
@@ -156,8 +221,11 @@ def atomic_save(obj, path, what):
     except BaseException as e:  # a full disk, or a second Ctrl-C mid-save: never a temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
+        full = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ENOSPC  # torch.save: "unexpected pos"
+        if full or isinstance(e, OSError):
+            free = f"; free space on the disk of {os.path.dirname(path) or '.'} ({shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 30:.1f} GiB free now)"
+            raise OSError(f"could not write {what} {path} ({'the disk is full' if isinstance(e, RuntimeError) else e.strerror or e}); "
+                          f"the previous file is intact{free if full else ''}") from None
         raise
 
 def save(cfg, model, optimizer, it, meta):
@@ -178,7 +246,7 @@ def restore(ck, model, optimizer, device):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(ck["rng_cpu"])
-    if ck["rng_cuda"] and device.type == "cuda":
+    if ck.get("rng_cuda") and device.type == "cuda":
         torch.cuda.set_rng_state_all(ck["rng_cuda"])
     return ck["iter_num"]
 
@@ -217,16 +285,42 @@ def metrics_log(cfg, stack, append):
             wandb.log(rec, step=rec["iter"])
     return log
 
+@contextlib.contextmanager
 def lock(out_dir):
-    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9). rank 0 holds it"""
+    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9). rank 0 makes
+    out_dir and holds the lock; a new out_dir that a failed start leaves with nothing written in it is removed"""
     if int(os.environ.get("RANK", 0)) != 0:
-        return contextlib.nullcontext()
-    f = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"out_dir={out_dir} is in use by another running trainer; wait for it or choose another out_dir") from None
-    return f
+        yield
+        return
+    made, d = [], os.path.abspath(out_dir)
+    while not os.path.isdir(d):  # the folders this run makes, deepest first
+        made, d = made + [d], os.path.dirname(d)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"out_dir={out_dir} is in use by another running trainer; wait for it or choose another out_dir") from None
+        try:
+            yield
+        except BaseException:
+            files = [os.path.join(out_dir, n) for n in os.listdir(out_dir)]
+            if made and not any(os.path.getsize(p) for p in files):  # the lock and empty files only: no trace left
+                for p in files:
+                    os.remove(p)
+                for d in made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(d)
+            raise
+
+def finish(cfg, model, step):
+    """the end of a run: the Hugging Face export if asked, and where the result is"""
+    hf = os.path.join(cfg.out_dir, "hf")
+    if int(os.environ.get("RANK", 0)) == 0 and cfg.export_hf:
+        model.save_pretrained(hf)
+    ckpt = f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')} (step {step})" if cfg.save_checkpoint else \
+        f"finished step {step}, no checkpoint (--save_checkpoint=false)"
+    print0(f"{ckpt}{f' and {hf} (transformers)' if cfg.export_hf else ''}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
 
 class Stop:
     """SIGINT / SIGTERM (a cluster preempting the job): finish the step, save, exit. a second signal exits at once"""

@@ -56,7 +56,7 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 256  # positions; every pair must fit (see truncate)
+    block_size: int = 0  # positions, every pair must fit (see truncate); 0 = the data's longest pair, at most 1024
     dropout: float = 0.0
     bias: bool = True
     # loss
@@ -113,7 +113,7 @@ def check_config(cfg):
                 "logprob_chunk", "beta", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters",
                 "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
         positive = key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd",
-                           "block_size", "logprob_chunk", "beta")
+                           "logprob_chunk", "beta")
         if getattr(cfg, key) < 0 or (positive and getattr(cfg, key) == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if positive else '>= 0'}")
     if cfg.n_embd % cfg.n_head:
@@ -125,8 +125,10 @@ def check_config(cfg):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")
 
-def parse_config(argv, cls=Config):
-    cfg = configurator.parse(argv, cls)
+def parse_config(argv, cls=Config, defaults=None):
+    cfg = configurator.parse(argv, cls, defaults)
+    if cfg.init_from == "resume" and cls is Config:  # the run as it was: the checkpoint's options, changed where named
+        cfg = checkpoint.resume_config(cfg.out_dir, lambda saved: configurator.parse(argv, cls, saved))
     check_config(cfg)
     return cfg
 
@@ -611,8 +613,7 @@ def train(cfg):
 
 def _train(cfg, stack):
     run = setup(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    stack.enter_context(checkpoint.lock(cfg.out_dir))
+    stack.enter_context(checkpoint.lock(cfg.out_dir))  # makes out_dir
     list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
 
     model, ref_model, ck, meta = checkpoint.start(cfg)  # the policy, its reference, and the reference's identity
@@ -661,7 +662,7 @@ def _train(cfg, stack):
     stack.callback(stop.restore)
     for it in range(start, cfg.max_iters + 1):
         # ---- evaluation, then checkpoint (those at `start` were done before its checkpoint was saved)
-        if it > start or not ck:
+        if it > start or not ck or ck.get("stopped"):
             if val_data and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
                 ev = evaluate(module, val_data, ref, run, min(cfg.eval_pairs or len(val_data), len(val_data)))
                 print0(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in (("loss", "chosen_logp") if sft else ev)))
@@ -726,11 +727,10 @@ def _train(cfg, stack):
             print0(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, "
                    f"{rec['pairs_per_s']:.1f} pairs/s{mfu}, eta {eta:.0f}s")
         if stop.agreed(run.device):  # every rank stops after the same step
-            checkpoint.save(cfg, model, optimizer, it + 1, meta)
-            print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
+            checkpoint.save(cfg, model, optimizer, it + 1, meta | {"stopped": True})  # before step it + 1's eval
+            print0(f"stopped after step {it}: saved {ckpt}; continue with: python dpo.py --init_from=resume --out_dir={cfg.out_dir}")
             raise checkpoint.Interrupted()
-    if run.rank == 0 and cfg.export_hf:
-        model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
+    checkpoint.finish(cfg, model, max(start, cfg.max_iters))
     return history
 
 def main(argv):

@@ -2279,7 +2279,7 @@ def test_unreadable_or_mismatched_checkpoints_are_one_line(tmp_path, capsys):
         run.mkdir()
         (run / "ckpt.pt").write_bytes(raw)
         where = re.escape(str(run / "ckpt.pt")) + ": " + reason
-        main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(run), init_from="resume"), where)
+        main_error(capsys, [f"--out_dir={run}", "--init_from=resume"], where)  # the rest from the checkpoint
         main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "new"), init_from=str(run)), where)
         assert (run / "ckpt.pt").read_bytes() == raw and not (tmp_path / "new" / "ckpt.pt").exists()
     main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "none"), init_from="resume"),
@@ -2367,7 +2367,7 @@ def test_sigterm_stops_after_the_step_saves_and_resume_loses_no_step(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
-    stopped = int(re.search(r"^stopped after step (\d+): saved .*ckpt\.pt; continue with --init_from=resume$", out, re.M)[1])
+    stopped = int(re.search(r"^stopped after step (\d+): saved .*ckpt\.pt; continue with: python dpo.py --init_from=resume --out_dir=.*out$", out, re.M)[1])
     assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == stopped + 1
     assert [r["iter"] for r in read_metrics(out_dir)] == list(range(stopped + 1))
     r = cli("dpo.py", *tiny_args(tmp_path, data_dir, init_from="resume", max_iters=stopped + 3, **kw))
