@@ -159,12 +159,15 @@ def resumable(ck, path):
         raise ValueError(f"{path}: no {', '.join(missing)} saved, which --init_from=resume needs; "
                          f"--init_from={path} starts a new run from its weights")
 
+def show(v):  # as the command line writes it
+    return str(v).lower() if isinstance(v, bool) else v
+
 def refuse(path, changes):
     """changes: {option: (the run's value, the asked one)} that would break the run"""
     if changes:
-        raise ValueError(f"resume: {', '.join(f'--{k}={new}' for k, (old, new) in changes.items())} would break the run "
-                         f"in {path} ({', '.join(f'{k}={old}' for k, (old, new) in changes.items())} there): drop {'them' if len(changes) > 1 else 'it'} to "
-                         f"continue the run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
+        asked, had = (", ".join(f"{'--' * (i == 1)}{k}={show(c[i])}" for k, c in changes.items()) for i in (1, 0))
+        raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop {'them' if len(changes) > 1 else 'it'} "
+                         f"to continue the run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
 
 def resume_config(out_dir, parse):
     """--init_from=resume: every option from the checkpoint's config (the model's shape from the model itself), the
@@ -179,7 +182,7 @@ def resume_config(out_dir, parse):
     changes = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in ("out_dir", "init_from") and getattr(cfg, k, v) != v}
     refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE})
     for k, (old, new) in changes.items():
-        print0(f"resume: {k} {old} -> {new}" + (f" (this launch's; --{k}={old} keeps the run's)" if k in MACHINE else ""))
+        print0(f"resume: {k} {show(old)} -> {show(new)}" + (f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""))
     return cfg
 
 def start(cfg):
@@ -270,14 +273,28 @@ def cached(path, n, run, compute):
         atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
     return chosen, rejected
 
-def metrics_log(cfg, stack, append):
-    """-> log(record): rank 0 writes metrics.jsonl (appended on a resume, else a fresh file) and wandb"""
+def logged_before(line, ck):
+    """a metrics.jsonl line that a resume from ck keeps: written before its checkpoint (the steps after it are redone)"""
+    try:
+        rec = json.loads(line)
+    except ValueError:  # the last line, cut short by a kill
+        return False
+    return rec["iter"] < ck["iter_num"] or (rec["iter"] == ck["iter_num"] and "lr" not in rec and not ck.get("stopped"))
+
+def metrics_log(cfg, stack, ck):
+    """-> log(record): rank 0 writes metrics.jsonl (a fresh file, or on a resume the records before its checkpoint,
+    so a run killed after it logs its redone steps once) and wandb"""
     if int(os.environ.get("RANK", 0)) != 0:
         return lambda rec: None
     if cfg.wandb_log:
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-    f = stack.enter_context(open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if append else "w"))
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    kept = [l for l in open(path) if logged_before(l, ck)] if ck and os.path.exists(path) else []
+    f = stack.enter_context(open(f"{path}.tmp{os.getpid()}", "w"))
+    f.writelines(kept)
+    f.flush()
+    os.replace(f.name, path)  # a kill now loses none of the kept records; the open file goes on under the new name
 
     def log(rec):
         print(json.dumps(rec), file=f, flush=True)

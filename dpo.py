@@ -651,7 +651,7 @@ def _train(cfg, stack):
     start = checkpoint.restore(ck, model, optimizer, run.device) if ck else 0  # a resume restores the rngs too
     if not ck:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
-    log = checkpoint.metrics_log(cfg, stack, append=ck is not None)
+    log = checkpoint.metrics_log(cfg, stack, ck)  # a resume keeps the records before its checkpoint
 
     peak, s = peak_flops(run.device), run.shape
     rows = f"{'fixed' if s.fixed else 'per step'} {s.rows} x {s.row_len}" if cfg.layout == "packed" else f"rows of {s.row_len}"
