@@ -8,7 +8,7 @@ The offline toy run (CPU, a few minutes; `python sample.py --mode=demo` runs all
     python dpo.py --config=config/toy_dpo.py           # DPO  -> out/toy_dpo (reference = the SFT model)
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
 Real data and real GPT-2 weights:
-    python prepare.py --dataset=hh --out_dir=data/hh
+    python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh
     python dpo.py --config=config/hh_gpt2.py                                     # one GPU
     torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py   # DDP: each rank a slice of the batch
     torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py --init_from=gpt2-xl --fsdp=true

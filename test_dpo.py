@@ -563,6 +563,8 @@ if not os.environ.get("TIKTOKEN_CACHE_DIR") and (SHARED / "tiktoken").is_dir():
 ENC = tiktoken.get_encoding("gpt2")
 EOT = 50256
 HH_FILE = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_MISSING = (f"needs the real HH-RLHF pairs at {HH_FILE}: mkdir -p {HH_FILE.parent} && curl -L -o {HH_FILE} "
+              "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/harmless-base/test.jsonl.gz")
 ASSIST = "\n\nAssistant:"
 
 
@@ -1109,7 +1111,7 @@ def test_max_token(tmp_path):
 
 def test_real_hh_file(tmp_path):
     if not HH_FILE.exists():
-        pytest.skip(f"{HH_FILE} not present")
+        pytest.skip(HH_MISSING)
     out = tmp_path / "hh"
     meta = P.prepare(P.parse_args([f"--input={HH_FILE}", f"--out_dir={out}"]))
     rows = [json.loads(line) for line in gzip.open(HH_FILE)]
@@ -1699,7 +1701,7 @@ def test_packed_equals_plain_random_pairs(tmp_path):
 HH = str(HH_FILE)
 
 
-@pytest.mark.skipif(not os.path.exists(HH), reason="needs ../shared/data (the real HH-RLHF pairs)")
+@pytest.mark.skipif(not os.path.exists(HH), reason=HH_MISSING)
 def test_packed_equals_plain_real_hh_pairs(tmp_path):
     import gzip
     import tiktoken
