@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -290,11 +291,10 @@ def metrics_log(cfg, stack, ck):
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    kept = [l for l in open(path) if logged_before(l, ck)] if ck and os.path.exists(path) else []
-    f = stack.enter_context(open(f"{path}.tmp{os.getpid()}", "w"))
-    f.writelines(kept)
-    f.flush()
-    os.replace(f.name, path)  # a kill now loses none of the kept records; the open file goes on under the new name
+    if ck and os.path.exists(path):  # killed after its checkpoint: the records at its end go, their steps are redone
+        with open(path, "rb+") as f:
+            f.truncate(sum(map(len, itertools.takewhile(lambda line: logged_before(line, ck), f.readlines()))))
+    f = stack.enter_context(open(path, "a" if ck else "w"))
 
     def log(rec):
         print(json.dumps(rec), file=f, flush=True)

@@ -2538,24 +2538,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("sig, after", [(signal.SIGKILL, "iter 5:"), (signal.SIGINT, "iter 2:")])
-def test_resume_alone_continues_the_run_bit_for_bit(tmp_path, capsys, one_thread, sig, after):
-    # kill -9 after a checkpoint and two more steps (they are redone, logged once), or Ctrl-C (stops after the step):
-    # `--init_from=resume --out_dir=X` alone then ends exactly where the run that never stopped ends
+def test_resume_alone_continues_the_run_bit_for_bit(tmp_path, capsys, one_thread):
+    # kill -9 after a checkpoint and two more steps (they are redone, and logged once), or Ctrl-C (it stops after the
+    # step): `--init_from=resume --out_dir=X` alone then ends exactly where the run that never stopped ends
     data_dir = make_data(tmp_path)
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    full = str(tmp_path / "full")
     dpo.main(run_args(tmp_path, data_dir, full))
-    rc, out, err = interrupt(run_args(tmp_path, data_dir, cut), after, sig)
-    if sig == signal.SIGINT:
-        assert rc == 130 and f"continue with: python dpo.py --init_from=resume --out_dir={cut}" in out, err[-2000:]
-    else:
-        assert rc == -9 and torch.load(f"{cut}/ckpt.pt", weights_only=True)["iter_num"] == 4
-    capsys.readouterr()
-    dpo.main(["--init_from=resume", f"--out_dir={cut}"])
-    out = capsys.readouterr().out
-    assert "resume:" not in out and out.strip().splitlines()[-1] == (f"saved {cut}/ckpt.pt (step 8); metrics in "
-                                                                     f"{cut}/metrics.jsonl")
-    same_run(full, cut)
+    for sig, after in ((signal.SIGKILL, "iter 5:"), (signal.SIGINT, "iter 2:")):
+        cut = str(tmp_path / signal.Signals(sig).name)
+        rc, out, err = interrupt(run_args(tmp_path, data_dir, cut), after, sig)
+        if sig == signal.SIGINT:
+            assert rc == 130 and f"continue with: python dpo.py --init_from=resume --out_dir={cut}" in out, err[-2000:]
+        else:
+            assert rc == -9 and torch.load(f"{cut}/ckpt.pt", weights_only=True)["iter_num"] == 4
+        capsys.readouterr()
+        dpo.main(["--init_from=resume", f"--out_dir={cut}"])
+        out = capsys.readouterr().out
+        assert "resume:" not in out and out.strip().splitlines()[-1] == (f"saved {cut}/ckpt.pt (step 8); metrics in "
+                                                                         f"{cut}/metrics.jsonl")
+        same_run(full, cut)
 
 
 def test_resume_prints_what_the_command_line_changes_and_refuses_what_would_break_the_run(tmp_path, capsys):
@@ -2638,26 +2639,28 @@ def test_a_full_disk_in_torch_save_is_one_line_and_keeps_the_previous_file(tmp_p
 
 
 def test_prepare_removes_the_staging_folder_of_a_run_killed_by_sigkill(tmp_path):
-    out = tmp_path / "data" / "toy"
-    args = ["prepare.py", "--toy_pairs=400000", "--num_workers=1", f"--out_dir={out}"]
-    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed as soon as its staging folder exists, long before its 50,000 rows are tokenized
+    src, data = tmp_path / "pairs.jsonl", tmp_path / "data"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " yes", "rejected": " no"}) + "\n" for i in range(50000)))
+    p = subprocess.Popen([sys.executable, "prepare.py", f"--input={src}", "--num_workers=1", f"--out_dir={data / 'mine'}"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):  # until its staging folder holds a file
-            stage = list((tmp_path / "data").glob(".toy.tmp-*"))
-            if stage and list(stage[0].iterdir()):
+        for _ in range(1200):
+            stage = list(data.glob(".mine.tmp-*"))
+            if stage or p.poll() is not None:
                 break
-            subprocess.run(["sleep", "0.05"])
+            subprocess.run(["sleep", "0.02"])
         p.kill()
         p.wait()
     finally:
         if p.poll() is None:
             p.kill()
-    assert stage and stage[0].name.startswith(f".toy.tmp-{p.pid}-") and stage[0].exists()
-    alive = tmp_path / "data" / f".other.tmp-{os.getpid()}-1.5"  # another prepare.py still running: left alone
+    assert p.returncode == -9 and stage and stage[0].name.startswith(f".mine.tmp-{p.pid}-") and stage[0].exists()
+    alive = data / f".other.tmp-{os.getpid()}-1.5"  # another prepare.py still running: left alone
     alive.mkdir()
-    r = cli("prepare.py", "--toy_pairs=60", "--num_workers=1", f"--out_dir={out}")
+    r = cli("prepare.py", "--toy_pairs=60", "--num_workers=1", f"--out_dir={data / 'toy'}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "data")) == [alive.name, "toy"]
+    assert sorted(os.listdir(data)) == [alive.name, "toy"]
 
 
 def test_the_end_of_a_run_says_where_its_result_is(tmp_path, capsys):
