@@ -225,12 +225,13 @@ def atomic_save(obj, path, what):
     except BaseException as e:  # a full disk, or a second Ctrl-C mid-save: never a temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        full = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ENOSPC  # torch.save: "unexpected pos"
-        if full or isinstance(e, OSError):
-            free = f"; free space on the disk of {os.path.dirname(path) or '.'} ({shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 30:.1f} GiB free now)"
-            raise OSError(f"could not write {what} {path} ({'the disk is full' if isinstance(e, RuntimeError) else e.strerror or e}); "
-                          f"the previous file is intact{free if full else ''}") from None
-        raise
+        full = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ENOSPC  # torch.save's zip writer
+        if not (full or isinstance(e, OSError)):  # raises a RuntimeError ("unexpected pos ...") on a full disk
+            raise
+        folder = os.path.dirname(path) or "."
+        why = f"the disk is full? torch.save: {' '.join(str(e).split())[:80]}" if isinstance(e, RuntimeError) else e.strerror or e
+        free = f"; free space on the disk of {folder} ({shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free now)" if full else ""
+        raise OSError(f"could not write {what} {path} ({why}); the previous file is intact{free}") from None
 
 def save(cfg, model, optimizer, it, meta):
     """all ranks gather the full (unsharded) state; rank 0 writes one ckpt.pt that any world size can load"""
@@ -293,7 +294,8 @@ def metrics_log(cfg, stack, ck):
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if ck and os.path.exists(path):  # killed after its checkpoint: the records at its end go, their steps are redone
         with open(path, "rb+") as f:
-            f.truncate(sum(map(len, itertools.takewhile(lambda line: logged_before(line, ck), f.readlines()))))
+            kept = itertools.takewhile(lambda line: logged_before(line, ck), f.readlines())
+            f.truncate(sum(map(len, kept)))
     f = stack.enter_context(open(path, "a" if ck else "w"))
 
     def log(rec):
