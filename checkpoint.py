@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+import configurator
 from model import GPT, GPTConfig
 from prepare import list_shards, load_pairs
 
@@ -163,25 +164,26 @@ def resumable(ck, path):
 def show(v):  # as the command line writes it
     return str(v).lower() if isinstance(v, bool) else v
 
-def refuse(path, changes):
+def refuse(path, changes, where=""):
     """changes: {option: (the run's value, the asked one)} that would break the run"""
     if changes:
         asked, had = (", ".join(f"{'--' * (i == 1)}{k}={show(c[i])}" for k, c in changes.items()) for i in (1, 0))
-        raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop {'them' if len(changes) > 1 else 'it'} "
-                         f"to continue the run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
+        raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop {'them' if len(changes) > 1 else 'it'}"
+                         f"{where} to continue the run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
 
-def resume_config(out_dir, parse):
+def resume_config(out_dir, argv, cls):
     """--init_from=resume: every option from the checkpoint's config (the model's shape from the model itself), the
-    command line changes only what it names; parse(saved options) -> the config. each change is printed once"""
+    command line (and a --config file) changes only what it names; -> the config. each change is printed once"""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_from=resume: no checkpoint at {path}")
     ck = read_checkpoint(path, mmap=True)
     resumable(ck, path)
     saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
-    cfg = parse({k: v for k, v in saved.items() if k not in ("out_dir", "init_from") + MACHINE})
+    cfg = configurator.parse(argv, cls, {k: v for k, v in saved.items() if k not in ("out_dir", "init_from") + MACHINE})
     changes = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in ("out_dir", "init_from") and getattr(cfg, k, v) != v}
-    refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE})
+    files = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE}, f" (from the command line or {files[0]})" if files else "")
     for k, (old, new) in changes.items():
         print0(f"resume: {k} {show(old)} -> {show(new)}" + (f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""))
     return cfg

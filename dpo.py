@@ -128,7 +128,7 @@ def check_config(cfg):
 def parse_config(argv, cls=Config, defaults=None):
     cfg = configurator.parse(argv, cls, defaults)
     if cfg.init_from == "resume" and cls is Config:  # the run as it was: the checkpoint's options, changed where named
-        cfg = checkpoint.resume_config(cfg.out_dir, lambda saved: configurator.parse(argv, cls, saved))
+        cfg = checkpoint.resume_config(cfg.out_dir, argv, cls)
     check_config(cfg)
     return cfg
 

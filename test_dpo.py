@@ -2575,6 +2575,9 @@ def test_resume_prints_what_the_command_line_changes_and_refuses_what_would_brea
                    rf"\({was} there\): drop it to continue the run as it was, or start a new run from its weights: "
                    rf"--init_from={re.escape(str(ck))} --out_dir=NEW$")
     main_error(capsys, resume + ["--seed=7", "--n_layer=2"], r"--seed=7, --n_layer=2 would break .*drop them")
+    (tmp_path / "c.py").write_text("seed = 7\n")  # a --config file names its options too
+    main_error(capsys, resume + [f"--config={tmp_path / 'c.py'}"], r"--seed=7 would break .*drop it \(from the command "
+               rf"line or {re.escape(str(tmp_path / 'c.py'))}\) to continue")
     # other data under the run's data_dir, or another data_dir: refused; the same data moved: a change
     (tmp_path / "o").mkdir()
     other = make_data(tmp_path / "o", seed=5)
