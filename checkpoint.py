@@ -309,7 +309,7 @@ def metrics_log(cfg, stack, ck):
 @contextlib.contextmanager
 def lock(out_dir):
     """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9). rank 0 makes
-    out_dir and holds the lock; a new out_dir that a failed start leaves with nothing written in it is removed"""
+    out_dir and holds the lock; a failed start that wrote nothing leaves out_dir as it found it (no .lock, no folder)"""
     if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
@@ -317,6 +317,7 @@ def lock(out_dir):
     while not os.path.isdir(d):  # the folders this run makes, deepest first
         made, d = made + [d], os.path.dirname(d)
     os.makedirs(out_dir, exist_ok=True)
+    found = set(os.listdir(out_dir))
     with open(os.path.join(out_dir, ".lock"), "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -325,8 +326,8 @@ def lock(out_dir):
         try:
             yield
         except BaseException:
-            files = [os.path.join(out_dir, n) for n in os.listdir(out_dir)]
-            if made and not any(os.path.getsize(p) for p in files):  # the lock and empty files only: no trace left
+            files = [os.path.join(out_dir, n) for n in set(os.listdir(out_dir)) - found]
+            if not any(os.path.isdir(p) or os.path.getsize(p) for p in files):  # its lock and empty files only: no trace
                 for p in files:
                     os.remove(p)
                 for d in made:
