@@ -168,8 +168,9 @@ def refuse(path, changes, where=""):
     """changes: {option: (the run's value, the asked one)} that would break the run"""
     if changes:
         asked, had = (", ".join(f"{'--' * (i == 1)}{k}={show(c[i])}" for k, c in changes.items()) for i in (1, 0))
-        raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop {'them' if len(changes) > 1 else 'it'}"
-                         f"{where} to continue the run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
+        them = "them" if len(changes) > 1 else "it"
+        raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop {them}{where} to continue the "
+                         f"run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
 
 def resume_config(out_dir, argv, cls):
     """--init_from=resume: every option from the checkpoint's config (the model's shape from the model itself), the
@@ -180,12 +181,14 @@ def resume_config(out_dir, argv, cls):
     ck = read_checkpoint(path, mmap=True)
     resumable(ck, path)
     saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
-    cfg = configurator.parse(argv, cls, {k: v for k, v in saved.items() if k not in ("out_dir", "init_from") + MACHINE})
-    changes = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in ("out_dir", "init_from") and getattr(cfg, k, v) != v}
+    saved = {k: v for k, v in saved.items() if k not in ("out_dir", "init_from")}  # these are this command's
+    cfg = configurator.parse(argv, cls, {k: v for k, v in saved.items() if k not in MACHINE})
+    changes = {k: (v, getattr(cfg, k)) for k, v in saved.items() if getattr(cfg, k, v) != v}
     files = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
-    refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE}, f" (from the command line or {files[0]})" if files else "")
+    refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE}, f" (from the command line or {files[-1]})" if files else "")
     for k, (old, new) in changes.items():
-        print0(f"resume: {k} {show(old)} -> {show(new)}" + (f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""))
+        launch = f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""
+        print0(f"resume: {k} {show(old)} -> {show(new)}{launch}")
     return cfg
 
 def start(cfg):
@@ -197,7 +200,7 @@ def start(cfg):
             raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt}")
         ck = read_checkpoint(ckpt)
         resumable(ck, ckpt)
-        refuse(ckpt, {k: (ck["config"][k], getattr(cfg, k)) for k in FIXED if ck["config"].get(k, getattr(cfg, k)) != getattr(cfg, k)})
+        refuse(ckpt, {k: (v, getattr(cfg, k)) for k, v in ck["config"].items() if k in FIXED and v != getattr(cfg, k)})
         if ck.get("data_hash") not in (None, data_hash(cfg.data_dir)):
             raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {ckpt} trained on (from "
                              f"{ck['config']['data_dir']}): restore it, or start a new run: --init_from={ckpt} --out_dir=NEW")
@@ -232,7 +235,7 @@ def atomic_save(obj, path, what):
             raise
         folder = os.path.dirname(path) or "."
         why = f"the disk is full? torch.save: {' '.join(str(e).split())[:80]}" if isinstance(e, RuntimeError) else e.strerror or e
-        free = f"; free space on the disk of {folder} ({shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free now)" if full else ""
+        free = f"; free space on the disk of {folder} ({shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free now)" * full
         raise OSError(f"could not write {what} {path} ({why}); the previous file is intact{free}") from None
 
 def save(cfg, model, optimizer, it, meta):
@@ -342,7 +345,8 @@ def finish(cfg, model, step):
         model.save_pretrained(hf)
     ckpt = f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')} (step {step})" if cfg.save_checkpoint else \
         f"finished step {step}, no checkpoint (--save_checkpoint=false)"
-    print0(f"{ckpt}{f' and {hf} (transformers)' if cfg.export_hf else ''}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
+    hf = f" and {hf} (transformers)" * cfg.export_hf
+    print0(f"{ckpt}{hf}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
 
 class Stop:
     """SIGINT / SIGTERM (a cluster preempting the job): finish the step, save, exit. a second signal exits at once"""

@@ -157,7 +157,8 @@ def main(argv):
     path = checkpoint.checkpoint_path(cfg.init_from) if cfg.mode != "demo" and cfg.init_from != "scratch" else None
     if path:  # one of our runs: its options unless the command line names them
         saved = checkpoint.read_checkpoint(path, mmap=True).get("config", {})
-        cfg = dpo.parse_config(argv, SampleConfig, {k: v for k, v in saved.items() if k not in checkpoint.MACHINE + ("init_from", "out_dir")})
+        skip = checkpoint.MACHINE + ("init_from", "out_dir")  # where this process computes, what it loads
+        cfg = dpo.parse_config(argv, SampleConfig, {k: v for k, v in saved.items() if k not in skip})
     if cfg.mode not in ("sample", "compare", "demo") or cfg.top_k < 0 or cfg.temperature < 0 or cfg.num_samples < 1:
         raise ValueError(f"--mode={cfg.mode} --top_k={cfg.top_k} --temperature={cfg.temperature} --num_samples="
                          f"{cfg.num_samples}: expected mode sample | compare | demo, top_k >= 0, temperature >= 0, num_samples >= 1")
