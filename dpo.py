@@ -60,13 +60,16 @@ class Config:
     dropout: float = 0.0
     bias: bool = True
     # loss
-    loss_type: str = "sigmoid"  # see dpo_loss; "sft" trains on the chosen responses only (no reference)
+    loss_type: str = "sigmoid"  # see dpo_loss; a comma list sums them (MPO); "sft" alone trains on the chosen responses only
+    loss_weights: str = ""  # comma list, one weight per loss_type entry; empty = 1.0 each
     beta: float = 0.1  # strength of the KL leash to the reference
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
     gamma: float = 0.5  # simpo's target margin
     sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO)
     bco_delta: float = 0.0  # bco_pair's reward shift
     discopop_tau: float = 0.05  # discopop's mixing temperature
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
     reference: str = "cached"  # cached: reference log-probs computed once, then the model is freed | model: a frozen copy run every step
     # batching
     global_batch_size: int = 32  # pairs per optimizer step, summed over ranks and micro-steps
@@ -105,10 +108,11 @@ class Config:
 def check_config(cfg):
     """every value checked before any work, as one line naming the option"""
     choices = dict(layout=("packed", "plain"), reference=("cached", "model"), dtype=("auto", "float32", "bfloat16"),
-                   compile=("auto", "true", "false"), loss_type=LOSS_TYPES)
+                   compile=("auto", "true", "false"), loss_type=LOSS_TYPES, f_divergence_type=F_DIVERGENCES)
     for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}")
+        if set(getattr(cfg, key).split(",") if key == "loss_type" else [getattr(cfg, key)]) - set(allowed):
+            raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}"
+                             + (" (or a comma list of them)" if key == "loss_type" else ""))
     for key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
                 "logprob_chunk", "beta", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters",
                 "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
@@ -116,14 +120,21 @@ def check_config(cfg):
                            "block_size", "logprob_chunk", "beta")
         if getattr(cfg, key) < 0 or (positive and getattr(cfg, key) == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if positive else '>= 0'}")
-    if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"--n_head={cfg.n_head} must divide --n_embd={cfg.n_embd}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise ValueError(f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")
+    types, weights = cfg.loss_type.split(","), cfg.loss_weights.split(",") if cfg.loss_weights else []
+    number, aot = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", sorted({"aot", "aot_pair", "aot_unpaired"} & set(types))
+    for invalid, why in [
+        (cfg.n_embd % cfg.n_head, f"--n_head={cfg.n_head} must divide --n_embd={cfg.n_embd}"),
+        (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)"),
+        (weights and (len(weights) != len(types) or not all(re.fullmatch(number, w) for w in weights)),
+         f"--loss_weights={cfg.loss_weights}: expected {len(types)} comma-separated numbers, one per --loss_type entry"),
+        (cfg.f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES),
+         f"--f_divergence_type={cfg.f_divergence_type} works with --loss_type {' | '.join(F_DIVERGENCE_LOSSES)} only (as "
+         f"in TRL: elsewhere log Z(x) does not cancel), not {','.join(sorted(set(types) - set(F_DIVERGENCE_LOSSES)))}"),
+        (not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps"),
+        (cfg.device.startswith("cuda") and not torch.cuda.is_available(),
+         f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")]:
+        if invalid:
+            raise ValueError(why)
 
 def parse_config(argv, cls=Config):
     cfg = configurator.parse(argv, cls)
@@ -367,15 +378,28 @@ def batch_logps(module, b, device, flex=False):
 # inputs are SUMMED response log-probs, one number per sequence, shape (B,).
 # the types that need per-token averages divide by the response token counts.
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-              "apo_zero", "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft")
-REFERENCE_FREE_LOSSES = ("simpo", "sft")  # these never look at a reference model
-NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo")  # these never look at a reference model
+NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft", "orpo")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# f-DPO leaves a beta * log Z(x) term that cancels only in a chosen - rejected difference: TRL's list of such types
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 def _smoothed_logistic(z, label_smoothing):
     # -log sigmoid(z), with a fraction label_smoothing of the labels assumed flipped (cDPO).
     # logsigmoid stays finite and has a finite gradient for any z, unlike log(exp(z)/(1+exp(z)))
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+def _f_score(u, f_divergence_type, alpha):
+    # f'(pi/pi_ref) of the log-ratio u (f-DPO, Wang et al. 2023); reverse KL, plain DPO, keeps u
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-u)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(u)
+    if f_divergence_type == "alpha_divergence" and abs(alpha - 1) >= 1e-6:  # alpha -> 1 is reverse KL
+        return torch.expm1(((alpha - 1) * u).clamp(max=80.0)) / (alpha - 1)  # clamped as TRL: exp stays finite
+    return u
 
 def _token_counts(lengths, like, what, why):
     if lengths is None or torch.as_tensor(lengths).shape != like.shape:
@@ -387,24 +411,36 @@ def _token_counts(lengths, like, what, why):
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
              chosen_lengths=None, rejected_lengths=None, gamma=0.5, sft_weight=0.0,
-             bco_delta=0.0, discopop_tau=0.05):
+             bco_delta=0.0, discopop_tau=0.05, loss_weights=None, f_divergence_type="reverse_kl",
+             f_alpha_divergence_coef=0.5, pair_weights=None):
     """
     Pairwise preference loss. All log-prob inputs are (B,) tensors of log-probs SUMMED over the
     response tokens. Returns (losses, chosen_rewards, rejected_rewards), each (B,); the caller takes
     losses.mean(). Rewards are beta * (policy - reference) summed log-probs, detached, as in TRL's
-    DPOTrainer (for simpo: beta * per-token average policy log-prob, SimPO's own reward).
+    DPOTrainer (simpo, orpo: beta * per-token average policy log-prob, their own reward).
+    loss_type: a type, or several ("sigmoid,bco_pair,sft" or a list): the sum of their losses, each
+        times its entry of loss_weights (default 1.0 each), as TRL's MPO.
     reference_free=True, or both reference tensors None, treats reference log-probs as 0.
     label_smoothing: cDPO flip rate for sigmoid / sigmoid_norm / aot / aot_pair / simpo, the noise
         rate for robust, the target epsilon for exo_pair (0 means 1e-3 there). Must be in [0, 0.5).
     gamma: simpo's target reward margin, in reward units (beta * avg log-prob), as in the SimPO paper;
         TRL's CPOTrainer(simpo_gamma=gamma) means the same (it subtracts gamma/beta before scaling by beta).
-    sft_weight: adds sft_weight * (-policy_chosen_logps / chosen_lengths) to every loss (RPO).
+    sft_weight: adds sft_weight * (-policy_chosen_logps / chosen_lengths) (RPO), as "sft" in the list would.
     bco_delta: bco_pair's reward shift, a running mean of the (detached) batch mean of chosen and
         rejected rewards kept by the caller, e.g. an EMA; 0 gives the unshifted loss (as current TRL).
     discopop_tau: temperature of discopop's mixing sigmoid.
+    f_divergence_type, f_alpha_divergence_coef: f-DPO, the log-ratios u become f'(e^u) (_f_score) before
+        the margin, for F_DIVERGENCE_LOSSES only. pair_weights: None or (B,) factors of each loss (WPO).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    types = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    if sft_weight != 0.0:  # RPO, Pang et al. 2024: DPO-style loss + weighted NLL of the chosen response
+        types, weights = types + ["sft"], weights + [sft_weight]
+    if any(t not in LOSS_TYPES for t in types) or len(weights) != len(types) or f_divergence_type not in F_DIVERGENCES \
+            or (f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES)):
+        raise ValueError(f"dpo_loss: loss_type {loss_type!r}, loss_weights {loss_weights}, f_divergence_type {f_divergence_type!r}: "
+                         f"expected types of {LOSS_TYPES}, one weight each, and an f-divergence of {F_DIVERGENCES} "
+                         f"(other than reverse_kl only with {F_DIVERGENCE_LOSSES})")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} must be in [0, 0.5) "
                          f"(it is the assumed fraction of flipped preference labels)")
@@ -415,64 +451,68 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         raise ValueError("dpo_loss: pass both reference log-prob tensors or neither (None = reference-free)")
     free = reference_free or reference_chosen_logps is None
     rc, rr = (torch.zeros_like(pc), torch.zeros_like(pr)) if free else (reference_chosen_logps, reference_rejected_logps)
-    if loss_type in NEEDS_LENGTHS:
-        lc = _token_counts(chosen_lengths, pc, "chosen_lengths", f"loss_type={loss_type!r}")
-        lr = _token_counts(rejected_lengths, pr, "rejected_lengths", f"loss_type={loss_type!r}")
+    if set(types) & set(NEEDS_LENGTHS):
+        lc = _token_counts(chosen_lengths, pc, "chosen_lengths", f"loss_type={','.join(types)!r}")
+        lr = _token_counts(rejected_lengths, pr, "rejected_lengths", f"loss_type={','.join(types)!r}")
     chosen_logratios = pc - rc  # (B,) log pi(y_w|x)/pi_ref(y_w|x)
     rejected_logratios = pr - rr  # (B,) log pi(y_l|x)/pi_ref(y_l|x)
-    z = beta * (chosen_logratios - rejected_logratios)  # (B,) DPO reward margin
-    ls = label_smoothing
+    sw, sl = (_f_score(u, f_divergence_type, f_alpha_divergence_coef) for u in (chosen_logratios, rejected_logratios))
+    z = beta * (sw - sl)  # (B,) DPO reward margin
+    ls, losses = label_smoothing, 0.0
 
-    if loss_type == "sigmoid":  # DPO, Rafailov et al. 2023; ls > 0 is conservative DPO (cDPO, Mitchell 2023)
-        losses = _smoothed_logistic(z, ls)
-    elif loss_type == "ipo":  # IPO, Azar et al. 2023, eq. 17 (beta plays tau)
-        # log-ratios are AVERAGED per token here, not summed: the target margin 1/(2 beta) is a
-        # per-token scale, and with sums the squared loss would grow with response length (TRL does the same)
-        margin = chosen_logratios / lc - rejected_logratios / lr
-        losses = (margin - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":  # SLiC, Zhao et al. 2023: hinge on the margin, beta = 1/delta
-        losses = torch.relu(1 - z)
-    elif loss_type == "robust":  # rDPO, Chowdhury et al. 2024: unbiased under label-flip rate ls
-        losses = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
-    elif loss_type == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(model pair dist || [1-eps, eps])
-        eps = ls if ls > 0 else 1e-3
-        losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-                  + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-    elif loss_type == "nca_pair":  # NCA, Chen et al. 2024: absolute rewards, not just their difference
-        r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
-        losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-    elif loss_type == "bco_pair":  # BCO, Jung et al. 2024: chosen vs rejected as binary classes, shifted by delta
-        r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
-        losses = -F.logsigmoid(r_w - bco_delta) - F.logsigmoid(-(r_l - bco_delta))
-    elif loss_type == "sppo_hard":  # SPPO, Wu et al. 2024, with hard win probabilities 1 and 0
-        losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-    elif loss_type == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7: push chosen up, rejected down
-        losses = torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
-    elif loss_type == "apo_down":  # APO-down, same paper, eq. 8: push chosen down, rejected down more
-        losses = torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-z)
-    elif loss_type == "discopop":  # DiscoPOP, Lu et al. 2024, eq. 5: logistic/exp blend
-        # exp(-z) * sigmoid(z/tau) written as exp(logsigmoid(z/tau) - z): never inf * 0 at large |z|
-        losses = -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
-    elif loss_type == "aot":  # AOT, Melnyk et al. 2024: sort policy and reference log-ratio margins across the batch
-        margin_sorted, _ = torch.sort(pc - pr, dim=0)
-        ref_sorted, _ = torch.sort(rc - rr, dim=0)
-        losses = _smoothed_logistic(beta * (margin_sorted - ref_sorted), ls)
-    elif loss_type in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): sort each side separately
-        chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
-        rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
-        losses = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), ls)
-    elif loss_type == "sigmoid_norm":  # DPO on per-token averaged log-ratios (length-normalized, as TRL)
-        losses = _smoothed_logistic(beta * (chosen_logratios / lc - rejected_logratios / lr), ls)
-    elif loss_type == "simpo":  # SimPO, Meng et al. 2024: reference-free, per-token average, margin gamma
-        losses = _smoothed_logistic(beta * (pc / lc - pr / lr) - gamma, ls)
-    elif loss_type == "sft":  # plain supervised loss: per-token NLL of the chosen response
-        losses = -pc / lc
+    for t, weight in zip(types, weights):
+        if t == "sigmoid":  # DPO, Rafailov et al. 2023; ls > 0 is conservative DPO (cDPO, Mitchell 2023)
+            loss = _smoothed_logistic(z, ls)
+        elif t == "ipo":  # IPO, Azar et al. 2023, eq. 17 (beta plays tau)
+            # log-ratios are AVERAGED per token here, not summed: the target margin 1/(2 beta) is a
+            # per-token scale, and with sums the squared loss would grow with response length (TRL does the same)
+            loss = (sw / lc - sl / lr - 1 / (2 * beta)) ** 2
+        elif t == "hinge":  # SLiC, Zhao et al. 2023: hinge on the margin, beta = 1/delta
+            loss = torch.relu(1 - z)
+        elif t == "robust":  # rDPO, Chowdhury et al. 2024: unbiased under label-flip rate ls
+            loss = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
+        elif t == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(model pair dist || [1-eps, eps])
+            eps = ls if ls > 0 else 1e-3
+            loss = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                    + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+        elif t == "nca_pair":  # NCA, Chen et al. 2024: absolute rewards, not just their difference
+            r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+            loss = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+        elif t == "bco_pair":  # BCO, Jung et al. 2024: chosen vs rejected as binary classes, shifted by delta
+            r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+            loss = -F.logsigmoid(r_w - bco_delta) - F.logsigmoid(-(r_l - bco_delta))
+        elif t == "sppo_hard":  # SPPO, Wu et al. 2024, with hard win probabilities 1 and 0
+            loss = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        elif t == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7: push chosen up, rejected down
+            loss = torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+        elif t == "apo_down":  # APO-down, same paper, eq. 8: push chosen down, rejected down more
+            loss = torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-z)
+        elif t == "discopop":  # DiscoPOP, Lu et al. 2024, eq. 5: logistic/exp blend
+            # exp(-z) * sigmoid(z/tau) written as exp(logsigmoid(z/tau) - z): never inf * 0 at large |z|
+            loss = -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
+        elif t == "aot":  # AOT, Melnyk et al. 2024: sort policy and reference log-ratio margins across the batch
+            margin_sorted, _ = torch.sort(pc - pr, dim=0)
+            ref_sorted, _ = torch.sort(rc - rr, dim=0)
+            loss = _smoothed_logistic(beta * (margin_sorted - ref_sorted), ls)
+        elif t in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): sort each side separately
+            chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
+            rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
+            loss = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), ls)
+        elif t == "sigmoid_norm":  # DPO on per-token averaged log-ratios (length-normalized, as TRL)
+            loss = _smoothed_logistic(beta * (sw / lc - sl / lr), ls)
+        elif t == "simpo":  # SimPO, Meng et al. 2024: reference-free, per-token average, margin gamma
+            loss = _smoothed_logistic(beta * (pc / lc - pr / lr) - gamma, ls)
+        elif t == "sft":  # plain supervised loss: per-token NLL of the chosen response
+            loss = -pc / lc
+        elif t == "orpo":  # ORPO, Hong et al. 2024: chosen NLL + lambda (= beta) * odds-ratio loss, no reference
+            # log odds(y) = a - log(1 - e^a), a = per-token average log-prob; expm1: exact near a = 0, clamp: finite at 0
+            log_odds = lambda a: a - torch.log((-torch.expm1(a)).clamp(min=1e-30))
+            loss = -pc / lc - beta * F.logsigmoid(log_odds(pc / lc) - log_odds(pr / lr))
+        losses = losses + weight * loss
+    if pair_weights is not None:
+        losses = losses * pair_weights
 
-    if sft_weight != 0.0:  # RPO, Pang et al. 2024: DPO-style loss + weighted NLL of the chosen response
-        lc_sft = _token_counts(chosen_lengths, pc, "chosen_lengths", f"sft_weight={sft_weight}")
-        losses = losses + sft_weight * (-pc / lc_sft)
-
-    if loss_type == "simpo":
+    if set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}:
         chosen_rewards = (beta * pc / lc).detach()
         rejected_rewards = (beta * pr / lr).detach()
     else:
@@ -482,7 +522,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 def loss_kwargs(cfg):
     return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
-                sft_weight=cfg.sft_weight, bco_delta=cfg.bco_delta, discopop_tau=cfg.discopop_tau)
+                sft_weight=cfg.sft_weight, bco_delta=cfg.bco_delta, discopop_tau=cfg.discopop_tau,
+                loss_weights=cfg.loss_weights.split(",") if cfg.loss_weights else None,
+                f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef)
 
 
 # -----------------------------------------------------------------------------
@@ -495,7 +537,7 @@ class Reference:
 
     def __init__(self, run, ref_model, ref_hash, datasets):
         self.run, self.tables, self.model = run, None, None
-        if run.cfg.loss_type in REFERENCE_FREE_LOSSES:
+        if set(run.cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES):
             return
         if run.cfg.reference == "cached":
             self.tables = {d.split: reference_logps(ref_model.to(run.device), ref_hash, d, run) for d in datasets}
@@ -619,7 +661,7 @@ def _train(cfg, stack):
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 
-    sft = cfg.loss_type == "sft" and cfg.sft_weight == 0  # chosen only: no rejected responses, no reference
+    sft = set(cfg.loss_type.split(",")) == {"sft"} and cfg.sft_weight == 0  # chosen only: no rejected responses, no reference
     block, vocab = model.config.block_size, model.config.vocab_size
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, sft, vocab)
     if not len(train_data):

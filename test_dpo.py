@@ -1252,7 +1252,7 @@ def test_command_line(tmp_path):
 # Tests for the DPO loss family. Every value is checked against an independent float64 formula
 # written with python's math module on scalars (never against dpo_loss itself).
 
-NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "sft"}
+NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "sft", "orpo"}
 
 # -----------------------------------------------------------------------------
 # scalar reference formulas
@@ -1313,6 +1313,9 @@ def ref_losses(loss_type, pc, pr, rc, rr, lc, lr, beta, ls, gamma, delta, tau):
             v = cdpo(beta * (pc[i] / lc[i] - pr[i] / lr[i]) - gamma)
         elif loss_type == "sft":
             v = -pc[i] / lc[i]
+        elif loss_type == "orpo":  # the odds p / (1 - p) of the per-token average probability, naively
+            odds = lambda a: math.exp(a) / (1 - math.exp(a))
+            v = -pc[i] / lc[i] - beta * logsig(math.log(odds(pc[i] / lc[i]) / odds(pr[i] / lr[i])))
         else:
             raise AssertionError(loss_type)
         out.append(v)
@@ -1372,7 +1375,7 @@ def test_matches_formula(loss_type, beta, ls):
     for got, w in zip(losses.tolist(), want):
         assert got == pytest.approx(w, rel=1e-9, abs=1e-12), (loss_type, got, w)
     pc, pr, rc, rr, lc, lr = plain
-    if loss_type == "simpo":  # SimPO's reward: beta * per-token average policy log-prob
+    if loss_type in ("simpo", "orpo"):  # their own reward: beta * per-token average policy log-prob
         want_c = [beta * pc[i] / lc[i] for i in range(9)]
         want_r = [beta * pr[i] / lr[i] for i in range(9)]
     else:
@@ -1453,7 +1456,7 @@ def test_unknown_loss_type():
         dpo_loss(pc, pr, None, None, loss_type="kto")
     msg = str(err.value)
     assert "'kto'" in msg and all(name in msg for name in LOSS_TYPES)
-    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 17  # 16 losses + the aot_unpaired alias
+    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 18  # 17 losses + the aot_unpaired alias
 
 def test_only_one_reference_is_an_error():
     pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
