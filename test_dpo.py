@@ -2488,6 +2488,166 @@ def test_every_loss_type_learns_the_preference(tmp_path, name):
               global_batch_size=16, batch_size=16, n_layer=1, beta=0.5) | SETTINGS.get(name, {})
     hist = train(tiny_cfg(tmp_path, str(d), **kw))
     val = read_metrics(str(tmp_path / "out"))[-1]
-    assert hist[0]["accuracy"] == 0.0 or name == "simpo"  # policy = reference at the start: no margin yet
+    assert hist[0]["accuracy"] == 0.0 or name in ("simpo", "orpo")  # policy = reference at the start: no margin yet
     assert val["val/accuracy"] >= 0.75, (name, val)  # the preference is learned, on held-out pairs too
     assert hist[-1]["loss"] < hist[0]["loss"], name
+
+
+# -----------------------------------------------------------------------------
+# ---- issue 21: TRL's DPO options: combined losses (MPO), f-divergences, orpo, LD-DPO, WPO, TR-DPO
+
+from decimal import Decimal, getcontext  # noqa: E402
+
+F_PRIME = {  # f'(t) of each f-divergence at t = pi / pi_ref (f-DPO, Wang et al. 2023), written in t
+    "reverse_kl": lambda t, a: math.log(t),
+    "forward_kl": lambda t, a: 1 - 1 / t,
+    "js_divergence": lambda t, a: math.log(2 * t / (1 + t)),
+    "alpha_divergence": lambda t, a: (t ** (a - 1) - 1) / (a - 1) if a != 1 else math.log(t),
+}
+
+
+@pytest.mark.parametrize("f_div, alpha", [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5),
+                                          ("alpha_divergence", 0.2), ("alpha_divergence", 1.0)])
+@pytest.mark.parametrize("loss_type", dpo.F_DIVERGENCE_LOSSES)
+def test_f_divergence_matches_formula(loss_type, f_div, alpha):
+    # the log-ratios u become f'(e^u) before the margin; the reference formula gets them in place of the log-ratios
+    beta, ls, n = 0.3, 0.1 if loss_type in ("robust", "exo_pair") else 0.0, 9
+    plain, tensors = random_batch(n, seed=7 + dpo.F_DIVERGENCE_LOSSES.index(loss_type))
+    pc, pr, rc, rr, lc, lr = plain
+    losses, cr, rjr = call(loss_type, tensors, beta=beta, label_smoothing=ls, f_divergence_type=f_div,
+                           f_alpha_divergence_coef=alpha)
+    f = lambda u: F_PRIME[f_div](math.exp(u), alpha)
+    sw, sl = [f(pc[i] - rc[i]) for i in range(n)], [f(pr[i] - rr[i]) for i in range(n)]
+    zero = [0.0] * n
+    want = (ref_losses("sft", pc, pr, rc, rr, lc, lr, beta, ls, 0, 0, 0.05) if loss_type == "sft" else
+            ref_losses(loss_type, sw, sl, zero, zero, lc, lr, beta, ls, 0, 0, 0.05))
+    assert losses.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert cr.tolist() == pytest.approx([beta * (pc[i] - rc[i]) for i in range(n)], rel=1e-12)  # rewards: plain ratios
+
+
+def test_alpha_divergence_is_clamped_as_trl_and_other_types_are_refused():
+    # (alpha - 1) u is clamped at 80 (TRL's float32 bound), so exp stays finite: u = -400 at alpha 0.5 gives e^80
+    pc, pr = torch.tensor([-401.0, -1.0]), torch.tensor([-1.0, -1.0])
+    rc, rr = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0])
+    z = dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="hinge", f_divergence_type="alpha_divergence")[0]
+    assert z.tolist() == pytest.approx([1 - (math.exp(80) - 1) / -0.5, 1.0], rel=1e-6)
+    for t in set(LOSS_TYPES) - set(dpo.F_DIVERGENCE_LOSSES):
+        with pytest.raises(ValueError, match="f_divergence_type"):
+            dpo_loss(pc, pr, rc, rr, loss_type=t, f_divergence_type="forward_kl",
+                     chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2))
+
+
+def test_combined_losses_are_the_weighted_sum_and_sft_weight_is_sft_in_the_list():
+    plain, tensors = random_batch(7, seed=11)
+    kw = dict(beta=0.2, label_smoothing=0.1)
+    types, weights = ["sigmoid", "bco_pair", "sft", "ipo"], [0.8, 0.2, 1.0, -0.3]
+    got = call(",".join(types), tensors, loss_weights=weights, **kw)[0]
+    assert torch.equal(got, call(types, tensors, loss_weights=[str(w) for w in weights], **kw)[0])
+    want = [sum(w * ref_losses(t, *plain, 0.2, 0.1, 0.5, 0.0, 0.05)[i] for t, w in zip(types, weights)) for i in range(7)]
+    assert got.tolist() == pytest.approx(want, rel=1e-9)
+    assert call("sigmoid,sigmoid", tensors)[0].tolist() == pytest.approx((2 * call("sigmoid", tensors)[0]).tolist())
+    rpo = call("sigmoid", tensors, sft_weight=0.7)[0]
+    assert rpo.tolist() == pytest.approx(call("sigmoid,sft", tensors, loss_weights=[1, 0.7])[0].tolist(), rel=1e-12)
+    for bad in (dict(loss_type="sigmoid,kto"), dict(loss_type="sigmoid,sft", loss_weights=[1.0])):
+        with pytest.raises(ValueError, match="loss_type"):
+            call(bad.pop("loss_type"), tensors, **bad)
+
+
+def test_orpo_log_odds_near_zero_and_minus_infinity():
+    # ORPO: -a_w + lambda * -log sigmoid(log odds(a_w) - log odds(a_l)), a the per-token average log-prob,
+    # log odds(a) = log(e^a / (1 - e^a)); the reference in 60-digit decimals
+    getcontext().prec = 60
+    def want(aw, al, lam):
+        odds = lambda a: Decimal(a).exp() / (1 - Decimal(a).exp())
+        d = (odds(aw) / odds(al)).ln()
+        return float(-Decimal(aw) + lam * (1 + (-d).exp()).ln())
+    a = [-1e-12, -1e-8, -1e-4, -0.5, -0.69, -0.7, -3.0, -40.0, -1e3, -1e4]
+    aw, al = torch.tensor(a, dtype=torch.float64), torch.tensor(a[::-1], dtype=torch.float64)
+    n = torch.tensor([3.0] * len(a), dtype=torch.float64)  # summed log-probs are 3 x the average
+    losses, cr, rjr = dpo_loss(3 * aw, 3 * al, None, None, beta=0.25, loss_type="orpo", chosen_lengths=n, rejected_lengths=n)
+    assert losses.tolist() == pytest.approx([want(x, y, Decimal("0.25")) for x, y in zip(a, a[::-1])], rel=1e-12)
+    assert cr.tolist() == pytest.approx([0.25 * x for x in a], rel=1e-12)  # TRL's ORPO reward: lambda * a
+    # float32 at the ends, including a = 0 exactly (every token certain): finite values and gradients
+    pc = torch.tensor([0.0, -1e-7, -3e4, -1.0], requires_grad=True)
+    pr = torch.tensor([0.0, -2.0, -1.0, -3e4], requires_grad=True)
+    one = torch.ones(4)
+    losses = dpo_loss(pc, pr, None, None, beta=0.1, loss_type="orpo", chosen_lengths=one, rejected_lengths=one)[0]
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert losses[0].item() == pytest.approx(0.1 * math.log(2), rel=1e-6)  # equal odds: -log sigmoid(0)
+    assert losses[2].item() == pytest.approx(3e4 + 0.1 * (3e4 - 1 - math.log(-math.expm1(-1.0))), rel=1e-6)
+
+
+def test_orpo_is_reference_free():
+    _, (pc, pr, rc, rr, lc, lr) = random_batch(5, seed=12)
+    a = dpo_loss(pc, pr, rc, rr, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
+    b = dpo_loss(pc, pr, None, None, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (["--loss_type=sigmoid,dpo"], r"--loss_type=sigmoid,dpo: expected one of sigmoid \| .* \(or a comma list of them\)"),
+    (["--loss_type=sigmoid,"], r"--loss_type=sigmoid,: expected one of"),
+    (["--loss_weights=0.8,0.2"], r"--loss_weights=0.8,0.2: expected 1 comma-separated numbers, one per --loss_type"),
+    (["--loss_type=sigmoid,sft", "--loss_weights=1,x"], r"--loss_weights=1,x: expected 2 comma-separated numbers"),
+    (["--f_divergence_type=kl"], r"--f_divergence_type=kl: expected one of reverse_kl \| forward_kl \| js_divergence"),
+    (["--f_divergence_type=forward_kl", "--loss_type=sigmoid,nca_pair"],
+     r"--f_divergence_type=forward_kl works with --loss_type sigmoid \| .* only .*, not nca_pair$"),
+    (["--f_divergence_type=js_divergence", "--loss_type=orpo"], r"js_divergence works with .* not orpo$"),
+])
+def test_issue21_bad_options_are_one_line_before_any_work(tmp_path, capsys, bad, pattern):
+    data_dir = make_data(tmp_path)
+    main_error(capsys, tiny_args(tmp_path, data_dir) + bad, pattern)
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(data_dir)) == ["train_000000.bin", "val_000000.bin"]
+
+
+def test_help_lists_the_trl_options():
+    text = __import__("configurator").help_text(Config)
+    for opt in ("--loss_weights=", "--f_divergence_type=reverse_kl", "--f_alpha_divergence_coef=0.5"):
+        assert re.search(rf"^  {re.escape(opt)} +\S", text, re.M), opt
+
+
+def test_combined_loss_run_is_the_weighted_sum_of_its_single_losses_step_by_step(tmp_path, monkeypatch):
+    # TRL's MPO example. every training micro-step also evaluates each single loss on the same log-probs; the run's
+    # loss must be their weighted sum at every step (while it trains, lr > 0), and at step 0 (same weights) the
+    # separate single-loss runs' losses weighted and summed
+    data_dir = make_data(tmp_path)
+    types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    orig, parts = dpo.dpo_loss, []
+
+    def spy(*args, **kw):
+        if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
+            detached = [a.detach() if torch.is_tensor(a) else a for a in args]
+            parts.append([orig(*detached, **{**kw, "loss_type": t, "loss_weights": None})[0].sum().item() for t in types])
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(dpo, "dpo_loss", spy)
+    kw = dict(max_iters=4, learning_rate=3e-3, eval_interval=0)
+    hist = train(tiny_cfg(tmp_path, data_dir, loss_type=",".join(types), loss_weights="0.8,0.2,1.0", **kw))
+    monkeypatch.setattr(dpo, "dpo_loss", orig)
+    per_step = len(parts) // len(hist)  # micro-batches per step (packed: the same count every step here)
+    assert per_step * len(hist) == len(parts)
+    for k, h in enumerate(hist):
+        sums = np.sum(parts[k * per_step: (k + 1) * per_step], axis=0) / 8  # global_batch_size 8
+        assert h["loss"] == pytest.approx(float(np.dot(weights, sums)), rel=1e-6), k
+    single = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / t), loss_type=t, **kw))[0]["loss"] for t in types]
+    assert hist[0]["loss"] == pytest.approx(float(np.dot(weights, single)), rel=1e-6)
+
+
+ISSUE21_OPTIONS = {
+    "mpo": dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),
+    "js_ipo": dict(loss_type="ipo", f_divergence_type="js_divergence"),
+    "alpha": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "orpo": dict(loss_type="orpo"),
+}
+
+
+@pytest.mark.parametrize("name", ISSUE21_OPTIONS)
+def test_issue21_options_packed_equals_plain(tmp_path, name):
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=3, eval_interval=3, learning_rate=3e-3, **ISSUE21_OPTIONS[name])
+    runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / lay), layout=lay, **kw)) for lay in ("plain", "packed")]
+    for a, b in zip(*runs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["margin"] == pytest.approx(b["margin"], rel=1e-4, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert runs[0][-1]["loss"] != runs[0][0]["loss"]  # it trained
