@@ -2651,3 +2651,23 @@ def test_issue21_options_packed_equals_plain(tmp_path, name):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["margin"] == pytest.approx(b["margin"], rel=1e-4, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert runs[0][-1]["loss"] != runs[0][0]["loss"]  # it trained
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])  # several chunks (recomputed in backward), one chunk (kept)
+def test_token_logprobs_sum_sq_matches_a_full_softmax_and_leaves_the_gradient(chunk):
+    # WPO's per-token term log sum_v p(v)^2, from the chunked lm_head, against float64 full-vocabulary softmaxes
+    m = tiny_model(3)
+    idx = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(1))
+    h = m.hidden(idx)
+    lp, sq = m.token_logprobs(h, targets, chunk_size=chunk, sum_sq=True)
+    logp = F.log_softmax(m.lm_head(h).double(), -1)  # (3, 17, V)
+    want = torch.log((logp.exp() ** 2).sum(-1))
+    assert sq.shape == (3, 17) and not sq.requires_grad
+    torch.testing.assert_close(sq.double(), want, atol=1e-5, rtol=1e-5)
+    assert (want < 0).all() and (want > logp.max(-1).values * 2 - 1e-9).all()  # log max p^2 <= it <= 0
+    plain = m.token_logprobs(h, targets, chunk_size=chunk)
+    assert torch.equal(lp, plain)
+    g1 = torch.autograd.grad(lp.sum(), h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(plain.sum(), h)[0]
+    assert torch.equal(g1, g2)
