@@ -70,6 +70,11 @@ class Config:
     discopop_tau: float = 0.05  # discopop's mixing temperature
     f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
     f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    ld_alpha: float = 1.0  # LD-DPO: response tokens past the pair's shorter response count this much (1 = all alike)
+    use_weighting: bool = False  # WPO: each pair's loss times its two responses' per-token policy probability weights
+    sync_ref_model: bool = False  # TR-DPO: every ref_model_sync_steps steps reference = alpha*policy + (1-alpha)*reference
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha
+    ref_model_sync_steps: int = 512  # TR-DPO's tau
     reference: str = "cached"  # cached: reference log-probs computed once, then the model is freed | model: a frozen copy run every step
     # batching
     global_batch_size: int = 32  # pairs per optimizer step, summed over ranks and micro-steps
@@ -111,13 +116,12 @@ def check_config(cfg):
                    compile=("auto", "true", "false"), loss_type=LOSS_TYPES, f_divergence_type=F_DIVERGENCES)
     for key, allowed in choices.items():
         if set(getattr(cfg, key).split(",") if key == "loss_type" else [getattr(cfg, key)]) - set(allowed):
-            raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}"
-                             + (" (or a comma list of them)" if key == "loss_type" else ""))
+            raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}{' (or a comma list)' * (key == 'loss_type')}")
     for key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
                 "logprob_chunk", "beta", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters",
-                "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
+                "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout", "ref_model_sync_steps"):
         positive = key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd",
-                           "block_size", "logprob_chunk", "beta")
+                           "block_size", "logprob_chunk", "beta", "ref_model_sync_steps")
         if getattr(cfg, key) < 0 or (positive and getattr(cfg, key) == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if positive else '>= 0'}")
     types, weights = cfg.loss_type.split(","), cfg.loss_weights.split(",") if cfg.loss_weights else []
@@ -130,6 +134,12 @@ def check_config(cfg):
         (cfg.f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES),
          f"--f_divergence_type={cfg.f_divergence_type} works with --loss_type {' | '.join(F_DIVERGENCE_LOSSES)} only (as "
          f"in TRL: elsewhere log Z(x) does not cancel), not {','.join(sorted(set(types) - set(F_DIVERGENCE_LOSSES)))}"),
+        (not 0 <= cfg.ld_alpha <= 1 or (cfg.ld_alpha < 1 and set(types) == {"sft"} and not cfg.sft_weight),
+         f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1], and weighs tokens past a pair's shorter response (not with sft alone)"),
+        (cfg.use_weighting and aot, f"--use_weighting=true: not with --loss_type {','.join(aot)} (it sorts the batch: weights would land on other pairs)"),
+        (cfg.sync_ref_model and (cfg.reference != "model" or set(types) <= set(REFERENCE_FREE_LOSSES)),
+         f"--sync_ref_model=true needs --reference=model (cached log-probs would go stale) and a loss type with a reference"),
+        (not 0 <= cfg.ref_model_mixup_alpha <= 1, f"--ref_model_mixup_alpha={cfg.ref_model_mixup_alpha}: must be in [0, 1]"),
         (not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps"),
         (cfg.device.startswith("cuda") and not torch.cuda.is_available(),
          f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")]:
@@ -382,7 +392,11 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
               "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo")  # these never look at a reference model
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft", "orpo")
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCES = {  # f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023), a = f_alpha_divergence_coef
+    "reverse_kl": lambda u, a: u, "forward_kl": lambda u, a: 1 - torch.exp(-u),
+    "js_divergence": lambda u, a: math.log(2) + F.logsigmoid(u),  # log(2t / (1 + t))
+    "alpha_divergence": lambda u, a: torch.expm1(((a - 1) * u).clamp(max=80.0)) / (a - 1) if abs(a - 1) >= 1e-6 else u,
+}  # (a - 1) u clamped at 80 as TRL (exp stays finite in float32); a -> 1 is reverse_kl
 # f-DPO leaves a beta * log Z(x) term that cancels only in a chosen - rejected difference: TRL's list of such types
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
@@ -390,16 +404,6 @@ def _smoothed_logistic(z, label_smoothing):
     # -log sigmoid(z), with a fraction label_smoothing of the labels assumed flipped (cDPO).
     # logsigmoid stays finite and has a finite gradient for any z, unlike log(exp(z)/(1+exp(z)))
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-
-def _f_score(u, f_divergence_type, alpha):
-    # f'(pi/pi_ref) of the log-ratio u (f-DPO, Wang et al. 2023); reverse KL, plain DPO, keeps u
-    if f_divergence_type == "forward_kl":
-        return 1 - torch.exp(-u)
-    if f_divergence_type == "js_divergence":
-        return math.log(2) + F.logsigmoid(u)
-    if f_divergence_type == "alpha_divergence" and abs(alpha - 1) >= 1e-6:  # alpha -> 1 is reverse KL
-        return torch.expm1(((alpha - 1) * u).clamp(max=80.0)) / (alpha - 1)  # clamped as TRL: exp stays finite
-    return u
 
 def _token_counts(lengths, like, what, why):
     if lengths is None or torch.as_tensor(lengths).shape != like.shape:
@@ -429,7 +433,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     bco_delta: bco_pair's reward shift, a running mean of the (detached) batch mean of chosen and
         rejected rewards kept by the caller, e.g. an EMA; 0 gives the unshifted loss (as current TRL).
     discopop_tau: temperature of discopop's mixing sigmoid.
-    f_divergence_type, f_alpha_divergence_coef: f-DPO, the log-ratios u become f'(e^u) (_f_score) before
+    f_divergence_type, f_alpha_divergence_coef: f-DPO, the log-ratios u become f'(e^u) (F_DIVERGENCES) before
         the margin, for F_DIVERGENCE_LOSSES only. pair_weights: None or (B,) factors of each loss (WPO).
     """
     types = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
@@ -456,7 +460,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         lr = _token_counts(rejected_lengths, pr, "rejected_lengths", f"loss_type={','.join(types)!r}")
     chosen_logratios = pc - rc  # (B,) log pi(y_w|x)/pi_ref(y_w|x)
     rejected_logratios = pr - rr  # (B,) log pi(y_l|x)/pi_ref(y_l|x)
-    sw, sl = (_f_score(u, f_divergence_type, f_alpha_divergence_coef) for u in (chosen_logratios, rejected_logratios))
+    sw, sl = (F_DIVERGENCES[f_divergence_type](u, f_alpha_divergence_coef) for u in (chosen_logratios, rejected_logratios))
     z = beta * (sw - sl)  # (B,) DPO reward margin
     ls, losses = label_smoothing, 0.0
 
@@ -521,10 +525,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return losses, chosen_rewards, rejected_rewards
 
 def loss_kwargs(cfg):
-    return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
-                sft_weight=cfg.sft_weight, bco_delta=cfg.bco_delta, discopop_tau=cfg.discopop_tau,
-                loss_weights=cfg.loss_weights.split(",") if cfg.loss_weights else None,
-                f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef)
+    keys = "beta loss_type label_smoothing gamma sft_weight bco_delta discopop_tau f_divergence_type f_alpha_divergence_coef"
+    return {k: getattr(cfg, k) for k in keys.split()} | dict(loss_weights=cfg.loss_weights.split(",") if cfg.loss_weights else None)
 
 
 # -----------------------------------------------------------------------------

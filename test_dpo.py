@@ -2586,7 +2586,7 @@ def test_orpo_is_reference_free():
 
 
 @pytest.mark.parametrize("bad, pattern", [
-    (["--loss_type=sigmoid,dpo"], r"--loss_type=sigmoid,dpo: expected one of sigmoid \| .* \(or a comma list of them\)"),
+    (["--loss_type=sigmoid,dpo"], r"--loss_type=sigmoid,dpo: expected one of sigmoid \| .* \(or a comma list\)"),
     (["--loss_type=sigmoid,"], r"--loss_type=sigmoid,: expected one of"),
     (["--loss_weights=0.8,0.2"], r"--loss_weights=0.8,0.2: expected 1 comma-separated numbers, one per --loss_type"),
     (["--loss_type=sigmoid,sft", "--loss_weights=1,x"], r"--loss_weights=1,x: expected 2 comma-separated numbers"),
