@@ -131,9 +131,8 @@ def check_config(cfg):
         (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)"),
         (weights and (len(weights) != len(types) or not all(re.fullmatch(number, w) for w in weights)),
          f"--loss_weights={cfg.loss_weights}: expected {len(types)} comma-separated numbers, one per --loss_type entry"),
-        (cfg.f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES),
-         f"--f_divergence_type={cfg.f_divergence_type} works with --loss_type {' | '.join(F_DIVERGENCE_LOSSES)} only (as "
-         f"in TRL: elsewhere log Z(x) does not cancel), not {','.join(sorted(set(types) - set(F_DIVERGENCE_LOSSES)))}"),
+        (cfg.f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES), f"--f_divergence_type={cfg.f_divergence_type} "
+         f"works with --loss_type {' | '.join(F_DIVERGENCE_LOSSES)} only (as TRL), not {','.join(sorted(set(types) - set(F_DIVERGENCE_LOSSES)))}"),
         (not 0 <= cfg.ld_alpha <= 1 or (cfg.ld_alpha < 1 and set(types) == {"sft"} and not cfg.sft_weight),
          f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1], and weighs tokens past a pair's shorter response (not with sft alone)"),
         (cfg.use_weighting and aot, f"--use_weighting=true: not with --loss_type {','.join(aot)} (it sorts the batch: weights would land on other pairs)"),
@@ -141,8 +140,7 @@ def check_config(cfg):
          f"--sync_ref_model=true needs --reference=model (cached log-probs would go stale) and a loss type with a reference"),
         (not 0 <= cfg.ref_model_mixup_alpha <= 1, f"--ref_model_mixup_alpha={cfg.ref_model_mixup_alpha}: must be in [0, 1]"),
         (not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps"),
-        (cfg.device.startswith("cuda") and not torch.cuda.is_available(),
-         f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")]:
+        (cfg.device.startswith("cuda") and not torch.cuda.is_available(), f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")]:
         if invalid:
             raise ValueError(why)
 
@@ -396,9 +394,8 @@ F_DIVERGENCES = {  # f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023), a = f_a
     "reverse_kl": lambda u, a: u, "forward_kl": lambda u, a: 1 - torch.exp(-u),
     "js_divergence": lambda u, a: math.log(2) + F.logsigmoid(u),  # log(2t / (1 + t))
     "alpha_divergence": lambda u, a: torch.expm1(((a - 1) * u).clamp(max=80.0)) / (a - 1) if abs(a - 1) >= 1e-6 else u,
-}  # (a - 1) u clamped at 80 as TRL (exp stays finite in float32); a -> 1 is reverse_kl
-# f-DPO leaves a beta * log Z(x) term that cancels only in a chosen - rejected difference: TRL's list of such types
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+}  # (a - 1) u clamped at 80 as TRL (exp stays finite in float32); a -> 1 is reverse_kl. f-DPO's beta log Z(x) cancels
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")  # in these
 
 def _smoothed_logistic(z, label_smoothing):
     # -log sigmoid(z), with a fraction label_smoothing of the labels assumed flipped (cDPO).
@@ -422,8 +419,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     response tokens. Returns (losses, chosen_rewards, rejected_rewards), each (B,); the caller takes
     losses.mean(). Rewards are beta * (policy - reference) summed log-probs, detached, as in TRL's
     DPOTrainer (simpo, orpo: beta * per-token average policy log-prob, their own reward).
-    loss_type: a type, or several ("sigmoid,bco_pair,sft" or a list): the sum of their losses, each
-        times its entry of loss_weights (default 1.0 each), as TRL's MPO.
+    loss_type: one, or a list ("sigmoid,bco_pair,sft"): the sum of their losses times loss_weights (1.0 each; MPO).
     reference_free=True, or both reference tensors None, treats reference log-probs as 0.
     label_smoothing: cDPO flip rate for sigmoid / sigmoid_norm / aot / aot_pair / simpo, the noise
         rate for robust, the target epsilon for exo_pair (0 means 1e-3 there). Must be in [0, 0.5).
@@ -433,18 +429,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     bco_delta: bco_pair's reward shift, a running mean of the (detached) batch mean of chosen and
         rejected rewards kept by the caller, e.g. an EMA; 0 gives the unshifted loss (as current TRL).
     discopop_tau: temperature of discopop's mixing sigmoid.
-    f_divergence_type, f_alpha_divergence_coef: f-DPO, the log-ratios u become f'(e^u) (F_DIVERGENCES) before
-        the margin, for F_DIVERGENCE_LOSSES only. pair_weights: None or (B,) factors of each loss (WPO).
+    f_divergence_type, f_alpha_divergence_coef: f-DPO's f'(e^u) replaces each log-ratio u (F_DIVERGENCES).
+    pair_weights: None, or (B,) factors of each pair's loss (WPO's weights).
     """
     types = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
     if sft_weight != 0.0:  # RPO, Pang et al. 2024: DPO-style loss + weighted NLL of the chosen response
         types, weights = types + ["sft"], weights + [sft_weight]
-    if any(t not in LOSS_TYPES for t in types) or len(weights) != len(types) or f_divergence_type not in F_DIVERGENCES \
-            or (f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES)):
-        raise ValueError(f"dpo_loss: loss_type {loss_type!r}, loss_weights {loss_weights}, f_divergence_type {f_divergence_type!r}: "
-                         f"expected types of {LOSS_TYPES}, one weight each, and an f-divergence of {F_DIVERGENCES} "
-                         f"(other than reverse_kl only with {F_DIVERGENCE_LOSSES})")
+    if set(types) - set(LOSS_TYPES) or len(weights) != len(types) or f_divergence_type not in F_DIVERGENCES or (
+            f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES)):  # the f-divergence types: TRL's
+        raise ValueError(f"dpo_loss: loss_type {loss_type!r} with loss_weights {loss_weights} and f_divergence_type {f_divergence_type!r}: expected "
+                         f"types of {LOSS_TYPES}, one weight each, f-divergences of {tuple(F_DIVERGENCES)}, not reverse_kl only with {F_DIVERGENCE_LOSSES}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} must be in [0, 0.5) "
                          f"(it is the assumed fraction of flipped preference labels)")
