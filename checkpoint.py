@@ -133,6 +133,8 @@ def start(cfg):
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt}")
         ck, model, ref_model = load_run(ckpt, cfg)
+        if "ref_model" in ck:  # TR-DPO: the reference as synced so far (its source and hash are the first one's)
+            ref_model.load_state_dict(ck["ref_model"])
         meta = {"ref_from": ck["ref_from"], "ref_hash": ck.get("ref_hash") or weights_hash(ref_model),
                 "ref_rel": ck.get("ref_rel"), "ref_seed": ck.get("ref_seed", ck["config"]["seed"])}  # the first run's
         return model, ref_model, ck, meta

@@ -669,6 +669,8 @@ def _train(cfg, stack):
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run, ref_model, meta["ref_hash"], datasets)
     del ref_model  # cached: only its tables stay
+    if cfg.sync_ref_model:  # TR-DPO: the reference's weights change, so each checkpoint holds them (live views)
+        meta = {**meta, "ref_model": ref.model.gpt.state_dict()}
     model.train()
 
     module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk)
@@ -741,6 +743,10 @@ def _train(cfg, stack):
                                      f"{ckpt if os.path.exists(ckpt) else 'none saved yet'}. try a lower learning_rate or beta")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0:  # TR-DPO after steps tau, 2 tau, .. as TRL
+            with torch.no_grad():  # reference = alpha * policy + (1 - alpha) * reference
+                for r, p in zip(ref.model.gpt.parameters(), model.parameters()):
+                    r.mul_(1 - cfg.ref_model_mixup_alpha).add_(p.full_tensor() if cfg.fsdp else p, alpha=cfg.ref_model_mixup_alpha)
 
         # ---- everything that follows is diagnostics, logging and the stop signal
         if run.world > 1:

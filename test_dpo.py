@@ -2671,3 +2671,46 @@ def test_token_logprobs_sum_sq_matches_a_full_softmax_and_leaves_the_gradient(ch
     g1 = torch.autograd.grad(lp.sum(), h, retain_graph=True)[0]
     g2 = torch.autograd.grad(plain.sum(), h)[0]
     assert torch.equal(g1, g2)
+
+
+def test_tr_dpo_reference_after_a_sync_is_the_mix_and_the_next_step_uses_it(tmp_path):
+    # sync after optimizer steps tau, 2 tau, ... (TRL's SyncRefModelCallback, global_step % tau == 0): with tau = 2 the
+    # reference after step 2 is 0.6 * policy + 0.4 * reference, and step index 2 (the third) is scored against it
+    data_dir = make_data(tmp_path)
+    kw = dict(reference="model", learning_rate=3e-3, eval_interval=0, sync_ref_model=True, ref_model_sync_steps=2,
+              ref_model_mixup_alpha=0.6)
+    hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), max_iters=2, **kw))
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    init = checkpoint.load_model("scratch", tiny_cfg(tmp_path, data_dir)).state_dict()  # the first reference
+    for k, v in ck["ref_model"].items():
+        want = 0.6 * ck["model"][k].double() + 0.4 * init[k].double()
+        torch.testing.assert_close(v.double(), want, atol=1e-7, rtol=1e-6)
+    assert not torch.equal(ck["ref_model"]["lm_head.weight"], init["lm_head.weight"])
+    # the third step's loss with the policy after step 2 and that mixed reference, computed naively
+    third = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), max_iters=3, **kw))
+    assert [h["loss"] for h in third[:2]] == [h["loss"] for h in hist]
+    data = PairData(data_dir, "train", 64)
+    policy, ref = tiny_model(), tiny_model()
+    policy.load_state_dict(ck["model"]), ref.load_state_dict(ck["ref_model"])
+    ids = dpo.step_pairs(len(data), 1337, 2, 8, 0, 1)
+    with torch.no_grad():
+        lp = {(n, i): [naive_logps(m, data[i][0], data[i][j]) for j in (1, 2)] for n, m in (("p", policy), ("r", ref)) for i in ids}
+    z = [0.1 * ((lp["p", i][0] - lp["r", i][0]) - (lp["p", i][1] - lp["r", i][1])) for i in ids]
+    assert third[2]["loss"] == pytest.approx(float(np.mean([-logsig(float(x)) for x in z])), rel=1e-5)
+    # tau = 3: no sync within two steps, the reference is the first one exactly
+    train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "c"), max_iters=2, **{**kw, "ref_model_sync_steps": 3}))
+    ck3 = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, init[k]) for k, v in ck3["ref_model"].items())
+
+
+def test_resume_with_sync_ref_model_is_bit_exact(tmp_path):
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=6, lr_decay_iters=6, eval_interval=3, dropout=0.1, reference="model", sync_ref_model=True,
+              ref_model_sync_steps=2, learning_rate=3e-3)  # syncs after steps 2, 4, 6; the checkpoint at 3 holds one
+    full = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "full"), **kw))
+    half = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), **{**kw, "max_iters": 3}))
+    rest = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), init_from="resume", **kw))
+    assert [h["loss"] for h in full] == [h["loss"] for h in half + rest]
+    assert [h["iter"] for h in rest] == [3, 4, 5]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "half"))
+    assert all(torch.equal(v, b["ref_model"][k]) for k, v in a["ref_model"].items())
