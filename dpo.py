@@ -658,7 +658,7 @@ def _train(cfg, stack):
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 
-    sft = set(cfg.loss_type.split(",")) == {"sft"} and cfg.sft_weight == 0  # chosen only: no rejected responses, no reference
+    sft = set(cfg.loss_type.split(",")) == {"sft"} and not (cfg.sft_weight or cfg.use_weighting)  # chosen only: no rejected, no reference
     block, vocab = model.config.block_size, model.config.vocab_size
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, sft, vocab)
     if not len(train_data):

@@ -2594,6 +2594,13 @@ def test_orpo_is_reference_free():
     (["--f_divergence_type=forward_kl", "--loss_type=sigmoid,nca_pair"],
      r"--f_divergence_type=forward_kl works with --loss_type sigmoid \| .* only .*, not nca_pair$"),
     (["--f_divergence_type=js_divergence", "--loss_type=orpo"], r"js_divergence works with .* not orpo$"),
+    (["--ld_alpha=1.5"], r"--ld_alpha=1.5: must be in \[0, 1\]"),
+    (["--ld_alpha=0.5", "--loss_type=sft"], r"--ld_alpha=0.5: .*not with sft alone"),
+    (["--use_weighting=true", "--loss_type=sigmoid,aot_pair"], r"--use_weighting=true: not with --loss_type aot_pair"),
+    (["--sync_ref_model=true"], r"--sync_ref_model=true needs --reference=model"),  # tiny_cfg: reference cached
+    (["--sync_ref_model=true", "--reference=model", "--loss_type=simpo"], r"and a loss type with a reference"),
+    (["--sync_ref_model=true", "--reference=model", "--ref_model_mixup_alpha=2"], r"--ref_model_mixup_alpha=2.0: must be in"),
+    (["--ref_model_sync_steps=0"], r"--ref_model_sync_steps=0: must be > 0"),
 ])
 def test_issue21_bad_options_are_one_line_before_any_work(tmp_path, capsys, bad, pattern):
     data_dir = make_data(tmp_path)
@@ -2603,7 +2610,8 @@ def test_issue21_bad_options_are_one_line_before_any_work(tmp_path, capsys, bad,
 
 def test_help_lists_the_trl_options():
     text = __import__("configurator").help_text(Config)
-    for opt in ("--loss_weights=", "--f_divergence_type=reverse_kl", "--f_alpha_divergence_coef=0.5"):
+    for opt in ("--loss_weights=", "--f_divergence_type=reverse_kl", "--f_alpha_divergence_coef=0.5", "--ld_alpha=1.0",
+                "--use_weighting=False", "--sync_ref_model=False", "--ref_model_mixup_alpha=0.6", "--ref_model_sync_steps=512"):
         assert re.search(rf"^  {re.escape(opt)} +\S", text, re.M), opt
 
 
