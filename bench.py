@@ -9,6 +9,7 @@ rows with the prompt once, reference log-probs cached), and optionally TRL itsel
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --device=cuda --steps=20   # GPT-2 124M, bf16, compiled
 Options are bench.py's own (--hh, --steps, --warmup, --trl, --max_length, --json, --profile) and any dpo.py config key.
     python bench.py --prepare=1 --input=../shared/data/hh-rlhf-harmless-base-test.jsonl.gz   # prepare.py vs bare tiktoken
+    python bench.py --host=1          # the packer's host time per pair (micro_batches), one thread, 128-pair micro-batches
 """
 import dataclasses
 import json
@@ -106,6 +107,8 @@ def child(cmd):
 def main(argv):
     if any(a.startswith("--prepare=") and a != "--prepare=0" for a in argv):  # prepare.py's speed instead
         return prepare_bench(argv)
+    if "--host=1" in argv:  # the packer's speed instead
+        return host_bench([a for a in argv if a != "--host=1"])
     opts, rest = parse(argv)
     if opts["variant"]:
         return run_variant(opts, rest)
@@ -191,6 +194,33 @@ def prepare_bench(argv):
     t_prep, (t_batch, t_loop) = med[next(iter(med))], list(med.values())[2:]
     print(f"  ratio full prepare / bare encode: {t_prep / t_batch:.2f}x (batch call), {t_prep / t_loop:.2f}x (loop)")
     return med
+
+
+def host_bench(argv):
+    """host microseconds per pair of micro_batches (plan, tokens, positions, index arrays as torch tensors) on HH
+    pairs, one thread, 128-pair micro-batches: the fixed packed shape (compiled / GPU), rows sized per step (CPU
+    eager) and the plain layout; every train pair once per pass, best of 7 passes"""
+    opts, rest = parse(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare.prepare(prepare.parse_args([f"--input={opts['hh']}", f"--out_dir={tmp}", f"--max_length={opts['max_length']}"]),
+                        log=lambda *a, **k: None)
+        data = dpo.PairData(tmp, "train", 1024)
+        cfg = dpo.parse_config(["--batch_size=128", "--block_size=1024", *rest])
+        ids = np.random.default_rng(0).permutation(len(data))
+        res = {}
+        for name, layout, fixed in (("packed, fixed shape", "packed", True), ("packed, rows per step", "packed", False),
+                                    ("plain", "plain", False)):
+            shape = dpo.make_shape(dataclasses.replace(cfg, layout=layout), [data], fixed=fixed)
+            best = float("inf")
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for i in range(0, len(ids), 128):
+                    dpo.micro_batches(data, ids[i: i + 128], shape)
+                best = min(best, time.perf_counter() - t0)
+            res[name] = 1e6 * best / len(ids)
+            print(f"  {name:24s} ({shape.rows} x {shape.row_len}): {res[name]:6.1f} us per pair", flush=True)
+    return res
 
 
 if __name__ == "__main__":

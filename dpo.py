@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import configurator
 from checkpoint import print0, setup
-from prepare import EOT, PrepareError, list_shards, load_pairs, truncate
+from prepare import EOT, PrepareError, list_shards, load_pairs, truncate as cut_pair
 
 # -----------------------------------------------------------------------------
 # config
@@ -84,6 +83,7 @@ class Config:
     pack_rows: int = 0  # rows per packed micro-batch; 0 = room for about batch_size pairs of mean train length
     truncate: bool = False  # pairs longer than block_size: False refuses with an error, True cuts them (prompt start first)
     logprob_chunk: int = 4096  # tokens per lm_head chunk, so full (tokens, vocab) logits never exist at once
+    prefetch: bool = True  # build the next step's micro-batches (and copy them to the GPU) while this step runs
     grad_checkpointing: bool = False  # recompute block activations in backward (big models, less memory)
     # optimizer
     max_iters: int = 200
@@ -164,29 +164,42 @@ class PairData:
             if vocab_size and s.max_token >= vocab_size:
                 raise ValueError(f"{s.path}: token id {s.max_token} >= the model's vocabulary ({vocab_size}); "
                                  f"was it prepared with another tokenizer?")
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)  # (N, 3)
-        seq_len = self.lengths[:, 0] + self.lengths[:, 1:].max(1)  # (N,) the longer sequence of each pair
+        self.shard_of = np.repeat(np.arange(len(self.shards)), [len(s) for s in self.shards])  # (N,)
+        stored = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)  # (N, 3) prompt, chosen, rejected
+        seq_len = stored[:, 0] + stored[:, 1:].max(1)  # (N,) the longer sequence of each pair
         self.n_cut = int((seq_len > block_size).sum())
         if self.n_cut and not truncate:
             raise ValueError(
                 f"{data_dir} ({split}): {self.n_cut} pairs are longer than block_size={block_size} "
                 f"(longest prompt+response: {seq_len.max()} tokens). Set --truncate=true to cut them, raise --block_size "
                 f"(GPT-2 has 1024 positions), or re-run prepare.py with --max_length={block_size}")
-        if self.n_cut:
-            self.lengths = np.array([[len(x) for x in self[i]] for i in range(len(self))], dtype=np.int64)
+        self.lengths = stored.copy()  # as the trainer sees them
+        if self.n_cut:  # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
+            pairs = (pair for sh in self.shards for pair in (sh[j] for j in range(len(sh))))
+            self.lengths = np.array([[len(x) for x in cut_pair(*pair, block_size, block_size // 2)[:3]] for pair in pairs])
         if chosen_only:
             self.lengths[:, 2] = 0
+        # where each pair's prompt, chosen and rejected tokens start in its shard (a cut prompt keeps its end)
+        start = np.concatenate([s.offsets for s in self.shards])[:, None]
+        self.seg = start + np.stack([stored[:, 0] - self.lengths[:, 0], stored[:, 0], stored[:, :2].sum(1)], 1)  # (N, 3)
 
     def __len__(self):
-        return int(self.starts[-1])
+        return len(self.lengths)
 
     def __getitem__(self, i):
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        p, c, r = self.shards[s][i - int(self.starts[s])]
-        if self.n_cut:  # prepare.py's rule: the prompt keeps its last block_size // 2 tokens, then responses lose their end
-            p, c, r = truncate(p, c, r, self.block_size, self.block_size // 2)[:3]
-        return p.astype(np.int64), c.astype(np.int64), r[: 0 if self.chosen_only else len(r)].astype(np.int64)
+        """pair i as the trainer sees it (cut to block_size by --truncate): (prompt, chosen, rejected) int64 arrays"""
+        tokens = self.shards[self.shard_of[i]].tokens
+        return tuple(tokens[a: a + n].astype(np.int64) for a, n in zip(self.seg[i], self.lengths[i]))
+
+    def tokens(self, pairs, kinds):
+        """segments end to end, kinds[s] (0 prompt, 1 chosen, 2 rejected) of pair pairs[s] -> their tokens (n,) int64,
+        and for each token its segment (n,) and its place in it (n,)"""
+        seg, within = spans(self.lengths[pairs, kinds])
+        at, shard = self.seg[pairs, kinds][seg] + within, self.shard_of[pairs][seg]
+        out = np.empty(len(at), dtype=np.int64)
+        for s, sh in enumerate(self.shards):  # a loop over shards, not pairs
+            out[shard == s] = sh.tokens[at[shard == s]] if len(self.shards) > 1 else sh.tokens[at]
+        return out, seg, within
 
     def fingerprint(self):
         """identifies the data for the reference cache: every token and length, and the block size"""
@@ -221,70 +234,77 @@ class Batch:
     src: torch.Tensor  # (N,) flat index into (R*T) of the position that predicts each response token
     tgt: torch.Tensor  # (N,) the response tokens
     seq: torch.Tensor  # (N,) 2*k for pair k's chosen, 2*k+1 for its rejected
+    lengths: torch.Tensor  # (2, K) float: response tokens of each pair's chosen and rejected, known here
     pair_ids: np.ndarray  # (K,) dataset indices of the pairs in this micro-batch
     n_tokens: int  # real (non-padding) tokens the model runs on
+    n_resp: int  # real response tokens (the lm_head's work)
     ctx_sum: int  # sum over real tokens of how many keys each attends to (for the attention FLOPs)
+    n_seq: int = 0  # sequence slots of the sums: 2K, or more for fixed shapes (the spare ones take padding)
+
+def spans(lengths):
+    """segments of these lengths laid end to end -> for each element its segment and its place in it:
+    lengths [2, 3] -> segment [0, 0, 1, 1, 1], place [0, 1, 0, 1, 2]"""
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    return seg, np.arange(len(seg)) - (np.cumsum(lengths) - lengths)[seg]
+
+def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
+    """the tokens of segments (kinds[s] of pair pairs[s]) written at flat offsets dst[s] of a (rows, row_len) grid of EOT.
+    pred[s]: the position that predicts a response segment's first token; its later ones are predicted by the token
+    before them. -> (tokens grid, per token: segment, place in it, flat position; src, tgt, seq of response tokens)"""
+    tok, seg, within = data.tokens(pairs, kinds)
+    at = dst[seg] + within
+    idx = np.full(rows * row_len, EOT, dtype=np.int64)
+    idx[at] = tok
+    resp = kinds[seg] > 0
+    src = np.where(within == 0, pred[seg], at - 1)[resp]
+    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp]
 
 def plain_batch(data, ids, row_len):
     """reference layout: one padded row per sequence, rows 2k (prompt+chosen) and 2k+1 (prompt+rejected)"""
-    idx = np.full((2 * len(ids), row_len), EOT, dtype=np.int64)
-    src, tgt, seq = [], [], []
-    n_tokens = ctx_sum = 0
-    for k, i in enumerate(ids):
-        p, c, r = data[i]
-        for row, resp in ((2 * k, c), (2 * k + 1, r)):
-            s = np.concatenate([p, resp])
-            idx[row, : len(s)] = s
-            src.append(row * row_len + len(p) - 1 + np.arange(len(resp)))  # token t of the response <- position P+t-1
-            tgt.append(resp)
-            seq.append(np.full(len(resp), row))
-            n_tokens += len(s)
-            ctx_sum += len(s) * (len(s) + 1) // 2
-    t = lambda parts: torch.from_numpy(np.concatenate(parts))
-    return Batch(torch.from_numpy(idx), None, None, None, t(src), t(tgt), t(seq), np.asarray(ids), n_tokens, ctx_sum)
+    K = len(ids)
+    L = data.lengths[ids]  # (K, 3)
+    rows = 2 * np.arange(K)[:, None] + [0, 0, 1, 1]  # (K, 4) segments prompt, chosen | prompt, rejected
+    dst = (rows * row_len + L[:, [0]] * [0, 1, 0, 1]).ravel()
+    pred = (rows * row_len + L[:, [0]] - 1).ravel()
+    idx, _, _, _, src, tgt, seg = lay_out(data, np.repeat(ids, 4), np.tile([0, 1, 0, 2], K), dst, pred, 2 * K, row_len)
+    seq_len = L[:, [0]] + L[:, 1:]  # (K, 2)
+    t = torch.from_numpy
+    return Batch(t(idx), None, None, None, t(src), t(tgt), t(rows.ravel()[seg]), t(L[:, 1:].T.astype(np.float32)),
+                 np.asarray(ids), int(seq_len.sum()), len(tgt), int((seq_len * (seq_len + 1) // 2).sum()), 2 * K)
 
 def plan_packed(need, row_len):
     """first-fit decreasing: longest pair first, each into the first row with room for it.
-    `need` (K,) tokens per pair; returns the rows, each a list of (k, offset) with k the pair's index in `need`"""
-    rows, used = [], []
-    for k in np.argsort(-np.asarray(need), kind="stable"):
-        j = next((j for j, u in enumerate(used) if u + need[k] <= row_len), len(rows))
-        if j == len(rows):
-            rows.append([])
-            used.append(0)
-        rows[j].append((int(k), used[j]))
-        used[j] += int(need[k])
-    return rows
+    need (K,) tokens per pair -> row (K,) and offset (K,) of each pair"""
+    need = np.asarray(need, dtype=np.int64)
+    free = np.full(len(need), row_len)  # K rows always suffice; the first untouched row is the first with all its room
+    row, offset = np.zeros_like(need), np.zeros_like(need)
+    for k in np.argsort(-need, kind="stable"):
+        j = row[k] = (free >= need[k]).argmax()
+        offset[k] = row_len - free[j]
+        free[j] -= need[k]
+    return row, offset
 
-def packed_batch(data, ids, plan, rows, row_len):
-    """prefix sharing: each pair is [prompt | chosen | rejected] in one row. plan: rows of (j, offset), j an index
-    into ids; `rows` >= len(plan), the rest is padding. one pair of P=3, C=2, R=3 tokens at offset o:
+def packed_batch(data, pair, row, offset, rows, row_len):
+    """prefix sharing: each pair is [prompt | chosen | rejected] in one row. pair (K,) dataset indices, numbered in
+    this order, placed at (row, offset); rows beyond the last used one are padding. a pair of P=3, C=2, R=3 at o:
 
         token    p0 p1 p2 c0 c1 r0 r1 r2      rejected sees the prompt, never chosen (attention_mask)
         pos       0  1  2  3  4  3  4  5      and its positions continue from the prompt's end
         predicts       c0 c1  .  r1 r2  .     and r0 is predicted from p2: src = o + [P-1, P+C, P+C+1]
     """
-    idx = np.full((rows, row_len), EOT, dtype=np.int64)
-    pos, branch, doc = np.zeros((rows, row_len), dtype=np.int64), np.zeros((rows, row_len), dtype=np.int64), idx * 0 - 1
-    src, tgt, seq, pair_ids = [], [], [], []
-    n_tokens = ctx_sum = 0
-    placed = [(j, row, o) for row, items in enumerate(plan) for j, o in items]
-    for k, (j, row, o) in enumerate(placed):
-        p, c, r = data[ids[j]]
-        P, C, R = len(p), len(c), len(r)
-        idx[row, o: o + P + C + R] = np.concatenate([p, c, r])
-        pos[row, o: o + P + C + R] = np.concatenate([np.arange(P + C), np.arange(P, P + R)])
-        doc[row, o: o + P + C + R] = k
-        branch[row, o + P: o + P + C], branch[row, o + P + C: o + P + C + R] = 1, 2
-        base = row * row_len + o
-        src += [base + P - 1 + np.arange(C), base + np.r_[P - 1, P + C + np.arange(R - 1)][:R]]
-        tgt += [c, r]
-        seq += [np.full(C, 2 * k), np.full(R, 2 * k + 1)]
-        pair_ids.append(ids[j])
-        n_tokens += P + C + R
-        ctx_sum += (P + C) * (P + C + 1) // 2 + R * (2 * P + R + 1) // 2
-    t = lambda a: torch.from_numpy(np.concatenate(a) if isinstance(a, list) else a)
-    return Batch(t(idx), t(pos), t(doc), t(branch), t(src), t(tgt), t(seq), np.asarray(pair_ids), n_tokens, ctx_sum)
+    K, L, base = len(pair), data.lengths[pair], row * row_len + offset  # base: (K,) flat offset of each pair
+    P, C, R = L.T
+    dst = (base[:, None] + np.stack([0 * P, P, P + C], 1)).ravel()  # (3K,) where each segment starts
+    first = np.stack([0 * P, P, P], 1).ravel()  # (3K,) the position id of each segment's first token
+    pred = np.repeat(base + P - 1, 3)
+    idx, seg, within, at, src, tgt, rseg = lay_out(data, np.repeat(pair, 3), np.tile([0, 1, 2], K), dst, pred, rows, row_len)
+    pos, doc, branch = (np.full(rows * row_len, fill, dtype=np.int64) for fill in (0, -1, 0))
+    pos[at], doc[at], branch[at] = first[seg] + within, seg // 3, seg % 3
+    t = lambda a: torch.from_numpy(a.reshape(rows, row_len))
+    ctx_sum = (P + C) * (P + C + 1) // 2 + R * (2 * P + R + 1) // 2
+    return Batch(torch.from_numpy(idx), t(pos), t(doc), t(branch), torch.from_numpy(src), torch.from_numpy(tgt),
+                 torch.from_numpy(rseg - rseg // 3 - 1), torch.from_numpy(L[:, 1:].T.astype(np.float32)), pair,
+                 int(L.sum()), len(tgt), int(ctx_sum.sum()), 2 * K)
 
 @dataclass
 class Shape:
@@ -292,93 +312,133 @@ class Shape:
     layout: str  # packed | plain
     row_len: int  # tokens per row
     rows: int  # packed: rows per micro-batch (the token budget is rows * row_len); plain: pairs per micro-batch
-    fixed: bool  # packed: every micro-batch exactly (rows, row_len), the one shape torch.compile and FlexAttention want
+    fixed: bool  # every micro-batch the same tensor shapes, the one graph torch.compile and FlexAttention want
     multiple: int = 64  # row lengths are multiples of this (FlexAttention computes blocks of 128)
+    n_pred: int = 0  # fixed: response tokens per micro-batch, padded up to this (and never more: a micro-batch ends)
 
 def round_up(n, multiple):
     return int(-(-n // multiple) * multiple)
 
 def make_shape(cfg, datasets, fixed, multiple=64):
     """rows as long as the longest pair (packed) or sequence (plain) of all splits; the first dataset (train) sizes
-    the token budget: room for about batch_size pairs of its mean length"""
+    the token budget: room for about batch_size pairs of its mean length, and a quarter more response tokens than
+    that holds on average"""
     L = np.concatenate([d.lengths for d in datasets])
     longest = int((L.sum(1) if cfg.layout == "packed" else L[:, 0] + L[:, 1:].max(1)).max())
     if cfg.pack_len and cfg.pack_len < longest:
         raise ValueError(f"pack_len={cfg.pack_len} is shorter than the longest {'pair' if cfg.layout == 'packed' else 'sequence'} ({longest} tokens)")
-    row_len = cfg.pack_len or round_up(longest, multiple)
+    row_len, train = cfg.pack_len or round_up(longest, multiple), datasets[0].lengths
     rows = cfg.batch_size if cfg.layout == "plain" else \
-        cfg.pack_rows or max(1, math.ceil(cfg.batch_size * datasets[0].lengths.sum(1).mean() / row_len))
-    return Shape(cfg.layout, row_len, rows, fixed, multiple)
+        cfg.pack_rows or max(1, math.ceil(cfg.batch_size * train.sum(1).mean() / row_len))
+    pairs = rows if cfg.layout == "plain" else rows * row_len / max(train.sum(1).mean(), 1)  # per micro-batch
+    n_pred = round_up(max(1.25 * pairs * train[:, 1:].sum(1).mean(), L[:, 1:].sum(1).max(), 1), 64) if fixed else 0
+    return Shape(cfg.layout, row_len, rows, fixed, multiple, n_pred)
+
+def groups(sizes, most, cap):
+    """consecutive items (pairs or rows) in groups of at most `most` items and `cap` in size -> each item's group"""
+    out, g, n, total = np.zeros(len(sizes), dtype=np.int64), 0, 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if n == most or total + size > cap:
+            g, n, total = g + 1, 0, 0
+        out[i], n, total = g, n + 1, total + size
+    return out
+
+def padded(b, shape, n_seq):
+    """fixed shapes: response tokens padded to n_pred (token 0 predicted from position 0 into the spare last sum),
+    plain rows to 2 * rows, so every micro-batch of a call has the same tensor shapes"""
+    extra = shape.n_pred - len(b.tgt)
+    grow = lambda t, fill, n: torch.cat([t, torch.full((n, *t.shape[1:]), fill, dtype=t.dtype)])
+    idx = b.idx if b.pos is not None else grow(b.idx, EOT, 2 * shape.rows - len(b.idx))
+    return dataclasses.replace(b, idx=idx, src=grow(b.src, 0, extra), tgt=grow(b.tgt, 0, extra),
+                               seq=grow(b.seq, n_seq - 1, extra), n_seq=n_seq)
 
 def micro_batches(data, ids, shape):
-    """one rank's pairs for a step -> micro-batches. packed, fixed shape: every micro-batch (rows, row_len); else
-    rows only as long as this step's longest pair and as many as the same token budget allows (less padding, less
-    masked-out attention: ~45% vs ~39% MFU on the CPU bench)"""
+    """one rank's pairs for a step -> micro-batches. fixed shape: every micro-batch (rows, row_len) and n_pred response
+    tokens; else rows only as long as this step's longest pair and as many as the same token budget allows (less
+    padding, less masked-out attention: ~45% vs ~39% MFU on the CPU bench)"""
+    resp, cap = data.lengths[ids, 1:].sum(1), shape.n_pred or float("inf")  # (K,) response tokens of each pair
+    if not len(ids):
+        return []
     if shape.layout == "plain":
-        return [plain_batch(data, ids[i: i + shape.rows], shape.row_len) for i in range(0, len(ids), shape.rows)]
-    need = data.lengths[ids].sum(1)  # (K,) tokens of each pair: prompt + chosen + rejected
-    rows, row_len = shape.rows, shape.row_len
-    if not shape.fixed and len(need):
-        row_len = min(row_len, round_up(need.max(), shape.multiple))
-        rows = max(1, shape.rows * shape.row_len // row_len)
-    plan = plan_packed(need, row_len)
-    groups = [plan[i: i + rows] for i in range(0, len(plan), rows)]
-    return [packed_batch(data, ids, g, rows if shape.fixed else len(g), row_len) for g in groups]
+        group = groups(resp, shape.rows, cap)
+        mbs = [plain_batch(data, k, shape.row_len) for k in np.split(ids, np.flatnonzero(np.diff(group)) + 1)]
+    else:
+        need = data.lengths[ids].sum(1)  # (K,) tokens of each pair: prompt + chosen + rejected
+        rows, row_len = shape.rows, shape.row_len
+        if not shape.fixed and len(need):
+            row_len = min(row_len, round_up(need.max(), shape.multiple))
+            rows = max(1, shape.rows * shape.row_len // row_len)
+        row, offset = plan_packed(need, row_len)
+        group = groups(np.bincount(row, weights=resp, minlength=row.max(initial=0) + 1), rows, cap)  # (rows,) micro-batch of each
+        first = np.flatnonzero(np.r_[1, np.diff(group)])  # its first row
+        order = np.lexsort((offset, row))  # pairs numbered row by row, left to right
+        mbs = []
+        for k in np.split(order, np.flatnonzero(np.diff(group[row[order]])) + 1):
+            r = row[k] - first[group[row[k[0]]]]
+            mbs.append(packed_batch(data, ids[k], r, offset[k], rows if shape.fixed else r.max() + 1, row_len))
+    return [padded(b, shape, 2 * len(ids) + 1) for b in mbs] if shape.fixed else mbs
 
 
 # -----------------------------------------------------------------------------
 # sequence log-probs
 
-def attention_mask(b, device):
+def attention_mask(doc, branch):
     """(R, 1, T, T) bool, True = may attend: same pair, causal, and never chosen <-> rejected.
     padding (doc -1) attends causally to other padding, so no row is empty (no NaN from softmax)"""
-    doc, br = b.doc.to(device), b.branch.to(device)
     T = doc.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
     same_pair = doc[:, :, None] == doc[:, None, :]
-    same_branch = (br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])  # the prompt, or my own response
+    same_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])  # the prompt, or my own response
     return (causal & same_pair & same_branch)[:, None]
 
-def flex_block_mask(b, device):
-    """the same mask as a FlexAttention BlockMask (CUDA): only the blocks that hold allowed pairs are computed"""
-    from torch.nn.attention.flex_attention import create_block_mask
-    doc, br = b.doc.to(device), b.branch.to(device)
+def flex_block_mask(doc, branch, block=128):
+    """the same mask as a FlexAttention BlockMask, built from the ids by tensor ops inside the compiled forward (no
+    host sync, nothing compiled per call): a (query block, key block) tile where nothing may attend is skipped, one
+    where everything may runs without mask_mod"""
+    from torch.nn.attention.flex_attention import BlockMask
+    R, T = doc.shape
+    if T % block:
+        raise ValueError(f"FlexAttention rows must be a multiple of {block} tokens, got {T}")
+    tiles = attention_mask(doc, branch).view(R, T // block, block, T // block, block)
+    some, every = tiles.any(4).any(2), tiles.all(4).all(2)  # (R, T/block, T/block)
 
-    def mask_mod(bi, h, q, k):
-        return (k <= q) & (doc[bi, q] == doc[bi, k]) & ((br[bi, k] == 0) | (br[bi, k] == br[bi, q]))
+    def kv(tile):  # per query block: how many key blocks, and which (those first)
+        order = torch.argsort(tile.to(torch.int8), dim=-1, descending=True, stable=True)
+        return tile.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
-    with warnings.catch_warnings():  # _compile: 8 ms a step instead of 30 eager (H100, 124M bench); torch may deprecate it
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return create_block_mask(mask_mod, doc.shape[0], None, doc.shape[1], doc.shape[1], device=device,
-                                 _compile=device.type == "cuda")
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (doc[b, q] == doc[b, k]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+    return BlockMask.from_kv_blocks(*kv(some & ~every), *kv(every), BLOCK_SIZE=block, mask_mod=mask_mod)
 
 class SequenceLogps(nn.Module):
-    """the trainable forward: tokens -> summed log-prob of each response. one module, so DDP/FSDP see one forward"""
+    """the trainable forward: a micro-batch -> the summed log-prob of every response. the mask, the transformer, the
+    response positions, the chunked lm_head and the sums are one compiled graph. one module: DDP/FSDP see one forward"""
 
-    def __init__(self, gpt, compile=False, chunk=4096):
+    def __init__(self, gpt, compile=False, chunk=4096, flex=False):
         super().__init__()
-        self.gpt, self.chunk = gpt, chunk
-        self.hidden = torch.compile(gpt.hidden) if compile else gpt.hidden
+        self.gpt, self.chunk, self.flex = gpt, chunk, flex
+        self.logps = torch.compile(self._logps) if compile else self._logps
 
-    def forward(self, idx, pos, mask, src, tgt, seq, n_seq):
-        h = self.hidden(idx, pos=pos, attn_mask=mask)  # (R, T, C)
-        h = h.flatten(0, 1)[src]  # (N, C) only the positions that predict response tokens
+    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq):
+        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq)
+
+    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq):
+        mask = None if doc is None else flex_block_mask(doc, branch) if self.flex else attention_mask(doc, branch)
+        h = self.gpt.hidden(idx, pos=pos, attn_mask=mask).flatten(0, 1)[src]  # (N, C) the positions that predict responses
         logp = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk)  # (N,) float32
-        sums = torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)
-        return sums[0::2].clone(), sums[1::2].clone()  # (K,) chosen, rejected; not views (fsdp's hooks want new tensors)
+        return torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)  # (n_seq,) per sequence
 
 def to_device(t, device):
     """pinned, non-blocking on CUDA: a pageable copy would make the host wait for all queued GPU work"""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-def batch_logps(module, b, device, flex=False):
-    """summed response log-probs (K,) chosen and rejected, and the response lengths, of one micro-batch"""
-    b = dataclasses.replace(b, **{k: to_device(getattr(b, k), device) for k in ("idx", "pos", "doc", "branch", "src", "tgt", "seq")
-                                  if getattr(b, k) is not None})
-    mask = None if b.doc is None else flex_block_mask(b, device) if flex else attention_mask(b, device)
-    chosen, rejected = module(b.idx, b.pos, mask, b.src, b.tgt, b.seq, 2 * len(b.pair_ids))
-    n = torch.bincount(b.seq, minlength=2 * len(b.pair_ids)).float()
-    return chosen, rejected, n[0::2], n[1::2]
+def on_device(b, device):
+    return dataclasses.replace(b, **{k: to_device(v, device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+
+def batch_logps(module, b):
+    """summed response log-probs (K,) chosen and (K,) rejected of a micro-batch that is on the device"""
+    sums = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq)
+    return sums[0: 2 * len(b.pair_ids): 2], sums[1: 2 * len(b.pair_ids): 2]
 
 
 # -----------------------------------------------------------------------------
@@ -541,12 +601,12 @@ class Reference:
         else:
             frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
             frozen.gradient_checkpointing = False
-            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk)
+            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk, flex=run.flex)
 
     def __call__(self, b, split):
         if self.model is not None:
             with torch.no_grad(), self.run.ctx:
-                c, r, _, _ = batch_logps(self.model, b, self.run.device, self.run.flex)
+                c, r = batch_logps(self.model, b)
             return c.float(), r.float()
         if self.tables is None:
             return None, None
@@ -563,14 +623,14 @@ def reference_logps(ref_model, ref_hash, data, run):
 @torch.inference_mode()
 def compute_reference(ref_model, data, run):
     out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
-    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk).eval()
+    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk, flex=run.flex).eval()
     ids, step, t0, last = np.arange(run.rank, len(data), run.world), 16 * run.cfg.batch_size, time.time(), 0
     print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
            f"(--reference=model skips this pass: a frozen copy runs every step instead)")
     for i in range(0, len(ids), step):
         for b in micro_batches(data, ids[i: i + step], run.shape):
             with run.ctx:
-                c, r, _, _ = batch_logps(module, b, run.device, run.flex)
+                c, r = batch_logps(module, on_device(b, run.device))
             j = torch.from_numpy(b.pair_ids).to(run.device)
             out[0, j], out[1, j] = c.float(), r.float()
         if time.time() - last > 5:  # the first eta at once (last = 0), then every 5 s
@@ -602,43 +662,59 @@ def peak_flops(device):
     return next((flops for key, flops in GPU_PEAK if key in name), None)
 
 class Metrics:
-    """sums over pairs, all-reduced across ranks, then averaged"""
+    """sums over pairs, kept on the device; the host's counts beside them; all-reduced across ranks, then averaged"""
     KEYS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
 
     def __init__(self, device):
-        self.t = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=device)
+        self.t, self.host = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device), np.zeros(3)
 
-    def add(self, losses, chosen_rewards, rejected_rewards, pc, pr):
+    def add(self, losses, chosen_rewards, rejected_rewards, pc, pr, tokens=0, flops=0.0):
         cr, rr = chosen_rewards, rejected_rewards
         vals = [losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(), pc.sum(), pr.sum()]
-        self.t[:-1] += torch.stack(vals).detach().double()
-        self.t[-1] += len(losses)
+        self.t += torch.stack(vals).detach().double()
+        self.host += (len(losses), tokens, flops)
 
-    def result(self, world):
-        if world > 1:
-            dist.all_reduce(self.t)
-        return {k: v / max(self.t[-1].item(), 1) for k, v in zip(self.KEYS, self.t[:-1].tolist())}
+    def result(self, world, norm=None, stop=False):
+        """-> averages, tokens, flops, stop (asked on any rank), norm, read in one copy: the step's one host sync"""
+        host, t = [*self.host, float(stop)], self.t
+        if world > 1:  # the host's counts travel in the same all_reduce
+            t = torch.cat([t, torch.tensor(host, dtype=torch.float64, device=t.device)])
+            dist.all_reduce(t)
+        vals = torch.cat([t] + ([norm.detach().double().view(1)] if norm is not None else [])).tolist()
+        n, host = len(self.KEYS), vals[len(self.KEYS):len(self.KEYS) + 4] if world > 1 else host
+        return {k: v / max(host[0], 1) for k, v in zip(self.KEYS, vals[:n])}, host[1], host[2], host[3] > 0, vals[-1]
 
 def same_count(mbs, run):
     """fsdp gathers the weights in every forward, so every rank must run as many micro-batches; the extra ones
     repeat the last and weigh 0. -> (batch, weight) pairs"""
-    n = torch.tensor(len(mbs), device=run.device)
-    if run.cfg.fsdp and run.world > 1:
+    n = len(mbs)
+    if run.cfg.fsdp and run.world > 1:  # (this waits for the device: fsdp over several ranks only)
+        n = torch.tensor(n, device=run.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return [(b, 1.0) for b in mbs] + [(mbs[-1], 0.0)] * (int(n) - len(mbs))
+
+def load(data, ids, ref, run, split):
+    """micro-batches on the device with their reference log-probs: [(batch, weight, ref chosen, ref rejected)]"""
+    mbs = [on_device(b, run.device) for b in micro_batches(data, ids, run.shape)]
+    return [(b, w, *ref(b, split)) for b, w in same_count(mbs, run)]
+
+def micro_step(module, b, ref_c, ref_r, run):
+    """one micro-batch's forward and loss -> (losses, chosen_rewards, rejected_rewards, pc, pr), each (K,)"""
+    with run.ctx:
+        pc, pr = batch_logps(module, b)
+    return *dpo_loss(pc, pr, ref_c, ref_r, chosen_lengths=b.lengths[0], rejected_lengths=b.lengths[1],
+                     **loss_kwargs(run.cfg)), pc, pr
 
 @torch.no_grad()
 def evaluate(module, data, ref, run, n_pairs):
     module.eval()
     m = Metrics(run.device)
-    for b, w in same_count(micro_batches(data, np.arange(run.rank, n_pairs, run.world), run.shape), run):
-        with run.ctx:
-            pc, pr, nc, nr = batch_logps(module, b, run.device, run.flex)
-        losses, cr, rr = dpo_loss(pc, pr, *ref(b, "val"), chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs(run.cfg))
+    for b, w, rc, rr in load(data, np.arange(run.rank, n_pairs, run.world), ref, run, "val"):
+        out = micro_step(module, b, rc, rr, run)
         if w:
-            m.add(losses, cr, rr, pc, pr)
+            m.add(*out)
     module.train()
-    return m.result(run.world)
+    return m.result(run.world)[0]
 
 # -----------------------------------------------------------------------------
 # training
@@ -673,7 +749,7 @@ def _train(cfg, stack):
         meta = {**meta, "ref_model": ref.model.gpt.state_dict()}
     model.train()
 
-    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk)
+    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex)
     if cfg.fsdp:  # one shard group per block and one for the rest (embeddings, ln_f): weights gathered block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights in forward and backward; gradients reduced in float32 (summing many ranks in bf16 loses bits)
@@ -700,6 +776,9 @@ def _train(cfg, stack):
            f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, reference {meta['ref_from']}")
     ckpt, history, step_time, stop = os.path.join(cfg.out_dir, "ckpt.pt"), [], 0.0, checkpoint.Stop()
     stack.callback(stop.restore)
+    step_batches = lambda it: load(train_data, step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, run.rank,
+                                                          run.world), ref, run, "train")  # this rank's, on the device
+    nxt = None  # the next step's micro-batches, when built ahead (--prefetch)
     for it in range(start, cfg.max_iters + 1):
         # ---- evaluation, then checkpoint (those at `start` were done before its checkpoint was saved)
         if it > start or not ck:
@@ -717,28 +796,26 @@ def _train(cfg, stack):
         lr = get_lr(it, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ids = step_pairs(len(train_data), cfg.seed, it, cfg.global_batch_size, run.rank, run.world)
-        mbs = same_count(micro_batches(train_data, ids, run.shape), run)
-        m, work = Metrics(run.device), np.zeros(2)  # tokens, flops: counted on the host, no per-batch copies
-        for i, (b, w) in enumerate(mbs):
+        mbs, nxt = nxt or step_batches(it), None
+        m = Metrics(run.device)
+        for i, (b, w, ref_c, ref_r) in enumerate(mbs):
             last = i == len(mbs) - 1  # gradients are reduced across ranks in the last backward only
             if isinstance(module, DDP):
                 module.require_backward_grad_sync = last
             elif cfg.fsdp:
                 module.set_requires_gradient_sync(last)
-            with run.ctx:
-                pc, pr, nc, nr = batch_logps(module, b, run.device, run.flex)
-            losses, cr, rr = dpo_loss(pc, pr, *ref(b, "train"), chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs(cfg))
+            losses, cr, rr, pc, pr = micro_step(module, b, ref_c, ref_r, run)
             # each pair weighs 1/global_batch; ddp and fsdp average over ranks, hence the factor world
             (losses.sum() * w * run.world / cfg.global_batch_size).backward()
             if w:
-                m.add(losses, cr, rr, pc, pr)
-                work += (b.n_tokens, model.flops(b.n_tokens, len(b.tgt), b.ctx_sum))
-        stats = m.result(run.world)
+                m.add(losses, cr, rr, pc, pr, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
+        if cfg.prefetch and it + 1 < cfg.max_iters:
+            nxt = step_batches(it + 1)  # packed, and copied to the GPU, while it still runs this step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
-        if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
-            what = f"loss is {stats['loss']}" if not math.isfinite(stats["loss"]) else f"gradient norm is {norm.item()}"
+        stats, tokens, flops, asked, norm = m.result(run.world, norm, stop.asked)  # the one wait for the device
+        if not math.isfinite(stats["loss"]) or not math.isfinite(norm):
+            what = f"loss is {stats['loss']}" if not math.isfinite(stats["loss"]) else f"gradient norm is {norm}"
             raise FloatingPointError(f"step {it}: the {what}; stopping. the last good checkpoint is "
                                      f"{ckpt if os.path.exists(ckpt) else 'none saved yet'}. try a lower learning_rate or beta")
         optimizer.step()
@@ -749,17 +826,11 @@ def _train(cfg, stack):
                     r.mul_(1 - cfg.ref_model_mixup_alpha).add_(p.full_tensor() if cfg.fsdp else p, alpha=cfg.ref_model_mixup_alpha)
 
         # ---- everything that follows is diagnostics, logging and the stop signal
-        if run.world > 1:
-            work = torch.from_numpy(work).to(run.device)
-            dist.all_reduce(work)
-            work = work.cpu().numpy()
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
+        dt = time.time() - t0  # to the step's sync: its optimizer update runs while the next step is launched
         step_time += dt
-        rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm.item(), "ms": 1000 * dt,
-               "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": work[0] / dt,
-               "flops_per_s": work[1] / dt, "mfu": work[1] / dt / (peak * run.world) if peak else None}
+        rec = {"iter": it, "lr": lr, **stats, "grad_norm": norm, "ms": 1000 * dt,
+               "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": tokens / dt,
+               "flops_per_s": flops / dt, "mfu": flops / dt / (peak * run.world) if peak else None}
         if run.device.type == "cuda":
             rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         history.append(rec)
@@ -770,7 +841,7 @@ def _train(cfg, stack):
             mfu = f", mfu {100 * rec['mfu']:.1f}%" if peak else ""
             print0(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, "
                    f"{rec['pairs_per_s']:.1f} pairs/s{mfu}, eta {eta:.0f}s")
-        if stop.agreed(run.device):  # every rank stops after the same step
+        if asked:  # every rank stops after the same step
             checkpoint.save(cfg, model, optimizer, it + 1, meta)
             print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
             raise checkpoint.Interrupted()

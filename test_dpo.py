@@ -1605,7 +1605,7 @@ def layout_logps(model, data, ids, layout, pack_len, batch_size=3):
     module = dpo.SequenceLogps(model, chunk=7)  # a small chunk exercises the chunked lm_head
     chosen, rejected = {}, {}
     for b in dpo.micro_batches(data, ids, shape):
-        c, r, nc, nr = dpo.batch_logps(module, b, torch.device("cpu"))
+        c, r = dpo.batch_logps(module, b)
         for k, i in enumerate(b.pair_ids):
             chosen[int(i)], rejected[int(i)] = c[k], r[k]
     return chosen, rejected
@@ -1641,16 +1641,23 @@ def test_plan_packed_places_every_pair_once_without_overlap():
     for trial in range(50):
         need = rng.integers(1, 100, size=rng.integers(1, 30))
         row_len = int(need.max()) + int(rng.integers(0, 50))
-        rows = dpo.plan_packed(need, row_len)
-        seen = sorted(k for row in rows for k, _ in row)
-        assert seen == list(range(len(need)))
-        for row in rows:  # pairs sit end to end from offset 0 and the row holds them
-            spans = sorted((o, o + need[k]) for k, o in row)
+        row, offset = dpo.plan_packed(need, row_len)
+        rows = [[(k, offset[k]) for k in np.flatnonzero(row == j)] for j in range(row.max() + 1)]
+        assert all(rows)  # rows are numbered 0, 1, ... with none left empty
+        for items in rows:  # pairs sit end to end from offset 0 and the row holds them
+            spans = sorted((o, o + need[k]) for k, o in items)
             assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
             assert spans[-1][1] <= row_len
         # no two rows could be merged: first fit leaves no row that fits into another's space
-        used = sorted(sum(need[k] for k, _ in row) for row in rows)
+        used = sorted(sum(need[k] for k, _ in items) for items in rows)
         assert len(used) < 2 or used[0] + used[1] > row_len
+        # first fit decreasing, by a naive loop: each pair (longest first) into the first row with room
+        free = []
+        for k in sorted(range(len(need)), key=lambda k: -need[k]):
+            j = next((j for j, f in enumerate(free) if f >= need[k]), len(free))
+            free += [row_len] * (j == len(free))
+            assert (row[k], offset[k]) == (j, row_len - free[j])
+            free[j] -= need[k]
 
 
 def test_step_shape_fits_the_longest_pair_and_the_token_budget(tmp_path):
@@ -1916,35 +1923,39 @@ def test_flex_block_mask_equals_bool_mask_forward(tmp_path):
     # the CUDA path's FlexAttention mask must allow exactly what the CPU bool mask allows (forward only on CPU)
     data = PairData(make_data(tmp_path, n_train=12), "train", 64)
     model = tiny_model(3).eval()
-    b = dpo.micro_batches(data, np.arange(12), dpo.make_shape(Config(layout="packed", batch_size=12), [data], fixed=True))[0]
+    b = dpo.micro_batches(data, np.arange(12), dpo.make_shape(Config(layout="packed", batch_size=12), [data], True, 128))[0]
     cpu = torch.device("cpu")
     with torch.no_grad():
-        h_bool = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.attention_mask(b, cpu))
-        h_flex = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b, cpu))
+        h_bool = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.attention_mask(b.doc, b.branch))
+        h_flex = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b.doc, b.branch))
     real = (b.doc >= 0)[..., None]  # padding rows differ by design (zeros vs. attending to themselves)
     torch.testing.assert_close(h_flex * real, h_bool * real, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_hidden_takes_a_new_block_mask_every_call_without_recompiling(tmp_path):
-    # the CUDA trainer builds a BlockMask (a new mask_mod closure) per micro-step and feeds it to the compiled
-    # hidden(); dynamo must treat it as an input, not compile again. flex runs forward-only on CPU, which is enough
+@pytest.mark.parametrize("flex", [False, True])
+def test_compiled_forward_is_one_graph_for_every_batch_of_a_shape(tmp_path, flex):
+    # the trainer's compiled region: mask (a BlockMask built from the ids, or the bool mask), transformer, response
+    # positions, chunked log-probs and sums. new pairs, same fixed shape: one graph, equal to the eager bool-mask
+    # forward. flex runs forward-only on CPU, which is enough
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     data = PairData(make_data(tmp_path, n_train=24), "train", 64)
     model = tiny_model(4).eval()
-    hidden = torch.compile(model.hidden)
-    cfg = Config(layout="packed", batch_size=4, pack_rows=2)
-    cpu = torch.device("cpu")
-    mbs = dpo.micro_batches(data, np.arange(24), dpo.make_shape(cfg, [data], fixed=True))
-    assert len(mbs) >= 3
+    compiled = dpo.SequenceLogps(model, compile=True, chunk=16, flex=flex)
+    shape = dpo.make_shape(Config(layout="packed", batch_size=4, pack_rows=1), [data], fixed=True, multiple=128)
+    mbs = [b for i in range(0, 24, 8) for b in dpo.micro_batches(data, np.arange(i, i + 8), shape)]
+    assert len(mbs) >= 4 and len({len(b.pair_ids) for b in mbs}) > 1  # different pairs and pair counts, one shape
     for b in mbs:
         with torch.no_grad():
-            h = hidden(b.idx, pos=b.pos, attn_mask=dpo.flex_block_mask(b, cpu))
-            ref = model.hidden(b.idx, pos=b.pos, attn_mask=dpo.attention_mask(b, cpu))
-        real = (b.doc >= 0)[..., None]
-        torch.testing.assert_close(h * real, ref * real, atol=1e-5, rtol=1e-5)
-    assert counters["stats"]["unique_graphs"] == 1
+            got = dpo.batch_logps(compiled, b)
+            ref = dpo.batch_logps(dpo.SequenceLogps(model), b)  # eager, SDPA with the bool mask
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-5)
+        for k, i in enumerate(b.pair_ids[:2]):  # and against the naive float64 loop
+            p, c, r = data[i]
+            assert abs(got[0][k].item() - naive_logps(model, p, c).item()) < 1e-3
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 def test_compiled_training_matches_eager_with_fixed_shapes(tmp_path):
@@ -1988,7 +1999,7 @@ def test_cuda_flex_block_mask_equals_sdpa_bool_mask_values_and_grads(tmp_path, d
     for flex in (False, True):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            c, r, _, _ = dpo.batch_logps(dpo.SequenceLogps(model), b, torch.device("cuda"), flex)
+            c, r = dpo.batch_logps(dpo.SequenceLogps(model, flex=flex), dpo.on_device(b, torch.device("cuda")))
         (c.sum() - 0.5 * r.sum()).backward()
         out.append((c.detach(), r.detach(), [p.grad.float().clone() for p in model.parameters()]))
     (c0, r0, g0), (c1, r1, g1) = out
