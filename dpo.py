@@ -240,6 +240,7 @@ class Batch:
     n_resp: int  # real response tokens (the lm_head's work)
     ctx_sum: int  # sum over real tokens of how many keys each attends to (for the attention FLOPs)
     n_seq: int = 0  # sequence slots of the sums: 2K, or more for fixed shapes (the spare ones take padding)
+    tail: torch.Tensor = None  # (N,) bool: the token is past the pair's shorter response (LD-DPO weighs it ld_alpha)
 
 def spans(lengths):
     """segments of these lengths laid end to end -> for each element its segment and its place in it:
@@ -250,14 +251,15 @@ def spans(lengths):
 def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
     """the tokens of segments (kinds[s] of pair pairs[s]) written at flat offsets dst[s] of a (rows, row_len) grid of EOT.
     pred[s]: the position that predicts a response segment's first token; its later ones are predicted by the token
-    before them. -> (tokens grid, per token: segment, place in it, flat position; src, tgt, seq of response tokens)"""
+    before them. -> (tokens grid, per token: segment, place in it, flat position; src, tgt, seq, tail of response tokens)"""
     tok, seg, within = data.tokens(pairs, kinds)
     at = dst[seg] + within
     idx = np.full(rows * row_len, EOT, dtype=np.int64)
     idx[at] = tok
     resp = kinds[seg] > 0
     src = np.where(within == 0, pred[seg], at - 1)[resp]
-    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp]
+    tail = within >= data.lengths[pairs, 1:].min(1)[seg]  # past the shorter of the pair's two responses
+    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp], tail[resp]
 
 def plain_batch(data, ids, row_len):
     """reference layout: one padded row per sequence, rows 2k (prompt+chosen) and 2k+1 (prompt+rejected)"""
@@ -266,11 +268,11 @@ def plain_batch(data, ids, row_len):
     rows = 2 * np.arange(K)[:, None] + [0, 0, 1, 1]  # (K, 4) segments prompt, chosen | prompt, rejected
     dst = (rows * row_len + L[:, [0]] * [0, 1, 0, 1]).ravel()
     pred = (rows * row_len + L[:, [0]] - 1).ravel()
-    idx, _, _, _, src, tgt, seg = lay_out(data, np.repeat(ids, 4), np.tile([0, 1, 0, 2], K), dst, pred, 2 * K, row_len)
+    idx, _, _, _, src, tgt, seg, tail = lay_out(data, np.repeat(ids, 4), np.tile([0, 1, 0, 2], K), dst, pred, 2 * K, row_len)
     seq_len = L[:, [0]] + L[:, 1:]  # (K, 2)
     t = torch.from_numpy
     return Batch(t(idx), None, None, None, t(src), t(tgt), t(rows.ravel()[seg]), t(L[:, 1:].T.astype(np.float32)),
-                 np.asarray(ids), int(seq_len.sum()), len(tgt), int((seq_len * (seq_len + 1) // 2).sum()), 2 * K)
+                 np.asarray(ids), int(seq_len.sum()), len(tgt), int((seq_len * (seq_len + 1) // 2).sum()), 2 * K, t(tail))
 
 def plan_packed(need, row_len):
     """first-fit decreasing: longest pair first, each into the first row with room for it.
@@ -297,14 +299,14 @@ def packed_batch(data, pair, row, offset, rows, row_len):
     dst = (base[:, None] + np.stack([0 * P, P, P + C], 1)).ravel()  # (3K,) where each segment starts
     first = np.stack([0 * P, P, P], 1).ravel()  # (3K,) the position id of each segment's first token
     pred = np.repeat(base + P - 1, 3)
-    idx, seg, within, at, src, tgt, rseg = lay_out(data, np.repeat(pair, 3), np.tile([0, 1, 2], K), dst, pred, rows, row_len)
+    idx, seg, within, at, src, tgt, rseg, tail = lay_out(data, np.repeat(pair, 3), np.tile([0, 1, 2], K), dst, pred, rows, row_len)
     pos, doc, branch = (np.full(rows * row_len, fill, dtype=np.int64) for fill in (0, -1, 0))
     pos[at], doc[at], branch[at] = first[seg] + within, seg // 3, seg % 3
     t = lambda a: torch.from_numpy(a.reshape(rows, row_len))
     ctx_sum = (P + C) * (P + C + 1) // 2 + R * (2 * P + R + 1) // 2
     return Batch(torch.from_numpy(idx), t(pos), t(doc), t(branch), torch.from_numpy(src), torch.from_numpy(tgt),
                  torch.from_numpy(rseg - rseg // 3 - 1), torch.from_numpy(L[:, 1:].T.astype(np.float32)), pair,
-                 int(L.sum()), len(tgt), int(ctx_sum.sum()), 2 * K)
+                 int(L.sum()), len(tgt), int(ctx_sum.sum()), 2 * K, torch.from_numpy(tail))
 
 @dataclass
 class Shape:
@@ -350,7 +352,7 @@ def padded(b, shape, n_seq):
     grow = lambda t, fill, n: torch.cat([t, torch.full((n, *t.shape[1:]), fill, dtype=t.dtype)])
     idx = b.idx if b.pos is not None else grow(b.idx, EOT, 2 * shape.rows - len(b.idx))
     return dataclasses.replace(b, idx=idx, src=grow(b.src, 0, extra), tgt=grow(b.tgt, 0, extra),
-                               seq=grow(b.seq, n_seq - 1, extra), n_seq=n_seq)
+                               seq=grow(b.seq, n_seq - 1, extra), n_seq=n_seq, tail=grow(b.tail, False, extra))
 
 def micro_batches(data, ids, shape):
     """one rank's pairs for a step -> micro-batches. fixed shape: every micro-batch (rows, row_len) and n_pred response
@@ -414,19 +416,22 @@ class SequenceLogps(nn.Module):
     """the trainable forward: a micro-batch -> the summed log-prob of every response. the mask, the transformer, the
     response positions, the chunked lm_head and the sums are one compiled graph. one module: DDP/FSDP see one forward"""
 
-    def __init__(self, gpt, compile=False, chunk=4096, flex=False):
+    def __init__(self, gpt, compile=False, chunk=4096, flex=False, ld_alpha=1.0, wpo=False):
         super().__init__()
-        self.gpt, self.chunk, self.flex = gpt, chunk, flex
+        self.gpt, self.chunk, self.flex, self.ld_alpha, self.wpo = gpt, chunk, flex, ld_alpha, wpo
         self.logps = torch.compile(self._logps) if compile else self._logps
 
-    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq):
-        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq)
+    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail):
+        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq, tail)
 
-    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq):
+    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail):
         mask = None if doc is None else flex_block_mask(doc, branch) if self.flex else attention_mask(doc, branch)
         h = self.gpt.hidden(idx, pos=pos, attn_mask=mask).flatten(0, 1)[src]  # (N, C) the positions that predict responses
-        logp = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk)  # (N,) float32
-        return torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)  # (n_seq,) per sequence
+        out = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk, sum_sq=self.wpo)  # (N,) float32 [, log sum_v p(v)^2]
+        logp = out[0] if self.wpo else out
+        terms = [logp if self.ld_alpha == 1 else logp * torch.where(tail, self.ld_alpha, 1.0)]  # LD-DPO weighs the tail
+        terms += [logp.detach() - out[1]] if self.wpo else []  # and WPO's per-token term, summed alike
+        return torch.zeros(len(terms), n_seq, device=idx.device).index_add(1, seq, torch.stack(terms))  # (1 or 2, n_seq)
 
 def to_device(t, device):
     """pinned, non-blocking on CUDA: a pageable copy would make the host wait for all queued GPU work"""
@@ -436,9 +441,11 @@ def on_device(b, device):
     return dataclasses.replace(b, **{k: to_device(v, device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
 
 def batch_logps(module, b):
-    """summed response log-probs (K,) chosen and (K,) rejected of a micro-batch that is on the device"""
-    sums = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq)
-    return sums[0: 2 * len(b.pair_ids): 2], sums[1: 2 * len(b.pair_ids): 2]
+    """summed response log-probs (K,) chosen and (K,) rejected of a micro-batch that is on the device, and WPO's (K,)
+    pair weights w_chosen * w_rejected, w = exp(the response's mean of log p(y_t) - log sum_v p(v)^2); else None"""
+    sums = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq, b.tail)[:, :2 * len(b.pair_ids)]
+    w = torch.exp((sums[1].view(-1, 2) / b.lengths.T.clamp(min=1)).sum(1)) if len(sums) == 2 else None
+    return sums[0, 0::2], sums[0, 1::2], w
 
 
 # -----------------------------------------------------------------------------
@@ -450,12 +457,12 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
               "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo")  # these never look at a reference model
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft", "orpo")
-F_DIVERGENCES = {  # f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023), a = f_alpha_divergence_coef
-    "reverse_kl": lambda u, a: u, "forward_kl": lambda u, a: 1 - torch.exp(-u),
-    "js_divergence": lambda u, a: math.log(2) + F.logsigmoid(u),  # log(2t / (1 + t))
-    "alpha_divergence": lambda u, a: torch.expm1(((a - 1) * u).clamp(max=80.0)) / (a - 1) if abs(a - 1) >= 1e-6 else u,
-}  # (a - 1) u clamped at 80 as TRL (exp stays finite in float32); a -> 1 is reverse_kl. f-DPO's beta log Z(x) cancels
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")  # in these
+# f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023), a = f_alpha_divergence_coef; alpha: (a - 1) u clamped at 80 as
+# TRL (exp stays finite in float32), a -> 1 is reverse_kl. f-DPO's beta log Z(x) cancels in F_DIVERGENCE_LOSSES only
+F_DIVERGENCES = {"reverse_kl": lambda u, a: u, "forward_kl": lambda u, a: 1 - torch.exp(-u),
+                 "js_divergence": lambda u, a: math.log(2) + F.logsigmoid(u),  # log(2t / (1 + t))
+                 "alpha_divergence": lambda u, a: torch.expm1(((a - 1) * u).clamp(max=80.0)) / (a - 1) if abs(a - 1) >= 1e-6 else u}
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 def _smoothed_logistic(z, label_smoothing):
     # -log sigmoid(z), with a fraction label_smoothing of the labels assumed flipped (cDPO).
@@ -601,12 +608,12 @@ class Reference:
         else:
             frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
             frozen.gradient_checkpointing = False
-            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk, flex=run.flex)
+            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk, flex=run.flex, ld_alpha=run.cfg.ld_alpha)
 
     def __call__(self, b, split):
         if self.model is not None:
             with torch.no_grad(), self.run.ctx:
-                c, r = batch_logps(self.model, b)
+                c, r, _ = batch_logps(self.model, b)
             return c.float(), r.float()
         if self.tables is None:
             return None, None
@@ -617,20 +624,21 @@ class Reference:
 def reference_logps(ref_model, ref_hash, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
     pairs) and cached beside the shards, keyed by the reference's weights and the data"""
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{data.fingerprint()}.pt")
+    ld = f"_ld{run.cfg.ld_alpha}" * (run.cfg.ld_alpha != 1)  # LD-DPO's sums are other numbers
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{data.fingerprint()}.pt")
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
 @torch.inference_mode()
 def compute_reference(ref_model, data, run):
     out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
-    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk, flex=run.flex).eval()
+    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk, flex=run.flex, ld_alpha=run.cfg.ld_alpha).eval()
     ids, step, t0, last = np.arange(run.rank, len(data), run.world), 16 * run.cfg.batch_size, time.time(), 0
     print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
            f"(--reference=model skips this pass: a frozen copy runs every step instead)")
     for i in range(0, len(ids), step):
         for b in micro_batches(data, ids[i: i + step], run.shape):
             with run.ctx:
-                c, r = batch_logps(module, on_device(b, run.device))
+                c, r, _ = batch_logps(module, on_device(b, run.device))
             j = torch.from_numpy(b.pair_ids).to(run.device)
             out[0, j], out[1, j] = c.float(), r.float()
         if time.time() - last > 5:  # the first eta at once (last = 0), then every 5 s
@@ -701,9 +709,9 @@ def load(data, ids, ref, run, split):
 def micro_step(module, b, ref_c, ref_r, run):
     """one micro-batch's forward and loss -> (losses, chosen_rewards, rejected_rewards, pc, pr), each (K,)"""
     with run.ctx:
-        pc, pr = batch_logps(module, b)
+        pc, pr, wpo = batch_logps(module, b)
     return *dpo_loss(pc, pr, ref_c, ref_r, chosen_lengths=b.lengths[0], rejected_lengths=b.lengths[1],
-                     **loss_kwargs(run.cfg)), pc, pr
+                     pair_weights=wpo, **loss_kwargs(run.cfg)), pc, pr
 
 @torch.no_grad()
 def evaluate(module, data, ref, run, n_pairs):
@@ -745,11 +753,10 @@ def _train(cfg, stack):
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run, ref_model, meta["ref_hash"], datasets)
     del ref_model  # cached: only its tables stay
-    if cfg.sync_ref_model:  # TR-DPO: the reference's weights change, so each checkpoint holds them (live views)
-        meta = {**meta, "ref_model": ref.model.gpt.state_dict()}
+    meta = {**meta, "ref_model": ref.model.gpt.state_dict()} if cfg.sync_ref_model else meta  # TR-DPO: saved (live views)
     model.train()
 
-    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex)
+    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex, ld_alpha=cfg.ld_alpha, wpo=cfg.use_weighting)
     if cfg.fsdp:  # one shard group per block and one for the rest (embeddings, ln_f): weights gathered block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights in forward and backward; gradients reduced in float32 (summing many ranks in bf16 loses bits)
@@ -809,7 +816,8 @@ def _train(cfg, stack):
             (losses.sum() * w * run.world / cfg.global_batch_size).backward()
             if w:
                 m.add(losses, cr, rr, pc, pr, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
-        if cfg.prefetch and it + 1 < cfg.max_iters:
+        sync = cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0  # TR-DPO after steps tau, 2 tau, .. as TRL
+        if cfg.prefetch and it + 1 < cfg.max_iters and not sync:  # (a sync changes the next step's reference log-probs)
             nxt = step_batches(it + 1)  # packed, and copied to the GPU, while it still runs this step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
@@ -820,10 +828,9 @@ def _train(cfg, stack):
                                      f"{ckpt if os.path.exists(ckpt) else 'none saved yet'}. try a lower learning_rate or beta")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0:  # TR-DPO after steps tau, 2 tau, .. as TRL
-            with torch.no_grad():  # reference = alpha * policy + (1 - alpha) * reference
-                for r, p in zip(ref.model.gpt.parameters(), model.parameters()):
-                    r.mul_(1 - cfg.ref_model_mixup_alpha).add_(p.full_tensor() if cfg.fsdp else p, alpha=cfg.ref_model_mixup_alpha)
+        with torch.no_grad():  # TR-DPO: reference = alpha * policy + (1 - alpha) * reference
+            for r, p in zip(ref.model.gpt.parameters(), model.parameters()) if sync else ():
+                r.mul_(1 - cfg.ref_model_mixup_alpha).add_(p.full_tensor() if cfg.fsdp else p, alpha=cfg.ref_model_mixup_alpha)
 
         # ---- everything that follows is diagnostics, logging and the stop signal
         dt = time.time() - t0  # to the step's sync: its optimizer update runs while the next step is launched

@@ -1605,7 +1605,7 @@ def layout_logps(model, data, ids, layout, pack_len, batch_size=3):
     module = dpo.SequenceLogps(model, chunk=7)  # a small chunk exercises the chunked lm_head
     chosen, rejected = {}, {}
     for b in dpo.micro_batches(data, ids, shape):
-        c, r = dpo.batch_logps(module, b)
+        c, r, _ = dpo.batch_logps(module, b)
         for k, i in enumerate(b.pair_ids):
             chosen[int(i)], rejected[int(i)] = c[k], r[k]
     return chosen, rejected
@@ -1999,7 +1999,7 @@ def test_cuda_flex_block_mask_equals_sdpa_bool_mask_values_and_grads(tmp_path, d
     for flex in (False, True):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            c, r = dpo.batch_logps(dpo.SequenceLogps(model, flex=flex), dpo.on_device(b, torch.device("cuda")))
+            c, r, _ = dpo.batch_logps(dpo.SequenceLogps(model, flex=flex), dpo.on_device(b, torch.device("cuda")))
         (c.sum() - 0.5 * r.sum()).backward()
         out.append((c.detach(), r.detach(), [p.grad.float().clone() for p in model.parameters()]))
     (c0, r0, g0), (c1, r1, g1) = out
@@ -2658,6 +2658,9 @@ ISSUE21_OPTIONS = {
     "js_ipo": dict(loss_type="ipo", f_divergence_type="js_divergence"),
     "alpha": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
     "orpo": dict(loss_type="orpo"),
+    "ld_alpha": dict(ld_alpha=0.3),
+    "wpo": dict(use_weighting=True, loss_type="sigmoid,sft"),
+    "tr_dpo": dict(reference="model", sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
 }
 
 
@@ -2733,3 +2736,72 @@ def test_resume_with_sync_ref_model_is_bit_exact(tmp_path):
     assert [h["iter"] for h in rest] == [3, 4, 5]
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "half"))
     assert all(torch.equal(v, b["ref_model"][k]) for k, v in a["ref_model"].items())
+
+
+def naive_token_logps(model, p, resp):
+    """per response token, from full float64 softmaxes: log p(y_t) and log sum_v p(v)^2"""
+    idx = torch.from_numpy(np.concatenate([p, resp]).astype(np.int64))[None]
+    logp = F.log_softmax(model(idx)[0].double(), -1)[len(p) - 1: len(p) - 1 + len(resp)]  # (n, V)
+    return logp[torch.arange(len(resp)), torch.from_numpy(resp.astype(np.int64))], torch.logsumexp(2 * logp, -1)
+
+
+def option_logps(model, data, ids, layout, **kw):
+    """pair id -> (chosen sum, rejected sum, WPO weight or None) through the trainer's micro-batches"""
+    shape = dpo.make_shape(Config(layout=layout.split("-")[0], batch_size=3), [data], fixed=not layout.endswith("step"), multiple=8)
+    module, out = dpo.SequenceLogps(model, chunk=7, **kw), {}
+    for b in dpo.micro_batches(data, ids, shape):
+        c, r, w = dpo.batch_logps(module, b)
+        for k, i in enumerate(b.pair_ids):
+            out[int(i)] = (c[k].item(), r[k].item(), None if w is None else w[k].item())
+    return out
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed", "packed-step"])
+def test_ld_alpha_and_wpo_weights_match_a_naive_loop(tmp_path, layout):
+    # LD-DPO: tokens past the shorter response of the pair count alpha times; WPO: w = exp(mean_t (log p(y_t) -
+    # log sum_v p(v)^2)) per response, the pair's weight w_chosen * w_rejected; both against full softmaxes
+    data = PairData(make_data(tmp_path, n_train=12), "train", 64)
+    model, ids = tiny_model(4), np.arange(12)
+    got = option_logps(model, data, ids, layout, ld_alpha=0.3, wpo=True)
+    assert sorted(got) == list(range(12))
+    with torch.no_grad():
+        for i in ids:
+            p, c, r = data[i]
+            m = min(len(c), len(r))
+            (lc, sc), (lr, sr) = naive_token_logps(model, p, c), naive_token_logps(model, p, r)
+            assert got[i][0] == pytest.approx((lc[:m].sum() + 0.3 * lc[m:].sum()).item(), abs=1e-4)
+            assert got[i][1] == pytest.approx((lr[:m].sum() + 0.3 * lr[m:].sum()).item(), abs=1e-4)
+            w = math.exp((lc - sc).mean().item()) * math.exp((lr - sr).mean().item())
+            assert got[i][2] == pytest.approx(w, rel=1e-4)
+    assert any(len(data[i][1]) != len(data[i][2]) for i in ids)  # some pairs have a tail
+    plain = option_logps(model, data, ids, layout)
+    assert all(v[2] is None for v in plain.values())
+    for i in ids:  # alpha 1 is the plain sum
+        p, c, r = data[i]
+        assert plain[i][0] == pytest.approx(naive_logps(model, p, c).item(), abs=1e-4)
+
+
+def test_ld_alpha_cached_reference_has_its_own_file_and_equals_the_frozen_copy(tmp_path):
+    data_dir = make_data(tmp_path)
+    kw = dict(ld_alpha=0.5, max_iters=3, eval_interval=3)
+    a = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), reference="cached", **kw))
+    b = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), reference="model", **kw))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["margin"] == pytest.approx(y["margin"], abs=1e-5)
+    train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "c"), reference="cached", max_iters=1))
+    caches = [n for n in os.listdir(data_dir) if n.startswith("ref_logps_train_")]
+    assert len(caches) == 2 and sum("_ld0.5_" in n for n in caches) == 1  # the key includes ld_alpha
+
+
+def test_issue21_options_compiled_equals_eager(tmp_path):
+    # every option at once (weights, f-divergence, LD-DPO, WPO, TR-DPO syncing every step) through torch.compile
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=3, eval_interval=3, pack_rows=2, learning_rate=3e-3, loss_type="sigmoid,sft", loss_weights="1,0.5",
+              f_divergence_type="js_divergence", ld_alpha=0.5, use_weighting=True, reference="model", sync_ref_model=True,
+              ref_model_sync_steps=1)
+    eager = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "eager"), **kw))
+    torch._dynamo.reset()
+    compiled = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "compiled"), compile="true", **kw))
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
+    assert eager[-1]["loss"] != eager[0]["loss"]
