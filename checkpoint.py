@@ -103,6 +103,14 @@ def weights_hash(model):
         h.update(k.encode() + v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
+def data_hash(data):
+    """identifies a dpo.PairData for the reference cache: every token and length, and the block size"""
+    h = hashlib.sha256()
+    for s in data.shards:
+        h.update(s.tokens)  # the memmap, read once (about 1 s per 200M tokens)
+    h.update(data.lengths.tobytes() + str(data.block_size).encode())
+    return h.hexdigest()[:16]
+
 def load_run(path, cfg):
     """a checkpoint -> (ck, policy, reference); reference None if the run had none. the reference is rebuilt from its
     recorded source: scratch from the run's seed and model shape, never the command line's; a path that no longer

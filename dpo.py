@@ -117,13 +117,12 @@ def check_config(cfg):
     for key, allowed in choices.items():
         if set(getattr(cfg, key).split(",") if key == "loss_type" else [getattr(cfg, key)]) - set(allowed):
             raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}{' (or a comma list)' * (key == 'loss_type')}")
-    for key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
-                "logprob_chunk", "beta", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters",
-                "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout", "ref_model_sync_steps"):
-        positive = key in ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd",
-                           "block_size", "logprob_chunk", "beta", "ref_model_sync_steps")
-        if getattr(cfg, key) < 0 or (positive and getattr(cfg, key) == 0):
-            raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if positive else '>= 0'}")
+    positive = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "block_size", "logprob_chunk", "beta",
+                "ref_model_sync_steps")
+    for key in positive + ("max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters", "pack_len",
+                           "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
+        if getattr(cfg, key) < 0 or (key in positive and getattr(cfg, key) == 0):
+            raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if key in positive else '>= 0'}")
     types, weights = cfg.loss_type.split(","), cfg.loss_weights.split(",") if cfg.loss_weights else []
     number, aot = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", sorted({"aot", "aot_pair", "aot_unpaired"} & set(types))
     for invalid, why in [
@@ -195,19 +194,13 @@ class PairData:
         """segments end to end, kinds[s] (0 prompt, 1 chosen, 2 rejected) of pair pairs[s] -> their tokens (n,) int64,
         and for each token its segment (n,) and its place in it (n,)"""
         seg, within = spans(self.lengths[pairs, kinds])
-        at, shard = self.seg[pairs, kinds][seg] + within, self.shard_of[pairs][seg]
-        out = np.empty(len(at), dtype=np.int64)
+        at = self.seg[pairs, kinds][seg] + within
+        if len(self.shards) == 1:
+            return self.shards[0].tokens[at].astype(np.int64), seg, within
+        out, shard = np.empty(len(at), dtype=np.int64), self.shard_of[pairs][seg]
         for s, sh in enumerate(self.shards):  # a loop over shards, not pairs
-            out[shard == s] = sh.tokens[at[shard == s]] if len(self.shards) > 1 else sh.tokens[at]
+            out[shard == s] = sh.tokens[at[shard == s]]
         return out, seg, within
-
-    def fingerprint(self):
-        """identifies the data for the reference cache: every token and length, and the block size"""
-        h = hashlib.sha256()
-        for s in self.shards:
-            h.update(s.tokens)  # the memmap, read once (about 1 s per 200M tokens)
-        h.update(self.lengths.tobytes() + str(self.block_size).encode())
-        return h.hexdigest()[:16]
 
 def step_pairs(n, seed, step, global_batch, rank, world):
     """the dataset indices this rank trains on at optimizer step `step`: a fixed function of (seed, step), so a
@@ -249,17 +242,17 @@ def spans(lengths):
     return seg, np.arange(len(seg)) - (np.cumsum(lengths) - lengths)[seg]
 
 def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
-    """the tokens of segments (kinds[s] of pair pairs[s]) written at flat offsets dst[s] of a (rows, row_len) grid of EOT.
-    pred[s]: the position that predicts a response segment's first token; its later ones are predicted by the token
-    before them. -> (tokens grid, per token: segment, place in it, flat position; src, tgt, seq, tail of response tokens)"""
+    """segments (kinds[s] of pair pairs[s]) written at flat offsets dst[s] of a (rows, row_len) grid of EOT; a response's
+    first token is predicted from position pred[s], the others from the token before -> grid, per-token and src arrays,
+    and which response tokens are past the shorter response of their pair (LD-DPO's tail)"""
     tok, seg, within = data.tokens(pairs, kinds)
     at = dst[seg] + within
     idx = np.full(rows * row_len, EOT, dtype=np.int64)
     idx[at] = tok
-    resp = kinds[seg] > 0
-    src = np.where(within == 0, pred[seg], at - 1)[resp]
-    tail = within >= data.lengths[pairs, 1:].min(1)[seg]  # past the shorter of the pair's two responses
-    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp], tail[resp]
+    resp = np.flatnonzero(kinds[seg] > 0)
+    src = np.where(within[resp] == 0, pred[seg[resp]], at[resp] - 1)
+    tail = within[resp] >= data.lengths[pairs, 1:].min(1)[seg[resp]]
+    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp], tail
 
 def plain_batch(data, ids, row_len):
     """reference layout: one padded row per sequence, rows 2k (prompt+chosen) and 2k+1 (prompt+rejected)"""
@@ -277,7 +270,6 @@ def plain_batch(data, ids, row_len):
 def plan_packed(need, row_len):
     """first-fit decreasing: longest pair first, each into the first row with room for it.
     need (K,) tokens per pair -> row (K,) and offset (K,) of each pair"""
-    need = np.asarray(need, dtype=np.int64)
     free = np.full(len(need), row_len)  # K rows always suffice; the first untouched row is the first with all its room
     row, offset = np.zeros_like(need), np.zeros_like(need)
     for k in np.argsort(-need, kind="stable"):
@@ -322,9 +314,8 @@ def round_up(n, multiple):
     return int(-(-n // multiple) * multiple)
 
 def make_shape(cfg, datasets, fixed, multiple=64):
-    """rows as long as the longest pair (packed) or sequence (plain) of all splits; the first dataset (train) sizes
-    the token budget: room for about batch_size pairs of its mean length, and a quarter more response tokens than
-    that holds on average"""
+    """rows as long as the longest pair (packed) or sequence (plain) of all splits; the first dataset (train) sizes the
+    token budget: room for about batch_size pairs of its mean length, and 1.25 times their mean response tokens"""
     L = np.concatenate([d.lengths for d in datasets])
     longest = int((L.sum(1) if cfg.layout == "packed" else L[:, 0] + L[:, 1:].max(1)).max())
     if cfg.pack_len and cfg.pack_len < longest:
@@ -332,8 +323,8 @@ def make_shape(cfg, datasets, fixed, multiple=64):
     row_len, train = cfg.pack_len or round_up(longest, multiple), datasets[0].lengths
     rows = cfg.batch_size if cfg.layout == "plain" else \
         cfg.pack_rows or max(1, math.ceil(cfg.batch_size * train.sum(1).mean() / row_len))
-    pairs = rows if cfg.layout == "plain" else rows * row_len / max(train.sum(1).mean(), 1)  # per micro-batch
-    n_pred = round_up(max(1.25 * pairs * train[:, 1:].sum(1).mean(), L[:, 1:].sum(1).max(), 1), 64) if fixed else 0
+    pairs, most = (rows, L[:, 1:].sum(1).max()) if cfg.layout == "plain" else (rows * row_len / train.sum(1).mean(), row_len)
+    n_pred = round_up(max(1.25 * pairs * train[:, 1:].sum(1).mean(), most), 64) if fixed else 0  # one row always fits
     return Shape(cfg.layout, row_len, rows, fixed, multiple, n_pred)
 
 def groups(sizes, most, cap):
@@ -355,9 +346,8 @@ def padded(b, shape, n_seq):
                                seq=grow(b.seq, n_seq - 1, extra), n_seq=n_seq, tail=grow(b.tail, False, extra))
 
 def micro_batches(data, ids, shape):
-    """one rank's pairs for a step -> micro-batches. fixed shape: every micro-batch (rows, row_len) and n_pred response
-    tokens; else rows only as long as this step's longest pair and as many as the same token budget allows (less
-    padding, less masked-out attention: ~45% vs ~39% MFU on the CPU bench)"""
+    """one rank's pairs for a step -> micro-batches. fixed: every one (rows, row_len) with n_pred response tokens; else
+    rows as long as this step's longest pair, as many as the token budget allows (~45% vs ~39% MFU on the CPU bench)"""
     resp, cap = data.lengths[ids, 1:].sum(1), shape.n_pred or float("inf")  # (K,) response tokens of each pair
     if not len(ids):
         return []
@@ -398,9 +388,7 @@ def flex_block_mask(doc, branch, block=128):
     host sync, nothing compiled per call): a (query block, key block) tile where nothing may attend is skipped, one
     where everything may runs without mask_mod"""
     from torch.nn.attention.flex_attention import BlockMask
-    R, T = doc.shape
-    if T % block:
-        raise ValueError(f"FlexAttention rows must be a multiple of {block} tokens, got {T}")
+    R, T = doc.shape  # T: a multiple of block (make_shape)
     tiles = attention_mask(doc, branch).view(R, T // block, block, T // block, block)
     some, every = tiles.any(4).any(2), tiles.all(4).all(2)  # (R, T/block, T/block)
 
@@ -625,7 +613,7 @@ def reference_logps(ref_model, ref_hash, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
     pairs) and cached beside the shards, keyed by the reference's weights and the data"""
     ld = f"_ld{run.cfg.ld_alpha}" * (run.cfg.ld_alpha != 1)  # LD-DPO's sums are other numbers
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{data.fingerprint()}.pt")
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{checkpoint.data_hash(data)}.pt")
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
 @torch.inference_mode()
@@ -683,28 +671,22 @@ class Metrics:
         self.host += (len(losses), tokens, flops)
 
     def result(self, world, norm=None, stop=False):
-        """-> averages, tokens, flops, stop (asked on any rank), norm, read in one copy: the step's one host sync"""
-        host, t = [*self.host, float(stop)], self.t
+        """-> (averages, tokens, flops, stop asked on any rank, norm), read in one copy: the step's one host sync"""
+        t = torch.cat([self.t, torch.tensor([*self.host, stop], dtype=torch.float64, device=self.t.device)])
         if world > 1:  # the host's counts travel in the same all_reduce
-            t = torch.cat([t, torch.tensor(host, dtype=torch.float64, device=t.device)])
             dist.all_reduce(t)
-        vals = torch.cat([t] + ([norm.detach().double().view(1)] if norm is not None else [])).tolist()
-        n, host = len(self.KEYS), vals[len(self.KEYS):len(self.KEYS) + 4] if world > 1 else host
-        return {k: v / max(host[0], 1) for k, v in zip(self.KEYS, vals[:n])}, host[1], host[2], host[3] > 0, vals[-1]
+        *sums, pairs, tokens, flops, stop, norm = torch.cat([t, (t[:1] if norm is None else norm).double().view(1)]).tolist()
+        return {k: v / max(pairs, 1) for k, v in zip(self.KEYS, sums)}, tokens, flops, stop > 0, norm
 
-def same_count(mbs, run):
-    """fsdp gathers the weights in every forward, so every rank must run as many micro-batches; the extra ones
-    repeat the last and weigh 0. -> (batch, weight) pairs"""
+def load(data, ids, ref, run, split):
+    """micro-batches on the device with their reference log-probs: [(batch, weight, ref chosen, ref rejected)]. fsdp
+    gathers the weights in every forward, so every rank runs as many: the extra ones repeat the last and weigh 0"""
+    mbs = [on_device(b, run.device) for b in micro_batches(data, ids, run.shape)]
     n = len(mbs)
     if run.cfg.fsdp and run.world > 1:  # (this waits for the device: fsdp over several ranks only)
         n = torch.tensor(n, device=run.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return [(b, 1.0) for b in mbs] + [(mbs[-1], 0.0)] * (int(n) - len(mbs))
-
-def load(data, ids, ref, run, split):
-    """micro-batches on the device with their reference log-probs: [(batch, weight, ref chosen, ref rejected)]"""
-    mbs = [on_device(b, run.device) for b in micro_batches(data, ids, run.shape)]
-    return [(b, w, *ref(b, split)) for b, w in same_count(mbs, run)]
+    return [(b, float(i < len(mbs)), *ref(b, split)) for i, b in enumerate(mbs + mbs[-1:] * (int(n) - len(mbs)))]
 
 def micro_step(module, b, ref_c, ref_r, run):
     """one micro-batch's forward and loss -> (losses, chosen_rewards, rejected_rewards, pc, pr), each (K,)"""
@@ -747,8 +729,7 @@ def _train(cfg, stack):
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, sft, vocab)
     if not len(train_data):
         raise ValueError(f"{cfg.data_dir}: the train split has no pairs")
-    has_val = list_shards(cfg.data_dir, "val", required=False)
-    val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if has_val else None
+    val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if list_shards(cfg.data_dir, "val", False) else None
     datasets = [d for d in (train_data, val_data) if d]
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run, ref_model, meta["ref_hash"], datasets)

@@ -2505,6 +2505,133 @@ def test_every_loss_type_learns_the_preference(tmp_path, name):
 
 
 # -----------------------------------------------------------------------------
+# issue 18: the host off the critical path (packer, prefetch, one compiled forward, one sync a step)
+
+def naive_packed(data, pair, row, offset, rows, row_len):
+    """the packed layout pair by pair in plain python (the reference for the vectorized packer)"""
+    idx, pos, doc, branch = np.full((rows, row_len), EOT), np.zeros((rows, row_len), int), np.full((rows, row_len), -1), np.zeros((rows, row_len), int)
+    src, tgt, seq = [], [], []
+    for k, (i, j, o) in enumerate(zip(pair, row, offset)):
+        p, c, r = (list(x) for x in data[i])
+        for t, tok in enumerate(p + c + r):
+            idx[j, o + t], doc[j, o + t] = tok, k
+            pos[j, o + t] = t if t < len(p) + len(c) else t - len(c)
+            branch[j, o + t] = 0 if t < len(p) else 1 if t < len(p) + len(c) else 2
+        for t, tok in enumerate(c):
+            src, tgt, seq = src + [j * row_len + o + len(p) - 1 + t], tgt + [tok], seq + [2 * k]
+        for t, tok in enumerate(r):
+            at = o + len(p) - 1 if t == 0 else o + len(p) + len(c) + t - 1
+            src, tgt, seq = src + [j * row_len + at], tgt + [tok], seq + [2 * k + 1]
+    return idx, pos, doc, branch, src, tgt, seq
+
+
+def test_vectorized_packer_equals_a_naive_loop(tmp_path):
+    # every field of every micro-batch, fixed and per-step shapes, truncated pairs and two shards
+    d = tmp_path / "d"
+    d.mkdir()
+    write_shard(d / "train_000000.bin", random_pairs(20, 300, 0))
+    write_shard(d / "train_000001.bin", random_pairs(15, 300, 1) + [(np.arange(1, 50), np.arange(2, 30), np.arange(3, 9))])
+    data = PairData(str(d), "train", 48, truncate=True)
+    assert data.n_cut > 0 and len(data.shards) == 2
+    for fixed in (True, False):
+        shape = dpo.make_shape(Config(batch_size=5), [data], fixed=fixed, multiple=8)
+        rng = np.random.default_rng(2)
+        for _ in range(5):
+            ids = rng.choice(len(data), 12, replace=False)
+            mbs = dpo.micro_batches(data, ids, shape)
+            assert sorted(i for b in mbs for i in b.pair_ids) == sorted(ids)
+            for b in mbs:
+                R, T = b.idx.shape  # each pair's row and offset, read off its doc ids; the naive loop rebuilds the rest
+                where = [np.argwhere(b.doc.numpy() == k)[0] for k in range(len(b.pair_ids))]
+                want = naive_packed(data, b.pair_ids, [w[0] for w in where], [w[1] for w in where], R, T)
+                n = len(want[4])
+                for got, ref in zip((b.idx, b.pos, b.doc, b.branch), want[:4]):
+                    assert (got.numpy() == ref).all()
+                for got, ref in zip((b.src[:n], b.tgt[:n], b.seq[:n]), want[4:]):
+                    assert got.tolist() == ref
+                assert b.n_tokens == sum(int(data.lengths[i].sum()) for i in b.pair_ids)
+                assert b.lengths.tolist() == [[float(data.lengths[i][1]) for i in b.pair_ids], [float(data.lengths[i][2]) for i in b.pair_ids]]
+                if fixed:  # padded to the shape's response count, into the spare last sequence slot
+                    assert len(b.tgt) == shape.n_pred >= n and (b.seq[n:] == b.n_seq - 1).all() and b.n_seq == 2 * len(ids) + 1
+
+
+@pytest.mark.parametrize("layout,reference", [("packed", "cached"), ("packed", "model"), ("plain", "cached"), ("plain", "model")])
+def test_prefetch_on_and_off_train_bit_for_bit(tmp_path, layout, reference):
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=5, eval_interval=0, layout=layout, reference=reference)
+    runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / str(p)), prefetch=p, **kw)) for p in (True, False)]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+    assert [r["grad_norm"] for r in runs[0]] == [r["grad_norm"] for r in runs[1]]
+    on, off = (torch.load(tmp_path / str(p) / "ckpt.pt", weights_only=True)["model"] for p in (True, False))
+    assert all(torch.equal(on[k], off[k]) for k in on)
+
+
+def test_an_error_while_building_ahead_is_the_same_one_line_error(tmp_path, monkeypatch, capsys):
+    # the next step's micro-batches are built in the main process (no thread, no worker): a bad shard or any other
+    # failure there ends the run as it would have one step later, and leaves no thread behind
+    import threading
+    data_dir = make_data(tmp_path)
+    real, calls = dpo.micro_batches, []
+
+    def failing(data, ids, shape):
+        calls.append(len(ids))
+        if len(calls) == 4:  # step 1's pairs, built ahead while step 0 runs (calls 1-2: the reference pass)
+            raise ValueError(f"{data.data_dir}/train_000000.bin: lengths sum to 1 tokens, the header says 2 (corrupted)")
+        return real(data, ids, shape)
+    monkeypatch.setattr(dpo, "micro_batches", failing)
+    threads = threading.active_count()
+    with pytest.raises(SystemExit) as e:
+        dpo.main(tiny_args(tmp_path, data_dir, eval_interval=0, max_iters=6))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and re.fullmatch(r"error: .*train_000000\.bin: .*\(corrupted\)", err[0])
+    assert threading.active_count() == threads and not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("layout", ["packed", "plain"])
+def test_compiled_steps_equal_eager_and_trace_nothing_after_the_first(tmp_path, layout):
+    # the whole forward is compiled (mask, transformer, gather, chunked lm_head, sums); fixed shapes and padded
+    # response tokens: the steps after the first (new pairs, other pair counts) add no graph
+    from torch._dynamo.utils import counters
+    data_dir = make_data(tmp_path)
+    kw = dict(eval_interval=0, pack_rows=2, layout=layout, logprob_chunk=32)
+
+    def run(mode, steps):
+        torch._dynamo.reset()
+        counters.clear()
+        hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / f"{mode}{steps}"), compile=mode, max_iters=steps, **kw))
+        return hist, counters["stats"]["unique_graphs"]
+    (eager, _), (compiled, graphs), (_, graphs_1) = run("false", 5), run("true", 5), run("true", 1)
+    for a, b in zip(eager, compiled, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
+    assert graphs == graphs_1 == 1
+
+
+@CUDA
+def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path):
+    # a whole step's micro-batches (prepared ahead, as the trainer does) run forward, loss and backward with any
+    # host-device synchronization an error
+    data_dir = make_data(tmp_path, n_train=64)
+    cfg = tiny_cfg(tmp_path, data_dir, device="cuda", compile="true", global_batch_size=32, batch_size=8)
+    run = checkpoint.setup(cfg)
+    data = PairData(data_dir, "train", 64)
+    run.shape = dpo.make_shape(cfg, [data], fixed=True, multiple=128)
+    model = tiny_model().cuda()
+    module = dpo.SequenceLogps(model, compile=True, flex=run.flex)
+    ref = dpo.Reference(run, model, "x", [])  # no tables: reference-free below
+    for warm in (True, False):  # the first pass compiles (which may sync); the second must not
+        mbs = dpo.load(data, np.arange(32), ref, run, "train")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(0 if warm else "error")
+        try:
+            for b, w, rc, rr in mbs:
+                losses, cr, rr_, pc, pr = dpo.micro_step(module, b, None, None, run)
+                (losses.sum() * w).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len(mbs) > 1
+
+
+# -----------------------------------------------------------------------------
 # ---- issue 21: TRL's DPO options: combined losses (MPO), f-divergences, orpo, LD-DPO, WPO, TR-DPO
 
 from decimal import Decimal, getcontext  # noqa: E402
