@@ -563,16 +563,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
             log_odds = lambda a: a - torch.log((-torch.expm1(a)).clamp(min=1e-30))
             loss = -pc / lc - beta * F.logsigmoid(log_odds(pc / lc) - log_odds(pr / lr))
         losses = losses + weight * loss
-    if pair_weights is not None:
-        losses = losses * pair_weights
+    losses = losses if pair_weights is None else losses * pair_weights
 
-    if set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}:
-        chosen_rewards = (beta * pc / lc).detach()
-        rejected_rewards = (beta * pr / lr).detach()
-    else:
-        chosen_rewards = (beta * chosen_logratios).detach()
-        rejected_rewards = (beta * rejected_logratios).detach()
-    return losses, chosen_rewards, rejected_rewards
+    own = set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}  # their own reward, per token
+    chosen_rewards, rejected_rewards = (pc / lc, pr / lr) if own else (chosen_logratios, rejected_logratios)
+    return losses, (beta * chosen_rewards).detach(), (beta * rejected_rewards).detach()
 
 def loss_kwargs(cfg):
     keys = "beta loss_type label_smoothing gamma sft_weight bco_delta discopop_tau f_divergence_type f_alpha_divergence_coef"
