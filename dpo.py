@@ -419,7 +419,7 @@ class SequenceLogps(nn.Module):
         logp = out[0] if self.wpo else out
         terms = [logp if self.ld_alpha == 1 else logp * torch.where(tail, self.ld_alpha, 1.0)]  # LD-DPO weighs the tail
         terms += [logp.detach() - out[1]] if self.wpo else []  # and WPO's per-token term, summed alike
-        return torch.zeros(len(terms), n_seq, device=idx.device).index_add(1, seq, torch.stack(terms))  # (1 or 2, n_seq)
+        return torch.zeros(len(terms), n_seq, dtype=torch.float32, device=idx.device).index_add(1, seq, torch.stack(terms))  # (1|2, n_seq)
 
 def to_device(t, device):
     """pinned, non-blocking on CUDA: a pageable copy would make the host wait for all queued GPU work"""

@@ -2932,3 +2932,11 @@ def test_issue21_options_compiled_equals_eager(tmp_path):
     for a, b in zip(eager, compiled):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
     assert eager[-1]["loss"] != eager[0]["loss"]
+
+
+def test_tr_dpo_prefetch_on_equals_off(tmp_path):
+    # the step after a sync is not built ahead (its reference log-probs would come from the reference before the sync)
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=5, eval_interval=0, reference="model", sync_ref_model=True, ref_model_sync_steps=2, learning_rate=3e-3)
+    runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / str(p)), prefetch=p, **kw)) for p in (True, False)]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
