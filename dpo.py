@@ -64,7 +64,7 @@ class Config:
     beta: float = 0.1  # strength of the KL leash to the reference
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
     gamma: float = 0.5  # simpo's target margin
-    sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO)
+    sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO; = sft with this weight in the list)
     bco_delta: float = 0.0  # bco_pair's reward shift
     discopop_tau: float = 0.05  # discopop's mixing temperature
     f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
