@@ -1,14 +1,19 @@
 """
-Hugging Face TRL's DPOTrainer on this machine's CPU: the speed we quote ours against, and a check that
-TRL's per-pair log-probs and loss equal ours (model.py + dpo.dpo_loss) on the same weights and tokens.
+Hugging Face TRL's DPOTrainer: the speed we quote ours against, and a check that TRL's per-pair log-probs and loss
+equal ours (model.py + dpo.dpo_loss) on the same weights and tokens.
 TRL is not a dependency of this project: it lives in its own venv, next to the main one.
     python3 -m venv .venv-trl
     .venv-trl/bin/pip install torch==2.13.0          # first, so pip keeps this torch (the CPU wheel)
     .venv-trl/bin/pip install trl tiktoken           # + transformers, datasets, accelerate
-    .venv-trl/bin/python bench_trl.py --steps=6      # speed: 4x256 GPT-2, 8 HH pairs/step, max_length 512
+    .venv-trl/bin/python bench_trl.py --steps=6      # speed: 4x256 GPT-2, 8 HH pairs/step, max_length 512, CPU float32
     .venv-trl/bin/python bench_trl.py --check=1      # TRL vs ours: logps and loss, tiny GPT-2, 6 HH pairs
     .venv-trl/bin/python bench_trl.py --check=2      # TRL's DPO options vs ours, 4 training steps each (issue 21)
-Prints one JSON line last. Options: --steps, --check, --data, --seed. TIKTOKEN_CACHE_DIR defaults to
+On a GPU (bf16, TRL's default there), GPT-2 124M-shaped, our packed bench's batch (bash .ci/gpu --trl runs this):
+    python bench_trl.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --global_batch_size=512 --batch_size=32
+    ... --precompute_ref_log_probs=1                 # TRL's reference log-probs computed once, before training
+Prints one JSON line last. Options: --steps, --warmup, --check, --data, --seed, --device, --n_layer, --n_head, --n_embd,
+--global_batch_size (pairs per optimizer step), --batch_size (pairs per micro-step: TRL's per_device_train_batch_size),
+--max_length, --precompute_ref_log_probs, --pairs (the first N pairs only; 0: all). TIKTOKEN_CACHE_DIR defaults to
 /work/shared/tiktoken. Time it on an otherwise idle machine: load_avg_1m in the output says if it was not.
 """
 import copy
@@ -24,6 +29,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never ask the hub for anything
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # one progress bar per dataset pass: noise in logs
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # GPT-2's BPE files, cached offline
 import torch
 import datasets
@@ -75,12 +81,14 @@ def gpt2(n_layer, n_embd, n_head, seed):
     return GPT2LMHeadModel(cfg).float()
 
 
-def make_trainer(model, ref_model, tok, rows, batch_size, max_steps, seed, out_dir):
-    args = DPOConfig(  # TRL's defaults (sigmoid, beta 0.1, lr 1e-6, reference run every step) except the below
-        output_dir=out_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-        max_length=512, max_steps=max_steps, seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False,
+def make_trainer(model, ref_model, tok, rows, batch_size, max_steps, seed, out_dir, accumulation=1, device="cpu",
+                 max_length=512, precompute=False):
+    on_cpu = dict(use_cpu=True, bf16=False, fp16=False) if device == "cpu" else {}  # elsewhere TRL's default: bf16
+    args = DPOConfig(  # TRL's defaults (sigmoid, beta 0.1, lr 1e-6, reference run every step, gradient checkpointing)
+        output_dir=out_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_length=max_length, max_steps=max_steps, seed=seed, data_seed=seed, precompute_ref_log_probs=precompute,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**9, disable_tqdm=True,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, **on_cpu)  # except the above
     return DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
                       train_dataset=datasets.Dataset.from_list(rows))
 
@@ -92,30 +100,48 @@ class StepTimer(TrainerCallback):
         self.ends = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are done, not only launched
         self.ends.append(time.perf_counter())
 
 
-def bench(steps, seed, data, warmup=2):
+def bench(o):
     tok = gpt2_tokenizer()
-    rows = hh_pairs(data)
-    model = gpt2(4, 256, 4, seed)
-    ref_model = copy.deepcopy(model)  # reference = the initial policy, as in TRL when none is given
+    rows = hh_pairs(o["data"])[:o["pairs"] or None]  # TRL tokenizes (and may precompute) them all before step 1
+    gbs, bs, warmup = o["global_batch_size"], o["batch_size"], o["warmup"]
+    if gbs % bs or warmup < 1:
+        sys.exit(f"error: --global_batch_size={gbs} must be a multiple of --batch_size={bs}, and --warmup >= 1")
+    model = gpt2(o["n_layer"], o["n_embd"], o["n_head"], o["seed"])
+    # reference = the initial policy, as TRL loads it when none is given; precomputed, TRL keeps no reference model
+    ref_model = None if o["precompute_ref_log_probs"] else copy.deepcopy(model)
+    on_gpu = o["device"] != "cpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = make_trainer(model, ref_model, tok, rows, 8, warmup + steps, seed, out_dir)
+        t0 = time.perf_counter()  # tokenizing (and with precompute_ref_log_probs, the reference pass) happen here
+        trainer = make_trainer(model, ref_model, tok, rows, bs, warmup + o["steps"], o["seed"], out_dir, gbs // bs,
+                               o["device"], o["max_length"], bool(o["precompute_ref_log_probs"]))
+        init_s = time.perf_counter() - t0
         timer = StepTimer()
         trainer.add_callback(timer)
         t_start = time.perf_counter()
         trainer.train()
     dts = [b - a for a, b in zip(timer.ends[warmup - 1:], timer.ends[warmup:])]  # (steps,) after the warmup
-    print(f"{len(rows)} pairs; first step {timer.ends[0] - t_start:.2f}s; timed steps: "
+    print(f"{len(rows)} pairs; trainer init {init_s:.2f}s; first step {timer.ends[0] - t_start:.2f}s; timed steps: "
           + " ".join(f"{dt:.2f}" for dt in dts), file=sys.stderr)
     med = statistics.median(dts)  # batches differ in length (padded to their longest), so steps vary a lot
-    return dict(trl_pairs_per_s=round(8 / med, 4), trl_s_per_step_median=round(med, 4), steps=len(dts),
-                trl_pairs_per_s_mean=round(8 * len(dts) / sum(dts), 4),
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if on_gpu  # else this process's RSS (Linux: KiB)
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(trl_pairs_per_s=round(gbs / med, 4), trl_s_per_step_median=round(med, 4), steps=len(dts),
+                trl_pairs_per_s_mean=round(gbs * len(dts) / sum(dts), 4), first_step_s=round(timer.ends[0] - t_start, 2),
+                init_s=round(init_s, 2), device=torch.cuda.get_device_name() if on_gpu else "cpu",
+                bf16=trainer.args.bf16, gradient_checkpointing=trainer.args.gradient_checkpointing,
+                precompute_ref_log_probs=trainer.args.precompute_ref_log_probs, global_batch_size=gbs, batch_size=bs,
+                model=f"{o['n_layer']}x{o['n_embd']}", max_length=o["max_length"],
                 trl_version=trl.__version__, transformers_version=transformers.__version__,
-                torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
-                peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # this process (Linux: KiB)
-                load_avg_1m=round(os.getloadavg()[0], 2))  # > ~2.5: something else shared the 2 cores
+                datasets_version=datasets.__version__, torch_version=torch.__version__,
+                torch_threads=torch.get_num_threads(), peak_mb=round(peak_mb),
+                load_avg_1m=round(os.getloadavg()[0], 2))  # CPU: > ~2.5, something else shared the 2 cores
 
 
 def naive_logps(model, prompt_ids, response_ids):
@@ -239,7 +265,8 @@ def check_options(seed, data, steps=4, lr=1e-3, n_pairs=8):
 
 
 if __name__ == "__main__":
-    opts = dict(steps=6, check=0, seed=1337, data=DATA)
+    opts = dict(steps=6, warmup=2, check=0, seed=1337, data=DATA, device="cpu", n_layer=4, n_head=4, n_embd=256,
+                global_batch_size=8, batch_size=8, max_length=512, precompute_ref_log_probs=0, pairs=0)
     for arg in sys.argv[1:]:
         key, _, val = arg.removeprefix("--").partition("=")
         if key not in opts or not val:
@@ -247,7 +274,10 @@ if __name__ == "__main__":
         opts[key] = type(opts[key])(val)
     if not os.path.isfile(opts["data"]):
         sys.exit(f"{opts['data']} not found: expected Anthropic HH jsonl.gz (rows with 'chosen' and 'rejected')")
-    torch.set_num_threads(2)
+    if opts["device"] != "cpu" and not torch.cuda.is_available():
+        sys.exit(f"error: --device={opts['device']} but torch {torch.__version__} sees no CUDA device")
+    if opts["device"] == "cpu":
+        torch.set_num_threads(2)
     res = (check_options(opts["seed"], opts["data"]) if opts["check"] == 2 else check(opts["seed"], opts["data"]) if opts["check"]
-           else bench(opts["steps"], opts["seed"], opts["data"]))
+           else bench(opts))
     print(json.dumps(res))

@@ -321,8 +321,9 @@ def make_shape(cfg, datasets, fixed, multiple=64):
     if cfg.pack_len and cfg.pack_len < longest:
         raise ValueError(f"pack_len={cfg.pack_len} is shorter than the longest {'pair' if cfg.layout == 'packed' else 'sequence'} ({longest} tokens)")
     row_len, train = cfg.pack_len or round_up(longest, multiple), datasets[0].lengths
+    # fixed: a tenth more room, or first fit often spills a step into one more, nearly empty micro-batch (README)
     rows = cfg.batch_size if cfg.layout == "plain" else \
-        cfg.pack_rows or max(1, math.ceil(cfg.batch_size * train.sum(1).mean() / row_len))
+        cfg.pack_rows or max(1, math.ceil((1.1 if fixed else 1) * cfg.batch_size * train.sum(1).mean() / row_len))
     pairs, most = (rows, L[:, 1:].sum(1).max()) if cfg.layout == "plain" else (rows * row_len / train.sum(1).mean(), row_len)
     n_pred = round_up(max(1.25 * pairs * train[:, 1:].sum(1).mean(), most), 64) if fixed else 0  # one row always fits
     return Shape(cfg.layout, row_len, rows, fixed, multiple, n_pred)

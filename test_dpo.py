@@ -2042,18 +2042,8 @@ def test_cuda_bf16_autocast_training_tracks_float32(tmp_path):
 
 def test_gpu_check_dry_runs_on_cpu(tmp_path):
     # .ci/gpu is the one command a GPU session runs; --cpu runs every stage with a tiny model, so the script itself
-    # is known to work before any GPU does. the data is generated here (the project never needs ../shared)
-    rng = random.Random(0)
-    words = "good bad fine awful great poor nice meh tasty bland".split()
-    with open(tmp_path / "pairs.jsonl", "w") as f:
-        for i in range(120):
-            say = lambda n: " " + " ".join(rng.choices(words, k=rng.randint(2, n)))
-            f.write(json.dumps({"prompt": f"Q{i}:" + say(20), "chosen": say(30), "rejected": say(30)}) + "\n")
-    out = subprocess.run(["bash", ".ci/gpu", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "HH": str(tmp_path / "pairs.jsonl"), "OUT": str(tmp_path / "out"),
-                              "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [json.loads(l) for l in open(tmp_path / "out" / "gpu_check.jsonl")]
+    # is known to work before any GPU does
+    out, rows = gpu_check(tmp_path, "--cpu")
     assert [r["stage"] for r in rows] == ["CUDA tests", "bench plain", "bench packed", "torchrun ddp", "torchrun fsdp", "XL memory"]
     assert all(r["status"] == "ok" and r["pairs_per_s"] > 0 for r in rows[1:])
     assert "GPU check on CPU (dry run)" in out.stdout and "Name" in open(tmp_path / "out" / "profile.txt").read()
@@ -2617,7 +2607,7 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path):
     run.shape = dpo.make_shape(cfg, [data], fixed=True, multiple=128)
     model = tiny_model().cuda()
     module = dpo.SequenceLogps(model, compile=True, flex=run.flex)
-    ref = dpo.Reference(run, model, "x", [])  # no tables: reference-free below
+    ref = lambda b, split: (None, None)  # reference-free: the policy's own work is what is tested
     for warm in (True, False):  # the first pass compiles (which may sync); the second must not
         mbs = dpo.load(data, np.arange(32), ref, run, "train")
         torch.cuda.synchronize()
@@ -2629,6 +2619,38 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert len(mbs) > 1
+
+
+# -----------------------------------------------------------------------------
+# issue 18: the quick GPU check (the packed bench alone, for measure-change-measure rounds on a card)
+
+def gpu_check(tmp_path, *args, rc=0):
+    """bash .ci/gpu ARGS on generated pairs (the project never needs ../shared): its output and its table's rows"""
+    rng = random.Random(0)
+    words = "good bad fine awful great poor nice meh tasty bland".split()
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(120):
+            say = lambda n: " " + " ".join(rng.choices(words, k=rng.randint(2, n)))
+            f.write(json.dumps({"prompt": f"Q{i}:" + say(20), "chosen": say(30), "rejected": say(30)}) + "\n")
+    out = subprocess.run(["bash", ".ci/gpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HH": str(tmp_path / "pairs.jsonl"), "OUT": str(tmp_path / "out"),
+                              "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == rc, out.stdout[-3000:] + out.stderr[-3000:]
+    path = tmp_path / "out" / "gpu_check.jsonl"
+    return out, [json.loads(l) for l in open(path)] if path.exists() else []
+
+
+def test_gpu_quick_check_dry_runs_on_cpu(tmp_path):
+    out, rows = gpu_check(tmp_path, "--quick", "--cpu")
+    assert [r["stage"] for r in rows] == ["bench packed"]  # nothing else ran
+    r = rows[0]
+    assert r["status"] == "ok" and r["pairs_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mb"] > 0
+    # a packed pair is its prompt once and both responses: 3 to ~100 tokens in this data (at most 21 + 2 x 31 words)
+    assert 3 < r["tokens_per_s"] / r["pairs_per_s"] < 100
+    assert "GPU check on CPU (dry run)" in out.stdout and not (tmp_path / "out" / "tests.log").exists()
+    (tmp_path / "typo").mkdir()
+    out, rows = gpu_check(tmp_path / "typo", "--quick", "--fast", rc=2)  # a typo runs nothing, and says so
+    assert out.stderr.startswith("error: unknown option --fast") and rows == []
 
 
 # -----------------------------------------------------------------------------
