@@ -7,21 +7,28 @@ checkpoint.py: how a dpo.py run starts, saves, resumes and stops, kept out of th
   sample.py) rebuilds that reference and refuses one whose weights changed
 - checkpoints hold the full (unsharded) state, written atomically: any world size resumes bit for bit
 - what it writes besides: the cached reference log-probs, metrics.jsonl and wandb
+- a resume continues the run as it was: its options come from the checkpoint, the command line changes only what it
+  names, and a change that would break the run (its data, model shape, loss, seed, batch, layout, reference) is refused
 - one trainer per out_dir (a file lock), and SIGINT/SIGTERM finish the step, save and exit
 """
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import shutil
 import signal
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
+import configurator
 from model import GPT, GPTConfig
+from prepare import list_shards, load_pairs
 
 
 @dataclass
@@ -65,7 +72,7 @@ def load_model(source, cfg):
     """scratch, a GPT-2 name, a Hugging Face folder, or one of our checkpoints (a ckpt.pt or the folder holding it)"""
     if source == "scratch":
         torch.manual_seed(cfg.seed)  # the same seed gives the same init: a resumed run rebuilds its reference
-        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        return GPT(GPTConfig(block_size=cfg.block_size or data_block_size(cfg.data_dir), n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     if (source.startswith("gpt2") and not os.path.exists(source)) or os.path.isfile(os.path.join(source, "config.json")):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
@@ -75,14 +82,30 @@ def load_model(source, cfg):
                                 f"folder with config.json, or a checkpoint file / folder with ckpt.pt; found none")
     return model_from_checkpoint(read_checkpoint(path), cfg, path)
 
+def data_block_size(data_dir):
+    """block_size=0: the longest prompt + response of the data, at most GPT-2's 1024 positions (1024 without data)"""
+    shards = [load_pairs(p) for split in ("train", "val") for p in list_shards(data_dir, split, required=False)]
+    return min(1024, max((int((s.lengths[:, 0] + s.lengths[:, 1:].max(1)).max()) for s in shards if len(s)), default=1024))
+
+def data_hash(data_dir):
+    """the identity of data_dir's pairs, every shard's bytes: a resume may find its data under another path, not other data"""
+    h = hashlib.sha256()
+    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False):
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
 def checkpoint_path(source):
     """our checkpoint file for a ckpt.pt path or the folder holding it; None if there is none"""
     path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     return path if os.path.isfile(path) else None
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
+    """mmap: the tensors are not read until used (a resume reads the config first)"""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
     if not isinstance(ck, dict) or not {"model", "model_config"} <= ck.keys():
@@ -103,19 +126,11 @@ def weights_hash(model):
         h.update(k.encode() + v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
-def data_hash(data):
-    """identifies a dpo.PairData for the reference cache: every token and length, and the block size"""
-    h = hashlib.sha256()
-    for s in data.shards:
-        h.update(s.tokens)  # the memmap, read once (about 1 s per 200M tokens)
-    h.update(data.lengths.tobytes() + str(data.block_size).encode())
-    return h.hexdigest()[:16]
-
-def load_run(path, cfg):
+def load_run(path, cfg, ck=None):
     """a checkpoint -> (ck, policy, reference); reference None if the run had none. the reference is rebuilt from its
     recorded source: scratch from the run's seed and model shape, never the command line's; a path that no longer
     exists is looked for where it was relative to the checkpoint (both moved together). changed weights: refused"""
-    ck = read_checkpoint(path)
+    ck = ck or read_checkpoint(path)
     policy = model_from_checkpoint(ck, cfg, path)
     if not ck.get("ref_from"):
         return ck, policy, None
@@ -133,6 +148,49 @@ def load_run(path, cfg):
                          f"checkpoint recorded {ck['ref_hash']}): restore it, or start a new run")
     return ck, policy, reference
 
+# what --init_from=resume needs besides the weights, and the options it cannot change without breaking the run
+RESUME_NEEDS = {"config": "options", "optimizer": "optimizer state", "iter_num": "step", "rng_cpu": "random state",
+                "ref_from": "reference source"}
+FIXED = ("seed", "global_batch_size", "loss_type", "layout", "reference", "truncate")  # and the model's shape
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+MACHINE = ("device", "dtype", "compile", "fsdp")  # where it computes: this launch's (an FSDP run may resume unsharded)
+
+def resumable(ck, path):
+    missing = [f"{what} ({k})" for k, what in RESUME_NEEDS.items() if k not in ck]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} saved, which --init_from=resume needs; "
+                         f"--init_from={path} starts a new run from its weights")
+
+def show(v):  # as the command line writes it
+    return str(v).lower() if isinstance(v, bool) else v
+
+def refuse(path, changes, where=""):
+    """changes: {option: (the run's value, the asked one)} that would break the run"""
+    if changes:
+        asked, had = (", ".join(f"{'--' * (i == 1)}{k}={show(c[i])}" for k, c in changes.items()) for i in (1, 0))
+        them = "them" if len(changes) > 1 else "it"
+        raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop {them}{where} to continue the "
+                         f"run as it was, or start a new run from its weights: --init_from={path} --out_dir=NEW")
+
+def resume_config(out_dir, argv, cls):
+    """--init_from=resume: every option from the checkpoint's config (the model's shape from the model itself), the
+    command line (and a --config file) changes only what it names; -> the config. each change is printed once"""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_from=resume: no checkpoint at {path}")
+    ck = read_checkpoint(path, mmap=True)
+    resumable(ck, path)
+    saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
+    saved = {k: v for k, v in saved.items() if k not in ("out_dir", "init_from")}  # these are this command's
+    cfg = configurator.parse(argv, cls, {k: v for k, v in saved.items() if k not in MACHINE})
+    changes = {k: (v, getattr(cfg, k)) for k, v in saved.items() if getattr(cfg, k, v) != v}
+    files = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    refuse(path, {k: c for k, c in changes.items() if k in FIXED + SHAPE}, f" (from the command line or {files[-1]})" if files else "")
+    for k, (old, new) in changes.items():
+        launch = f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""
+        print0(f"resume: {k} {show(old)} -> {show(new)}{launch}")
+    return cfg
+
 def start(cfg):
     """-> (policy, reference model, the checkpoint resumed from or None, meta). meta is the reference's identity,
     saved in every checkpoint: its source (absolute, and relative to out_dir), weights hash and seed"""
@@ -140,11 +198,18 @@ def start(cfg):
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt}")
-        ck, model, ref_model = load_run(ckpt, cfg)
+        ck = read_checkpoint(ckpt)
+        resumable(ck, ckpt)
+        refuse(ckpt, {k: (v, getattr(cfg, k)) for k, v in ck["config"].items() if k in FIXED and v != getattr(cfg, k)})
+        if ck.get("data_hash") not in (None, data_hash(cfg.data_dir)):
+            raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {ckpt} trained on (from "
+                             f"{ck['config']['data_dir']}): restore it, or start a new run: --init_from={ckpt} --out_dir=NEW")
+        ck, model, ref_model = load_run(ckpt, cfg, ck)
         if "ref_model" in ck:  # TR-DPO: the reference as synced so far (its source and hash are the first one's)
             ref_model.load_state_dict(ck["ref_model"])
         meta = {"ref_from": ck["ref_from"], "ref_hash": ck.get("ref_hash") or weights_hash(ref_model),
-                "ref_rel": ck.get("ref_rel"), "ref_seed": ck.get("ref_seed", ck["config"]["seed"])}  # the first run's
+                "ref_rel": ck.get("ref_rel"), "ref_seed": ck.get("ref_seed", ck["config"]["seed"]),  # the first run's
+                "data_hash": ck.get("data_hash") or data_hash(cfg.data_dir)}
         return model, ref_model, ck, meta
     source = checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
     if source and os.path.realpath(source) == os.path.realpath(ckpt):
@@ -155,7 +220,8 @@ def start(cfg):
     model = load_model(cfg.init_from, cfg)
     ref_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
     rel = os.path.relpath(ref_from, cfg.out_dir) if os.path.isabs(ref_from) else None
-    return model, model, None, {"ref_from": ref_from, "ref_hash": weights_hash(model), "ref_rel": rel, "ref_seed": cfg.seed}
+    return model, model, None, {"ref_from": ref_from, "ref_hash": weights_hash(model), "ref_rel": rel, "ref_seed": cfg.seed,
+                                "data_hash": data_hash(cfg.data_dir)}
 
 def atomic_save(obj, path, what):
     """write, then rename: a crash or a full disk mid-save leaves the previous file intact and no temp file"""
@@ -166,9 +232,13 @@ def atomic_save(obj, path, what):
     except BaseException as e:  # a full disk, or a second Ctrl-C mid-save: never a temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {what} {path} ({e.strerror or e}); the previous file is intact") from None
-        raise
+        full = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ENOSPC  # torch.save's zip writer
+        if not (full or isinstance(e, OSError)):  # raises a RuntimeError ("unexpected pos ...") on a full disk
+            raise
+        folder = os.path.dirname(path) or "."
+        why = f"the disk is full? torch.save: {' '.join(str(e).split())[:80]}" if isinstance(e, RuntimeError) else e.strerror or e
+        free = f"; free space on the disk of {folder} ({shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free now)" * full
+        raise OSError(f"could not write {what} {path} ({why}); the previous file is intact{free}") from None
 
 def save(cfg, model, optimizer, it, meta):
     """all ranks gather the full (unsharded) state; rank 0 writes one ckpt.pt that any world size can load"""
@@ -188,7 +258,7 @@ def restore(ck, model, optimizer, device):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(ck["rng_cpu"])
-    if ck["rng_cuda"] and device.type == "cuda":
+    if ck.get("rng_cuda") and device.type == "cuda":
         torch.cuda.set_rng_state_all(ck["rng_cuda"])
     return ck["iter_num"]
 
@@ -212,14 +282,28 @@ def cached(path, n, run, compute):
         atomic_save({"chosen": chosen, "rejected": rejected}, path, "the reference cache")
     return chosen, rejected
 
-def metrics_log(cfg, stack, append):
-    """-> log(record): rank 0 writes metrics.jsonl (appended on a resume, else a fresh file) and wandb"""
+def logged_before(line, ck):
+    """a metrics.jsonl line that a resume from ck keeps: written before its checkpoint (the steps after it are redone)"""
+    try:
+        rec = json.loads(line)
+    except ValueError:  # the last line, cut short by a kill
+        return False
+    return rec["iter"] < ck["iter_num"] or (rec["iter"] == ck["iter_num"] and "lr" not in rec and not ck.get("stopped"))
+
+def metrics_log(cfg, stack, ck):
+    """-> log(record): rank 0 writes metrics.jsonl (a fresh file, or on a resume the records before its checkpoint,
+    so a run killed after it logs its redone steps once) and wandb"""
     if int(os.environ.get("RANK", 0)) != 0:
         return lambda rec: None
     if cfg.wandb_log:
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-    f = stack.enter_context(open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if append else "w"))
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if ck and os.path.exists(path):  # killed after its checkpoint: the records at its end go, their steps are redone
+        with open(path, "rb+") as f:
+            kept = itertools.takewhile(lambda line: logged_before(line, ck), f.readlines())
+            f.truncate(sum(map(len, kept)))
+    f = stack.enter_context(open(path, "a" if ck else "w"))
 
     def log(rec):
         print(json.dumps(rec), file=f, flush=True)
@@ -227,16 +311,44 @@ def metrics_log(cfg, stack, append):
             wandb.log(rec, step=rec["iter"])
     return log
 
+@contextlib.contextmanager
 def lock(out_dir):
-    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9). rank 0 holds it"""
+    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on kill -9). rank 0 makes
+    out_dir and holds the lock; a failed start that wrote nothing leaves out_dir as it found it (no .lock, no folder)"""
     if int(os.environ.get("RANK", 0)) != 0:
-        return contextlib.nullcontext()
-    f = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"out_dir={out_dir} is in use by another running trainer; wait for it or choose another out_dir") from None
-    return f
+        yield
+        return
+    made, d = [], os.path.abspath(out_dir)
+    while not os.path.isdir(d):  # the folders this run makes, deepest first
+        made, d = made + [d], os.path.dirname(d)
+    os.makedirs(out_dir, exist_ok=True)
+    found = set(os.listdir(out_dir))
+    with open(os.path.join(out_dir, ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"out_dir={out_dir} is in use by another running trainer; wait for it or choose another out_dir") from None
+        try:
+            yield
+        except BaseException:
+            files = [os.path.join(out_dir, n) for n in set(os.listdir(out_dir)) - found]
+            if not any(os.path.isdir(p) or os.path.getsize(p) for p in files):  # its lock and empty files only: no trace
+                for p in files:
+                    os.remove(p)
+                for d in made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(d)
+            raise
+
+def finish(cfg, model, step):
+    """the end of a run: the Hugging Face export if asked, and where the result is"""
+    hf = os.path.join(cfg.out_dir, "hf")
+    if int(os.environ.get("RANK", 0)) == 0 and cfg.export_hf:
+        model.save_pretrained(hf)
+    ckpt = f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')} (step {step})" if cfg.save_checkpoint else \
+        f"finished step {step}, no checkpoint (--save_checkpoint=false)"
+    hf = f" and {hf} (transformers)" * cfg.export_hf
+    print0(f"{ckpt}{hf}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
 
 class Stop:
     """SIGINT / SIGTERM (a cluster preempting the job): finish the step, save, exit. a second signal exits at once"""
@@ -250,13 +362,6 @@ class Stop:
         self.asked = True
         if int(os.environ.get("RANK", 0)) == 0:  # os.write: a print here can re-enter a print the step is in
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (again to quit now)\n".encode())
-
-    def agreed(self, device):
-        """asked on any rank: all ranks stop after the same step"""
-        asked = torch.tensor(float(self.asked), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-        return bool(asked.item())
 
     def restore(self):
         for s, h in self.old.items():

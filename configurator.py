@@ -62,20 +62,23 @@ def read_config_file(path, types):
 def help_text(cls):
     """the fields with their defaults and comments, read from the dataclass source"""
     lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config=FILE] [--key=value ...]"]
-    for c in reversed(cls.__mro__):
+    if not cls.__doc__.startswith(f"{cls.__name__}("):  # a written docstring, not the dataclass's signature
+        lines.append(cls.__doc__.strip())
+    for c in cls.__mro__:  # a subclass's own options first
         if dataclasses.is_dataclass(c):
             for m in re.finditer(r"^    (\w+): \w+ = (.+?)(?:  # (.*))?$|^    # (.*)$", inspect.getsource(c), re.M):
                 lines.append(f"  --{m[1]}={m[2].strip(chr(34))}".ljust(36) + (m[3] or "") if m[1] else f"{m[4]}:")
     return "\n".join(lines)
 
 
-def parse(argv, cls):
-    """--config=FILE first, then --key=value overrides on top -> an instance of the dataclass cls"""
+def parse(argv, cls, defaults=None):
+    """--config=FILE first, then --key=value overrides on top -> an instance of the dataclass cls. defaults: values
+    (a dict) that replace the dataclass's own defaults, e.g. a saved run's config"""
     if "-h" in argv or "--help" in argv:
         print(help_text(cls))
         sys.exit(0)
     types = {f.name: f.type for f in dataclasses.fields(cls)}
-    cfg, pairs = cls(), []
+    cfg, pairs = cls(**{k: v for k, v in (defaults or {}).items() if k in types}), []
     for arg in argv:
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--") or not eq:

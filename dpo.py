@@ -8,7 +8,7 @@ The offline toy run (CPU, a few minutes; `python sample.py --mode=demo` runs all
     python dpo.py --config=config/toy_dpo.py           # DPO  -> out/toy_dpo (reference = the SFT model)
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
 Real data and real GPT-2 weights:
-    python prepare.py --dataset=hh --out_dir=data/hh
+    python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh
     python dpo.py --config=config/hh_gpt2.py                                     # one GPU
     torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py   # DDP: each rank a slice of the batch
     torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py --init_from=gpt2-xl --fsdp=true
@@ -55,7 +55,7 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 256  # positions; every pair must fit (see truncate)
+    block_size: int = 0  # positions, every pair must fit (see truncate); 0 = the data's longest pair, at most 1024
     dropout: float = 0.0
     bias: bool = True
     # loss
@@ -117,9 +117,8 @@ def check_config(cfg):
     for key, allowed in choices.items():
         if set(getattr(cfg, key).split(",") if key == "loss_type" else [getattr(cfg, key)]) - set(allowed):
             raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}{' (or a comma list)' * (key == 'loss_type')}")
-    positive = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "block_size", "logprob_chunk", "beta",
-                "ref_model_sync_steps")
-    for key in positive + ("max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters", "pack_len",
+    positive = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "logprob_chunk", "beta", "ref_model_sync_steps")
+    for key in positive + ("block_size", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters", "pack_len",
                            "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
         if getattr(cfg, key) < 0 or (key in positive and getattr(cfg, key) == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if key in positive else '>= 0'}")
@@ -143,8 +142,10 @@ def check_config(cfg):
         if invalid:
             raise ValueError(why)
 
-def parse_config(argv, cls=Config):
-    cfg = configurator.parse(argv, cls)
+def parse_config(argv, cls=Config, defaults=None):
+    cfg = configurator.parse(argv, cls, defaults)
+    if cfg.init_from == "resume" and cls is Config:  # the run as it was: the checkpoint's options, changed where named
+        cfg = checkpoint.resume_config(cfg.out_dir, argv, cls)
     check_config(cfg)
     return cfg
 
@@ -609,7 +610,7 @@ def reference_logps(ref_model, ref_hash, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
     pairs) and cached beside the shards, keyed by the reference's weights and the data"""
     ld = f"_ld{run.cfg.ld_alpha}" * (run.cfg.ld_alpha != 1)  # LD-DPO's sums are other numbers
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{checkpoint.data_hash(data)}.pt")
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{checkpoint.data_hash(data.data_dir)}_{data.block_size}.pt")
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
 @torch.inference_mode()
@@ -712,8 +713,7 @@ def train(cfg):
 
 def _train(cfg, stack):
     run = setup(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    stack.enter_context(checkpoint.lock(cfg.out_dir))
+    stack.enter_context(checkpoint.lock(cfg.out_dir))  # makes out_dir
     list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
 
     model, ref_model, ck, meta = checkpoint.start(cfg)  # the policy, its reference, and the reference's identity
@@ -751,7 +751,7 @@ def _train(cfg, stack):
     start = checkpoint.restore(ck, model, optimizer, run.device) if ck else 0  # a resume restores the rngs too
     if not ck:
         torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank
-    log = checkpoint.metrics_log(cfg, stack, append=ck is not None)
+    log = checkpoint.metrics_log(cfg, stack, ck)  # a resume keeps the records before its checkpoint
 
     peak, s = peak_flops(run.device), run.shape
     rows = f"{'fixed' if s.fixed else 'per step'} {s.rows} x {s.row_len}" if cfg.layout == "packed" else f"rows of {s.row_len}"
@@ -765,7 +765,7 @@ def _train(cfg, stack):
     nxt = None  # the next step's micro-batches, when built ahead (--prefetch)
     for it in range(start, cfg.max_iters + 1):
         # ---- evaluation, then checkpoint (those at `start` were done before its checkpoint was saved)
-        if it > start or not ck:
+        if it > start or not ck or ck.get("stopped"):
             if val_data and cfg.eval_interval and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
                 ev = evaluate(module, val_data, ref, run, min(cfg.eval_pairs or len(val_data), len(val_data)))
                 print0(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in (("loss", "chosen_logp") if sft else ev)))
@@ -826,11 +826,10 @@ def _train(cfg, stack):
             print0(f"iter {it}: loss {stats['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, "
                    f"{rec['pairs_per_s']:.1f} pairs/s{mfu}, eta {eta:.0f}s")
         if asked:  # every rank stops after the same step
-            checkpoint.save(cfg, model, optimizer, it + 1, meta)
-            print0(f"stopped after step {it}: saved {ckpt}; continue with --init_from=resume")
+            checkpoint.save(cfg, model, optimizer, it + 1, meta | {"stopped": True})  # before step it + 1's eval
+            print0(f"stopped after step {it}: saved {ckpt}; continue with: python dpo.py --init_from=resume --out_dir={cfg.out_dir}")
             raise checkpoint.Interrupted()
-    if run.rank == 0 and cfg.export_hf:
-        model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
+    checkpoint.finish(cfg, model, max(start, cfg.max_iters))
     return history
 
 def main(argv):

@@ -72,9 +72,7 @@ def parse_args(argv):
     cfg = SimpleNamespace(**{k: d for k, (d, _) in OPTIONS.items()})
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\noptions:")
-            for k, (d, h) in OPTIONS.items():
-                print(f"  {f'--{k}={d}':<32} {h}")
+            print(__doc__ + "\noptions:\n" + "\n".join(f"  {f'--{k}={d}':<32} {h}" for k, (d, h) in OPTIONS.items()))
             sys.exit(0)
         key, eq, val = arg[2:].partition("=")
         if not arg.startswith("--") or key not in OPTIONS:
@@ -153,8 +151,7 @@ def make_toy_pairs(n, seed):
 def toy_prompts(split, seed=0):
     """All toy prompts of a split ("train" or "val"), in a seed-shuffled order (for evaluation)."""
     prompts = sorted(p for p, s in _TOY_SPLIT.items() if s == split)
-    random.Random(seed).shuffle(prompts)
-    return prompts
+    return random.Random(seed).sample(prompts, len(prompts))
 
 # -----------------------------------------------------------------------------
 # reading shards (the trainer's side)
@@ -168,13 +165,12 @@ class Pairs:
     def __init__(self, path):
         path = self.path = str(path)
         def check(ok, msg):
-            if ok:
-                return
-            try:
-                cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
-            except (OSError, ValueError, KeyError):
-                cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
-            raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
+            if not ok:
+                try:
+                    cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
+                except (OSError, ValueError, KeyError):
+                    cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
+                raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
         size = os.path.getsize(path)
         check(size >= HEADER_INTS * 4, f"{size} bytes is too small for the {HEADER_INTS * 4}-byte header (truncated file?)")
         magic, version, n, ntok = (int(x) for x in np.fromfile(path, dtype=np.int32, count=4))
@@ -408,8 +404,7 @@ class ShardWriter:
     """Shards of one split: tokens stream to a side file, lengths stay in memory (bounded by shard_pairs)."""
 
     def __init__(self, folder, split, shard_pairs):
-        self.folder, self.split, self.shard_pairs, self.shards = folder, split, shard_pairs, []
-        self.side = folder / f".{split}.tokens.tmp"
+        self.folder, self.split, self.shard_pairs, self.shards, self.side = folder, split, shard_pairs, [], folder / f".{split}.tokens.tmp"
         self._start()
 
     def _start(self):
@@ -508,13 +503,18 @@ def prepare(cfg, log=print):
     state = SimpleNamespace(raw=None, done_bytes=0)
     if paths is None:  # toy rows are already dicts in the standard format
         opts.format, opts.prompt_key, opts.chosen_key, opts.rejected_key = "standard", "prompt", "chosen", "rejected"
-        rows = iter(enumerate(make_toy_pairs(cfg.toy_pairs, cfg.seed), 1))
-    else:
-        rows = iter_rows(paths, state)
+    rows = iter(enumerate(make_toy_pairs(cfg.toy_pairs, cfg.seed), 1)) if paths is None else iter_rows(paths, state)
     first = next(rows)  # iter_rows raises on an empty file
     if opts.format == "auto":
         opts.format = detect_format(first[1], opts, f"{paths[0]}:{first[0]}")
 
+    for d in out_dir.parent.glob(".*.tmp-*-*"):  # the staging folder of a run killed by SIGKILL goes with its process
+        try:
+            os.kill(int(d.name.split("-")[-2]), 0)  # signal 0 only checks that the process exists
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, ValueError):  # another user's process, running; or not a name of ours
+            pass
     # all output goes to a hidden sibling folder (same filesystem) that replaces out_dir in one rename at the end
     made = [d for d in [out_dir.parent, *out_dir.parent.parents] if not d.exists()]  # removed again on failure
     stage, old = (out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{t0}" for kind in ("tmp", "old"))

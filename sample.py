@@ -6,7 +6,8 @@ offline toy pipeline in one command.
     python sample.py --init_from=out/hh_gpt2 --prompts="\\n\\nHuman: hi\\n\\nAssistant:"     (\\n is a newline)
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo  # table + one JSON line
     python sample.py --mode=demo     # prepare, SFT, DPO against the SFT model, then the table (CPU, a few minutes)
-Any dpo.py option is accepted too (device, dtype, seed, data_dir, ...).
+Any dpo.py option is accepted too (device, dtype, seed, data_dir, ...); with --init_from=RUN (one of our checkpoints)
+they default to that run's own (its data_dir for compare, its seed), except where it computes (device, dtype, ...).
 """
 import json
 import math
@@ -28,6 +29,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config") 
 
 @dataclass
 class SampleConfig(dpo.Config):
+    """the sampling options; the dpo.py options after them default to the run's own with --init_from=RUN (a checkpoint)"""
     # sampling
     mode: str = "sample"  # sample | compare (the toy task's before/after table) | demo (the whole toy pipeline)
     prompts: str = ""  # "|"-separated prompts for mode=sample
@@ -152,6 +154,11 @@ def demo():
 
 def main(argv):
     cfg = dpo.parse_config(argv, SampleConfig)
+    path = checkpoint.checkpoint_path(cfg.init_from) if cfg.mode != "demo" and cfg.init_from != "scratch" else None
+    if path:  # one of our runs: its options unless the command line names them
+        saved = checkpoint.read_checkpoint(path, mmap=True).get("config", {})
+        skip = checkpoint.MACHINE + ("init_from", "out_dir")  # where this process computes, what it loads
+        cfg = dpo.parse_config(argv, SampleConfig, {k: v for k, v in saved.items() if k not in skip})
     if cfg.mode not in ("sample", "compare", "demo") or cfg.top_k < 0 or cfg.temperature < 0 or cfg.num_samples < 1:
         raise ValueError(f"--mode={cfg.mode} --top_k={cfg.top_k} --temperature={cfg.temperature} --num_samples="
                          f"{cfg.num_samples}: expected mode sample | compare | demo, top_k >= 0, temperature >= 0, num_samples >= 1")

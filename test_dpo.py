@@ -563,6 +563,8 @@ if not os.environ.get("TIKTOKEN_CACHE_DIR") and (SHARED / "tiktoken").is_dir():
 ENC = tiktoken.get_encoding("gpt2")
 EOT = 50256
 HH_FILE = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_MISSING = (f"needs the real HH-RLHF pairs at {HH_FILE}: mkdir -p {HH_FILE.parent} && curl -L -o {HH_FILE} "
+              "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/harmless-base/test.jsonl.gz")
 ASSIST = "\n\nAssistant:"
 
 
@@ -1109,7 +1111,7 @@ def test_max_token(tmp_path):
 
 def test_real_hh_file(tmp_path):
     if not HH_FILE.exists():
-        pytest.skip(f"{HH_FILE} not present")
+        pytest.skip(HH_MISSING)
     out = tmp_path / "hh"
     meta = P.prepare(P.parse_args([f"--input={HH_FILE}", f"--out_dir={out}"]))
     rows = [json.loads(line) for line in gzip.open(HH_FILE)]
@@ -1709,7 +1711,7 @@ def test_packed_equals_plain_random_pairs(tmp_path):
 HH = str(HH_FILE)
 
 
-@pytest.mark.skipif(not os.path.exists(HH), reason="needs ../shared/data (the real HH-RLHF pairs)")
+@pytest.mark.skipif(not os.path.exists(HH), reason=HH_MISSING)
 def test_packed_equals_plain_real_hh_pairs(tmp_path):
     import gzip
     import tiktoken
@@ -2283,7 +2285,7 @@ def test_unreadable_or_mismatched_checkpoints_are_one_line(tmp_path, capsys):
         run.mkdir()
         (run / "ckpt.pt").write_bytes(raw)
         where = re.escape(str(run / "ckpt.pt")) + ": " + reason
-        main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(run), init_from="resume"), where)
+        main_error(capsys, [f"--out_dir={run}", "--init_from=resume"], where)  # the rest from the checkpoint
         main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "new"), init_from=str(run)), where)
         assert (run / "ckpt.pt").read_bytes() == raw and not (tmp_path / "new" / "ckpt.pt").exists()
     main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "none"), init_from="resume"),
@@ -2371,7 +2373,7 @@ def test_sigterm_stops_after_the_step_saves_and_resume_loses_no_step(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
-    stopped = int(re.search(r"^stopped after step (\d+): saved .*ckpt\.pt; continue with --init_from=resume$", out, re.M)[1])
+    stopped = int(re.search(r"^stopped after step (\d+): saved .*ckpt\.pt; continue with: python dpo.py --init_from=resume --out_dir=.*out$", out, re.M)[1])
     assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == stopped + 1
     assert [r["iter"] for r in read_metrics(out_dir)] == list(range(stopped + 1))
     r = cli("dpo.py", *tiny_args(tmp_path, data_dir, init_from="resume", max_iters=stopped + 3, **kw))
@@ -2651,6 +2653,254 @@ def test_gpu_quick_check_dry_runs_on_cpu(tmp_path):
     (tmp_path / "typo").mkdir()
     out, rows = gpu_check(tmp_path / "typo", "--quick", "--fast", rc=2)  # a typo runs nothing, and says so
     assert out.stderr.startswith("error: unknown option --fast") and rows == []
+
+
+# -----------------------------------------------------------------------------
+# issue 22: resume continues the run as it was, and the rough edges a newcomer meets
+
+TIMING = ("ms", "pairs_per_s", "tokens_per_s", "flops_per_s", "mfu")
+
+
+def run_args(tmp_path, data_dir, out_dir, **kw):
+    """a tiny run as a user starts it: data, length and model on the command line, everything else the defaults"""
+    base = dict(data_dir=data_dir, out_dir=out_dir, max_iters=8, eval_interval=2, n_layer=1, n_head=2, n_embd=32,
+                global_batch_size=8, batch_size=4, dropout=0.1, log_interval=1) | kw  # device auto: here the cpu
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def same_run(a, b):
+    """metrics.jsonl without the timings, and the final weights: equal to the bit"""
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    wa, wb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["model"] for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def interrupt(args, after, sig):
+    """dpo.py as a user runs it, sent `sig` once it printed the line starting with `after`"""
+    p = subprocess.Popen([sys.executable, "dpo.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in p.stdout:
+            if line.startswith(after):
+                break
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, out, err
+
+
+@pytest.fixture
+def one_thread():
+    """in-process runs compute like the OMP_NUM_THREADS=1 subprocesses, so their results compare to the bit"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_alone_continues_the_run_bit_for_bit(tmp_path, capsys, one_thread):
+    # kill -9 after a checkpoint and two more steps (they are redone, and logged once), or Ctrl-C (it stops after the
+    # step): `--init_from=resume --out_dir=X` alone then ends exactly where the run that never stopped ends
+    data_dir = make_data(tmp_path)
+    full = str(tmp_path / "full")
+    dpo.main(run_args(tmp_path, data_dir, full))
+    for sig, after in ((signal.SIGKILL, "iter 5:"), (signal.SIGINT, "iter 2:")):
+        cut = str(tmp_path / signal.Signals(sig).name)
+        rc, out, err = interrupt(run_args(tmp_path, data_dir, cut), after, sig)
+        if sig == signal.SIGINT:
+            assert rc == 130 and f"continue with: python dpo.py --init_from=resume --out_dir={cut}" in out, err[-2000:]
+        else:
+            assert rc == -9 and torch.load(f"{cut}/ckpt.pt", weights_only=True)["iter_num"] == 4
+        capsys.readouterr()
+        dpo.main(["--init_from=resume", f"--out_dir={cut}"])
+        out = capsys.readouterr().out
+        assert "resume:" not in out and out.strip().splitlines()[-1] == (f"saved {cut}/ckpt.pt (step 8); metrics in "
+                                                                         f"{cut}/metrics.jsonl")
+        same_run(full, cut)
+
+
+def test_resume_prints_what_the_command_line_changes_and_refuses_what_would_break_the_run(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    out_dir = str(tmp_path / "run")
+    dpo.main(run_args(tmp_path, data_dir, out_dir, max_iters=2, eval_interval=0))
+    ck = Path(out_dir) / "ckpt.pt"
+    before = ck.read_bytes()
+    resume = ["--init_from=resume", f"--out_dir={out_dir}"]
+    refused = {"--seed=7": "seed=1337", "--loss_type=ipo": "loss_type=sigmoid", "--global_batch_size=16":
+               "global_batch_size=8", "--layout=plain": "layout=packed", "--reference=model": "reference=cached",
+               "--truncate=true": "truncate=false", "--n_layer=2": "n_layer=1", "--n_embd=64": "n_embd=32",
+               "--block_size=256": r"block_size=\d+", "--bias=false": "bias=true"}
+    for arg, was in refused.items():
+        main_error(capsys, resume + [arg], rf"^error: resume: {arg} would break the run in {re.escape(str(ck))} "
+                   rf"\({was} there\): drop it to continue the run as it was, or start a new run from its weights: "
+                   rf"--init_from={re.escape(str(ck))} --out_dir=NEW$")
+    main_error(capsys, resume + ["--seed=7", "--n_layer=2"], r"--seed=7, --n_layer=2 would break .*drop them")
+    (tmp_path / "c.py").write_text("seed = 7\n")  # a --config file names its options too
+    main_error(capsys, resume + [f"--config={tmp_path / 'c.py'}"], r"--seed=7 would break .*drop it \(from the command "
+               rf"line or {re.escape(str(tmp_path / 'c.py'))}\) to continue")
+    # other data under the run's data_dir, or another data_dir: refused; the same data moved: a change
+    (tmp_path / "o").mkdir()
+    other = make_data(tmp_path / "o", seed=5)
+    main_error(capsys, resume + [f"--data_dir={other}"], rf"resume: {re.escape(other)} holds other data than the run in "
+               rf"{re.escape(str(ck))} trained on \(from {re.escape(data_dir)}\)")
+    assert ck.read_bytes() == before and sorted(os.listdir(out_dir)) == [".lock", "ckpt.pt", "metrics.jsonl"]
+    moved = str(tmp_path / "moved")
+    shutil.copytree(data_dir, moved)
+    dpo.main(resume + [f"--data_dir={moved}", "--max_iters=3", "--learning_rate=5e-3", "--seed=1337", "--n_layer=1"])
+    out = capsys.readouterr().out.splitlines()
+    assert [l for l in out if l.startswith("resume:")] == [f"resume: data_dir {data_dir} -> {moved}",
+                                                             "resume: max_iters 2 -> 3", "resume: learning_rate 0.0001 -> 0.005"]
+    ck3 = torch.load(ck, weights_only=True)
+    assert ck3["iter_num"] == 3 and ck3["config"]["learning_rate"] == 5e-3 and ck3["config"]["beta"] == 0.1
+    write_shard(Path(moved) / "val_000000.bin", random_pairs(8, 300, 9))  # prepared again in place: other data
+    main_error(capsys, resume + ["--max_iters=4"], rf"resume: {re.escape(moved)} holds other data than the run in ")
+
+
+def test_a_checkpoint_missing_what_resume_needs_is_one_line_and_still_starts_a_new_run(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=1, eval_interval=0)
+    train(cfg)
+    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    for key, what in (("optimizer", "optimizer state"), ("rng_cpu", "random state"), ("iter_num", "step"),
+                      ("config", "options")):
+        run = tmp_path / key
+        run.mkdir()
+        (run / "ckpt.pt").write_bytes(torch_bytes({k: v for k, v in ck.items() if k != key}))
+        path = re.escape(str(run / "ckpt.pt"))
+        main_error(capsys, ["--init_from=resume", f"--out_dir={run}"],
+                   rf"^error: {path}: no {what} \({key}\) saved, which --init_from=resume needs; "
+                   rf"--init_from={path} starts a new run from its weights$")
+        with pytest.raises(ValueError, match=rf"{path}: no {what} \({key}\) saved"):  # train() refuses it too
+            train(tiny_cfg(tmp_path, data_dir, out_dir=str(run), init_from="resume"))
+        hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / f"new_{key}"), init_from=str(run), max_iters=1))
+        assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # its weights: policy and reference
+
+
+def test_a_full_disk_in_torch_save_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    # torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=1, eval_interval=0)
+    train(cfg)
+    ck = Path(cfg.out_dir) / "ckpt.pt"
+    before, names = ck.read_bytes(), sorted(os.listdir(cfg.out_dir))
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 part of it")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4308")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    main_error(capsys, ["--init_from=resume", f"--out_dir={cfg.out_dir}", "--max_iters=2"],
+               rf"^error: could not write the checkpoint {re.escape(str(ck))} \(the disk is full\? torch\.save: \[enforce "
+               rf"fail at inline_container\.cc:672\] \. unexpected pos 4416 vs 4308\); the previous file is intact; free space on the disk of {re.escape(cfg.out_dir)} \(\d+\.\d GiB free now\)$")
+    assert ck.read_bytes() == before and sorted(os.listdir(cfg.out_dir)) == names
+    for f in Path(data_dir).glob("ref_logps_*"):
+        f.unlink()
+    main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "fresh")),
+               rf"^error: could not write the reference cache {re.escape(data_dir)}/ref_logps_train_\w+\.pt \(the disk is "
+               rf"full\? torch\.save: .*\); the previous file is intact; free space on the disk of {re.escape(data_dir)} ")
+    assert sorted(os.listdir(data_dir)) == ["train_000000.bin", "val_000000.bin"] and not (tmp_path / "fresh").exists()
+
+
+def test_prepare_removes_the_staging_folder_of_a_run_killed_by_sigkill(tmp_path):
+    # killed as soon as its staging folder exists, long before its 50,000 rows are tokenized
+    src, data = tmp_path / "pairs.jsonl", tmp_path / "data"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " yes", "rejected": " no"}) + "\n" for i in range(50000)))
+    p = subprocess.Popen([sys.executable, "prepare.py", f"--input={src}", "--num_workers=1", f"--out_dir={data / 'mine'}"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            stage = list(data.glob(".mine.tmp-*"))
+            if stage or p.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.02"])
+        p.kill()
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -9 and stage and stage[0].name.startswith(f".mine.tmp-{p.pid}-") and stage[0].exists()
+    alive = data / f".other.tmp-{os.getpid()}-1.5"  # another prepare.py still running: left alone
+    alive.mkdir()
+    r = cli("prepare.py", "--toy_pairs=60", "--num_workers=1", f"--out_dir={data / 'toy'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(data)) == [alive.name, "toy"]
+
+
+def test_the_end_of_a_run_says_where_its_result_is(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    for kw, end in ((dict(), "saved {o}/ckpt.pt (step 2); metrics in {o}/metrics.jsonl"),
+                    (dict(export_hf=True), "saved {o}/ckpt.pt (step 2) and {o}/hf (transformers); metrics in {o}/metrics.jsonl"),
+                    (dict(save_checkpoint=False), "finished step 2, no checkpoint (--save_checkpoint=false); metrics in "
+                                                  "{o}/metrics.jsonl")):
+        o = str(tmp_path / f"out{len(kw) and list(kw)[0]}")
+        capsys.readouterr()
+        dpo.main(tiny_args(tmp_path, data_dir, out_dir=o, max_iters=2, **kw))
+        assert capsys.readouterr().out.strip().splitlines()[-1] == end.format(o=o)
+        assert os.path.isfile(f"{o}/ckpt.pt") == kw.get("save_checkpoint", True)
+        assert os.path.isfile(f"{o}/hf/model.safetensors") == kw.get("export_hf", False)
+
+
+def test_a_failed_start_leaves_nothing_in_a_new_out_dir(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    new = tmp_path / "runs" / "a" / "b"
+    main_error(capsys, tiny_args(tmp_path, str(tmp_path / "nothing"), out_dir=str(new)), r"no train shards")
+    assert not (tmp_path / "runs").exists()  # neither the .lock nor the folders made for it
+    shard = Path(data_dir) / "train_000000.bin"
+    pairs = random_pairs(6, 300, 0)
+    pairs[2] = (pairs[2][0], np.r_[60000, 50256], pairs[2][2])
+    write_shard(shard, pairs)  # found after the lock, the model and the shards are loaded
+    main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(new)), r"token id 60000")
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "used").mkdir()  # a folder that was there before stays, with what it held
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    main_error(capsys, tiny_args(tmp_path, data_dir, out_dir=str(tmp_path / "used")), r"token id 60000")
+    assert os.listdir(tmp_path / "used") == ["notes.txt"]
+
+
+def test_sample_py_help_and_options_come_from_the_run(tmp_path, capsys):
+    r = cli("sample.py", "--help")
+    assert r.returncode == 0 and not r.stderr
+    assert r.stdout.index("--mode=sample") < r.stdout.index("--num_samples=8") < r.stdout.index("--out_dir=out")
+    assert "default to the run's own with --init_from=RUN" in r.stdout.splitlines()[1]
+    # compare without --data_dir or --seed: the run's own (its data is not the default data/toy)
+    data_dir = make_data(tmp_path, n_val=2)
+    out_dir = str(tmp_path / "run")
+    dpo.main(tiny_args(tmp_path, data_dir, out_dir=out_dir, max_iters=1, eval_interval=0, seed=5))
+    capsys.readouterr()
+    sample_module.main(["--mode=compare", f"--init_from={out_dir}", "--num_samples=1", "--max_new_tokens=2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seed"] == 5
+
+
+def test_block_size_comes_from_the_data_when_the_model_is_made_from_scratch(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    longest = max(len(p) + max(len(c), len(r)) for s in (0, 1) for p, c, r in random_pairs((24, 8)[s], 300, s))
+    cfg = parse_config(tiny_args(tmp_path, data_dir, max_iters=1, eval_interval=0)[:-1] + ["--block_size=0"])
+    assert cfg.block_size == 0 and Config.block_size == 0
+    train(dataclasses.replace(cfg, block_size=0))
+    assert torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["model_config"]["block_size"] == longest
+    long = tmp_path / "long"
+    long.mkdir()
+    pairs = random_pairs(4, 300, 0)
+    pairs[1] = (np.arange(1000) % 300, np.r_[np.arange(99), 50256], pairs[1][2])
+    write_shard(long / "train_000000.bin", pairs)  # one pair of 1100 tokens: GPT-2's 1024 positions, then the flag
+    main_error(capsys, [f"--data_dir={long}", f"--out_dir={tmp_path / 'o'}", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                        "--device=cpu"], r"1 pairs are longer than block_size=1024 .* Set --truncate=true to cut them")
+
+
+def test_readme_for_a_newcomer():
+    text = (ROOT / "README.md").read_text()
+    tests = text.split("## Tests")[1].split("\n## ")[0]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in tests and "torch==" not in tests
+    assert "../shared/data/hh-rlhf-harmless-base-test.jsonl.gz" in tests and "harmless-base/test.jsonl.gz" in tests
+    hh = re.search(r"first: (python prepare\.py [^)]*)\)", (ROOT / "config" / "hh_gpt2.py").read_text())[1]
+    assert hh in text.split("## Real data")[1]
+    assert "python dpo.py --init_from=resume --out_dir=" in text.split("Ctrl-C or SIGTERM")[1].split("\n- ")[0]
+    throughput = text.split("## Throughput")[1].split("\n## ")[0]
+    assert "a748c32" not in throughput and "bench/README.md" in throughput and "python bench.py" in throughput
+    assert "a748c32" in (ROOT / "bench" / "README.md").read_text()
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# DPO on Anthropic HH-RLHF from GPT-2 124M (first: python prepare.py --dataset=hh --out_dir=data/hh)
+# DPO on Anthropic HH-RLHF from GPT-2 124M (first: python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh)
 # for the paper's recipe, SFT first (loss_type = "sft", init_from = "gpt2"), then DPO from that checkpoint
 out_dir = "out/hh_gpt2"
 data_dir = "data/hh"
