@@ -7,6 +7,7 @@ TRL is not a dependency of this project: it lives in its own venv, next to the m
     .venv-trl/bin/pip install trl tiktoken           # + transformers, datasets, accelerate
     .venv-trl/bin/python bench_trl.py --steps=6      # speed: 4x256 GPT-2, 8 HH pairs/step, max_length 512, CPU float32
     .venv-trl/bin/python bench_trl.py --check=1      # TRL vs ours: logps and loss, tiny GPT-2, 6 HH pairs
+    .venv-trl/bin/python bench_trl.py --check=2      # TRL's DPO options vs ours, 4 training steps each (issue 21)
 On a GPU (bf16, TRL's default there), GPT-2 124M-shaped, our packed bench's batch (bash .ci/gpu --trl runs this):
     python bench_trl.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --global_batch_size=512 --batch_size=32
     ... --precompute_ref_log_probs=1                 # TRL's reference log-probs computed once, before training
@@ -195,6 +196,74 @@ def check(seed, data, n_pairs=6):
     return res
 
 
+# TRL DPOConfig options -> the same run here (dpo.py options); TRL's sft term averages over the batch's tokens, ours
+# per pair, and ORPO's NLL covers the prompt in TRL: those are compared in the README, not here
+OPTION_CASES = [
+    ("sigmoid", {}, {}),
+    ("js_divergence", dict(f_divergence_type="js_divergence"), dict(f_divergence_type="js_divergence")),
+    ("hinge, alpha_divergence 0.3", dict(loss_type=["hinge"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+     dict(loss_type="hinge", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)),
+    ("sigmoid,bco_pair 0.8,0.2", dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]),
+     dict(loss_type="sigmoid,bco_pair", loss_weights="0.8,0.2")),
+    ("ld_alpha 0.5", dict(ld_alpha=0.5), dict(ld_alpha=0.5)),
+    ("use_weighting", dict(use_weighting=True), dict(use_weighting=True)),
+    ("sync_ref_model tau 2 alpha 0.6", dict(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.6),
+     dict(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.6)),
+    ("sync tau 1 alpha 0.5, ld_alpha 0.3, use_weighting", dict(sync_ref_model=True, ref_model_sync_steps=1,
+     ref_model_mixup_alpha=0.5, ld_alpha=0.3, use_weighting=True), dict(sync_ref_model=True, ref_model_sync_steps=1,
+     ref_model_mixup_alpha=0.5, ld_alpha=0.3, use_weighting=True)),
+]
+
+
+def check_options(seed, data, steps=4, lr=1e-3, n_pairs=8):
+    """each case trained `steps` steps by TRL and by dpo.train on the same weights and TRL's token ids; every step sees
+    all pairs (one batch), constant lr, the same AdamW settings -> the per-step losses of both"""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import numpy as np
+    from pathlib import Path
+    import dpo
+    import prepare
+    tok = gpt2_tokenizer()
+    bt_rows = sorted(hh_pairs(data), key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))[:n_pairs]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, trl_kw, our_kw in OPTION_CASES:
+            policy = gpt2(2, 64, 2, seed)
+            args = DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=n_pairs, max_length=512, max_steps=steps,
+                             use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no", eval_strategy="no",
+                             disable_tqdm=True, dataloader_num_workers=0, learning_rate=lr, lr_scheduler_type="constant",
+                             warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+                             max_grad_norm=1.0, logging_steps=10**9, seed=seed, **trl_kw)
+            trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=args, processing_class=tok,
+                                 train_dataset=datasets.Dataset.from_list(bt_rows))
+            if not (tmp / "policy").exists():  # the same start and the same token ids for us
+                policy.save_pretrained(tmp / "policy")
+                ex = [trainer.train_dataset[i] for i in range(n_pairs)]
+                L = np.array([[len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])] for e in ex], dtype=np.int32)
+                toks = np.concatenate([e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in ex]).astype(np.uint16)
+                (tmp / "data").mkdir()
+                w = prepare.ShardWriter(tmp / "data", "train", n_pairs)
+                w.add(L, toks)
+                w.close()
+            trl_losses, compute = [], trainer.compute_loss
+
+            def recorded(*a, **k):  # each step's loss, as TRL computed it
+                loss = compute(*a, **k)
+                trl_losses.append(loss.item())
+                return loss
+            trainer.compute_loss = recorded
+            trainer.train()
+            cfg = dpo.Config(out_dir=str(tmp / "ours"), data_dir=str(tmp / "data"), init_from=str(tmp / "policy"),
+                             reference="model", global_batch_size=n_pairs, batch_size=n_pairs, max_iters=steps, learning_rate=lr,
+                             min_lr=lr, warmup_iters=0, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=0,
+                             save_checkpoint=False, log_interval=10**9, device="cpu", compile="false", **our_kw)
+            ours = [h["loss"] for h in dpo.train(cfg)]
+            out.append(dict(case=name, trl=trl_losses, ours=ours, max_abs_diff=max(abs(a - b) for a, b in zip(trl_losses, ours))))
+            print(json.dumps(out[-1]), file=sys.stderr)
+    return dict(cases=len(out), max_abs_diff=max(r["max_abs_diff"] for r in out), steps=steps, trl_version=trl.__version__)
+
+
 if __name__ == "__main__":
     opts = dict(steps=6, warmup=2, check=0, seed=1337, data=DATA, device="cpu", n_layer=4, n_head=4, n_embd=256,
                 global_batch_size=8, batch_size=8, max_length=512, precompute_ref_log_probs=0, pairs=0)
@@ -209,5 +278,6 @@ if __name__ == "__main__":
         sys.exit(f"error: --device={opts['device']} but torch {torch.__version__} sees no CUDA device")
     if opts["device"] == "cpu":
         torch.set_num_threads(2)
-    res = check(opts["seed"], opts["data"]) if opts["check"] else bench(opts)
+    res = (check_options(opts["seed"], opts["data"]) if opts["check"] == 2 else check(opts["seed"], opts["data"]) if opts["check"]
+           else bench(opts))
     print(json.dumps(res))

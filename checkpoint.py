@@ -205,6 +205,8 @@ def start(cfg):
             raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {ckpt} trained on (from "
                              f"{ck['config']['data_dir']}): restore it, or start a new run: --init_from={ckpt} --out_dir=NEW")
         ck, model, ref_model = load_run(ckpt, cfg, ck)
+        if "ref_model" in ck:  # TR-DPO: the reference as synced so far (its source and hash are the first one's)
+            ref_model.load_state_dict(ck["ref_model"])
         meta = {"ref_from": ck["ref_from"], "ref_hash": ck.get("ref_hash") or weights_hash(ref_model),
                 "ref_rel": ck.get("ref_rel"), "ref_seed": ck.get("ref_seed", ck["config"]["seed"]),  # the first run's
                 "data_hash": ck.get("data_hash") or data_hash(cfg.data_dir)}

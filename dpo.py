@@ -59,13 +59,21 @@ class Config:
     dropout: float = 0.0
     bias: bool = True
     # loss
-    loss_type: str = "sigmoid"  # see dpo_loss; "sft" trains on the chosen responses only (no reference)
+    loss_type: str = "sigmoid"  # see dpo_loss; a comma list sums them (MPO); "sft" alone trains on the chosen responses only
+    loss_weights: str = ""  # comma list, one weight per loss_type entry; empty = 1.0 each
     beta: float = 0.1  # strength of the KL leash to the reference
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
     gamma: float = 0.5  # simpo's target margin
-    sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO)
+    sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO; = sft with this weight in the list)
     bco_delta: float = 0.0  # bco_pair's reward shift
     discopop_tau: float = 0.05  # discopop's mixing temperature
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    ld_alpha: float = 1.0  # LD-DPO: response tokens past the pair's shorter response count this much (1 = all alike)
+    use_weighting: bool = False  # WPO: each pair's loss times its two responses' per-token policy probability weights
+    sync_ref_model: bool = False  # TR-DPO: every ref_model_sync_steps steps reference = alpha*policy + (1-alpha)*reference
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha
+    ref_model_sync_steps: int = 512  # TR-DPO's tau
     reference: str = "cached"  # cached: reference log-probs computed once, then the model is freed | model: a frozen copy run every step
     # batching
     global_batch_size: int = 32  # pairs per optimizer step, summed over ranks and micro-steps
@@ -105,23 +113,34 @@ class Config:
 def check_config(cfg):
     """every value checked before any work, as one line naming the option"""
     choices = dict(layout=("packed", "plain"), reference=("cached", "model"), dtype=("auto", "float32", "bfloat16"),
-                   compile=("auto", "true", "false"), loss_type=LOSS_TYPES)
+                   compile=("auto", "true", "false"), loss_type=LOSS_TYPES, f_divergence_type=F_DIVERGENCES)
     for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}")
-    positive = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "logprob_chunk", "beta")
+        if set(getattr(cfg, key).split(",") if key == "loss_type" else [getattr(cfg, key)]) - set(allowed):
+            raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}{' (or a comma list)' * (key == 'loss_type')}")
+    positive = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "logprob_chunk", "beta", "ref_model_sync_steps")
     for key in positive + ("block_size", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters", "pack_len",
                            "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout"):
         if getattr(cfg, key) < 0 or (key in positive and getattr(cfg, key) == 0):
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be {'> 0' if key in positive else '>= 0'}")
-    if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"--n_head={cfg.n_head} must divide --n_embd={cfg.n_embd}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise ValueError(f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")
+    types, weights = cfg.loss_type.split(","), cfg.loss_weights.split(",") if cfg.loss_weights else []
+    number, aot = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", sorted({"aot", "aot_pair", "aot_unpaired"} & set(types))
+    for invalid, why in [
+        (cfg.n_embd % cfg.n_head, f"--n_head={cfg.n_head} must divide --n_embd={cfg.n_embd}"),
+        (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)"),
+        (weights and (len(weights) != len(types) or not all(re.fullmatch(number, w) for w in weights)),
+         f"--loss_weights={cfg.loss_weights}: expected {len(types)} comma-separated numbers, one per --loss_type entry"),
+        (cfg.f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES), f"--f_divergence_type={cfg.f_divergence_type} "
+         f"works with --loss_type {' | '.join(F_DIVERGENCE_LOSSES)} only (as TRL), not {','.join(sorted(set(types) - set(F_DIVERGENCE_LOSSES)))}"),
+        (not 0 <= cfg.ld_alpha <= 1 or (cfg.ld_alpha < 1 and set(types) == {"sft"} and not cfg.sft_weight),
+         f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1], and weighs tokens past a pair's shorter response (not with sft alone)"),
+        (cfg.use_weighting and aot, f"--use_weighting=true: not with --loss_type {','.join(aot)} (it sorts the batch: weights would land on other pairs)"),
+        (cfg.sync_ref_model and (cfg.reference != "model" or set(types) <= set(REFERENCE_FREE_LOSSES)),
+         f"--sync_ref_model=true needs --reference=model (cached log-probs would go stale) and a loss type with a reference"),
+        (not 0 <= cfg.ref_model_mixup_alpha <= 1, f"--ref_model_mixup_alpha={cfg.ref_model_mixup_alpha}: must be in [0, 1]"),
+        (not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps"),
+        (cfg.device.startswith("cuda") and not torch.cuda.is_available(), f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")]:
+        if invalid:
+            raise ValueError(why)
 
 def parse_config(argv, cls=Config, defaults=None):
     cfg = configurator.parse(argv, cls, defaults)
@@ -215,6 +234,7 @@ class Batch:
     n_resp: int  # real response tokens (the lm_head's work)
     ctx_sum: int  # sum over real tokens of how many keys each attends to (for the attention FLOPs)
     n_seq: int = 0  # sequence slots of the sums: 2K, or more for fixed shapes (the spare ones take padding)
+    tail: torch.Tensor = None  # (N,) bool: the token is past the pair's shorter response (LD-DPO weighs it ld_alpha)
 
 def spans(lengths):
     """segments of these lengths laid end to end -> for each element its segment and its place in it:
@@ -224,14 +244,16 @@ def spans(lengths):
 
 def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
     """segments (kinds[s] of pair pairs[s]) written at flat offsets dst[s] of a (rows, row_len) grid of EOT; a response's
-    first token is predicted from position pred[s], the others from the token before -> grid, per-token and src arrays"""
+    first token is predicted from position pred[s], the others from the token before -> grid, per-token and src arrays,
+    and which response tokens are past the shorter response of their pair (LD-DPO's tail)"""
     tok, seg, within = data.tokens(pairs, kinds)
     at = dst[seg] + within
     idx = np.full(rows * row_len, EOT, dtype=np.int64)
     idx[at] = tok
     resp = np.flatnonzero(kinds[seg] > 0)
     src = np.where(within[resp] == 0, pred[seg[resp]], at[resp] - 1)
-    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp]
+    tail = within[resp] >= data.lengths[pairs, 1:].min(1)[seg[resp]]
+    return idx.reshape(rows, row_len), seg, within, at, src, tok[resp], seg[resp], tail
 
 def plain_batch(data, ids, row_len):
     """reference layout: one padded row per sequence, rows 2k (prompt+chosen) and 2k+1 (prompt+rejected)"""
@@ -240,11 +262,11 @@ def plain_batch(data, ids, row_len):
     rows = 2 * np.arange(K)[:, None] + [0, 0, 1, 1]  # (K, 4) segments prompt, chosen | prompt, rejected
     dst = (rows * row_len + L[:, [0]] * [0, 1, 0, 1]).ravel()
     pred = (rows * row_len + L[:, [0]] - 1).ravel()
-    idx, _, _, _, src, tgt, seg = lay_out(data, np.repeat(ids, 4), np.tile([0, 1, 0, 2], K), dst, pred, 2 * K, row_len)
+    idx, _, _, _, src, tgt, seg, tail = lay_out(data, np.repeat(ids, 4), np.tile([0, 1, 0, 2], K), dst, pred, 2 * K, row_len)
     seq_len = L[:, [0]] + L[:, 1:]  # (K, 2)
     t = torch.from_numpy
     return Batch(t(idx), None, None, None, t(src), t(tgt), t(rows.ravel()[seg]), t(L[:, 1:].T.astype(np.float32)),
-                 np.asarray(ids), int(seq_len.sum()), len(tgt), int((seq_len * (seq_len + 1) // 2).sum()), 2 * K)
+                 np.asarray(ids), int(seq_len.sum()), len(tgt), int((seq_len * (seq_len + 1) // 2).sum()), 2 * K, t(tail))
 
 def plan_packed(need, row_len):
     """first-fit decreasing: longest pair first, each into the first row with room for it.
@@ -270,14 +292,14 @@ def packed_batch(data, pair, row, offset, rows, row_len):
     dst = (base[:, None] + np.stack([0 * P, P, P + C], 1)).ravel()  # (3K,) where each segment starts
     first = np.stack([0 * P, P, P], 1).ravel()  # (3K,) the position id of each segment's first token
     pred = np.repeat(base + P - 1, 3)
-    idx, seg, within, at, src, tgt, rseg = lay_out(data, np.repeat(pair, 3), np.tile([0, 1, 2], K), dst, pred, rows, row_len)
+    idx, seg, within, at, src, tgt, rseg, tail = lay_out(data, np.repeat(pair, 3), np.tile([0, 1, 2], K), dst, pred, rows, row_len)
     pos, doc, branch = (np.full(rows * row_len, fill, dtype=np.int64) for fill in (0, -1, 0))
     pos[at], doc[at], branch[at] = first[seg] + within, seg // 3, seg % 3
     t = lambda a: torch.from_numpy(a.reshape(rows, row_len))
     ctx_sum = (P + C) * (P + C + 1) // 2 + R * (2 * P + R + 1) // 2
     return Batch(torch.from_numpy(idx), t(pos), t(doc), t(branch), torch.from_numpy(src), torch.from_numpy(tgt),
                  torch.from_numpy(rseg - rseg // 3 - 1), torch.from_numpy(L[:, 1:].T.astype(np.float32)), pair,
-                 int(L.sum()), len(tgt), int(ctx_sum.sum()), 2 * K)
+                 int(L.sum()), len(tgt), int(ctx_sum.sum()), 2 * K, torch.from_numpy(tail))
 
 @dataclass
 class Shape:
@@ -323,7 +345,7 @@ def padded(b, shape, n_seq):
     grow = lambda t, fill, n: torch.cat([t, torch.full((n, *t.shape[1:]), fill, dtype=t.dtype)])
     idx = b.idx if b.pos is not None else grow(b.idx, EOT, 2 * shape.rows - len(b.idx))
     return dataclasses.replace(b, idx=idx, src=grow(b.src, 0, extra), tgt=grow(b.tgt, 0, extra),
-                               seq=grow(b.seq, n_seq - 1, extra), n_seq=n_seq)
+                               seq=grow(b.seq, n_seq - 1, extra), n_seq=n_seq, tail=grow(b.tail, False, extra))
 
 def micro_batches(data, ids, shape):
     """one rank's pairs for a step -> micro-batches. fixed: every one (rows, row_len) with n_pred response tokens; else
@@ -384,19 +406,22 @@ class SequenceLogps(nn.Module):
     """the trainable forward: a micro-batch -> the summed log-prob of every response. the mask, the transformer, the
     response positions, the chunked lm_head and the sums are one compiled graph. one module: DDP/FSDP see one forward"""
 
-    def __init__(self, gpt, compile=False, chunk=4096, flex=False):
+    def __init__(self, gpt, compile=False, chunk=4096, flex=False, ld_alpha=1.0, wpo=False):
         super().__init__()
-        self.gpt, self.chunk, self.flex = gpt, chunk, flex
+        self.gpt, self.chunk, self.flex, self.ld_alpha, self.wpo = gpt, chunk, flex, ld_alpha, wpo
         self.logps = torch.compile(self._logps) if compile else self._logps
 
-    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq):
-        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq)
+    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail):
+        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq, tail)
 
-    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq):
+    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail):
         mask = None if doc is None else flex_block_mask(doc, branch) if self.flex else attention_mask(doc, branch)
         h = self.gpt.hidden(idx, pos=pos, attn_mask=mask).flatten(0, 1)[src]  # (N, C) the positions that predict responses
-        logp = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk)  # (N,) float32
-        return torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, logp)  # (n_seq,) per sequence
+        out = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk, sum_sq=self.wpo)  # (N,) float32 [, log sum_v p(v)^2]
+        logp = out[0] if self.wpo else out
+        terms = [logp if self.ld_alpha == 1 else logp * torch.where(tail, self.ld_alpha, 1.0)]  # LD-DPO weighs the tail
+        terms += [logp.detach() - out[1]] if self.wpo else []  # and WPO's per-token term, summed alike
+        return torch.zeros(len(terms), n_seq, dtype=torch.float32, device=idx.device).index_add(1, seq, torch.stack(terms))  # (1|2, n_seq)
 
 def to_device(t, device):
     """pinned, non-blocking on CUDA: a pageable copy would make the host wait for all queued GPU work"""
@@ -406,9 +431,11 @@ def on_device(b, device):
     return dataclasses.replace(b, **{k: to_device(v, device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
 
 def batch_logps(module, b):
-    """summed response log-probs (K,) chosen and (K,) rejected of a micro-batch that is on the device"""
-    sums = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq)
-    return sums[0: 2 * len(b.pair_ids): 2], sums[1: 2 * len(b.pair_ids): 2]
+    """summed response log-probs (K,) chosen and (K,) rejected of a micro-batch that is on the device, and WPO's (K,)
+    pair weights w_chosen * w_rejected, w = exp(the response's mean of log p(y_t) - log sum_v p(v)^2); else None"""
+    sums = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq, b.tail)[:, :2 * len(b.pair_ids)]
+    w = torch.exp((sums[1].view(-1, 2) / b.lengths.T.clamp(min=1)).sum(1)) if len(sums) == 2 else None
+    return sums[0, 0::2], sums[0, 1::2], w
 
 
 # -----------------------------------------------------------------------------
@@ -416,10 +443,16 @@ def batch_logps(module, b):
 # inputs are SUMMED response log-probs, one number per sequence, shape (B,).
 # the types that need per-token averages divide by the response token counts.
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-              "apo_zero", "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft")
-REFERENCE_FREE_LOSSES = ("simpo", "sft")  # these never look at a reference model
-NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo")  # these never look at a reference model
+NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft", "orpo")
+# f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023), a = f_alpha_divergence_coef; alpha: (a - 1) u clamped at 80 as
+# TRL (exp stays finite in float32), a -> 1 is reverse_kl. f-DPO's beta log Z(x) cancels in F_DIVERGENCE_LOSSES only
+F_DIVERGENCES = {"reverse_kl": lambda u, a: u, "forward_kl": lambda u, a: 1 - torch.exp(-u),
+                 "js_divergence": lambda u, a: math.log(2) + F.logsigmoid(u),  # log(2t / (1 + t))
+                 "alpha_divergence": lambda u, a: torch.expm1(((a - 1) * u).clamp(max=80.0)) / (a - 1) if abs(a - 1) >= 1e-6 else u}
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 def _smoothed_logistic(z, label_smoothing):
     # -log sigmoid(z), with a fraction label_smoothing of the labels assumed flipped (cDPO).
@@ -436,24 +469,34 @@ def _token_counts(lengths, like, what, why):
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
              chosen_lengths=None, rejected_lengths=None, gamma=0.5, sft_weight=0.0,
-             bco_delta=0.0, discopop_tau=0.05):
+             bco_delta=0.0, discopop_tau=0.05, loss_weights=None, f_divergence_type="reverse_kl",
+             f_alpha_divergence_coef=0.5, pair_weights=None):
     """
     Pairwise preference loss. All log-prob inputs are (B,) tensors of log-probs SUMMED over the
     response tokens. Returns (losses, chosen_rewards, rejected_rewards), each (B,); the caller takes
     losses.mean(). Rewards are beta * (policy - reference) summed log-probs, detached, as in TRL's
-    DPOTrainer (for simpo: beta * per-token average policy log-prob, SimPO's own reward).
+    DPOTrainer (simpo, orpo: beta * per-token average policy log-prob, their own reward).
+    loss_type: one, or a list ("sigmoid,bco_pair,sft"): the sum of their losses times loss_weights (1.0 each; MPO).
     reference_free=True, or both reference tensors None, treats reference log-probs as 0.
     label_smoothing: cDPO flip rate for sigmoid / sigmoid_norm / aot / aot_pair / simpo, the noise
         rate for robust, the target epsilon for exo_pair (0 means 1e-3 there). Must be in [0, 0.5).
     gamma: simpo's target reward margin, in reward units (beta * avg log-prob), as in the SimPO paper;
         TRL's CPOTrainer(simpo_gamma=gamma) means the same (it subtracts gamma/beta before scaling by beta).
-    sft_weight: adds sft_weight * (-policy_chosen_logps / chosen_lengths) to every loss (RPO).
+    sft_weight: adds sft_weight * (-policy_chosen_logps / chosen_lengths) (RPO), as "sft" in the list would.
     bco_delta: bco_pair's reward shift, a running mean of the (detached) batch mean of chosen and
         rejected rewards kept by the caller, e.g. an EMA; 0 gives the unshifted loss (as current TRL).
     discopop_tau: temperature of discopop's mixing sigmoid.
+    f_divergence_type, f_alpha_divergence_coef: f-DPO's f'(e^u) replaces each log-ratio u (F_DIVERGENCES).
+    pair_weights: None, or (B,) factors of each pair's loss (WPO's weights).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    types = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    if sft_weight != 0.0:  # RPO, Pang et al. 2024: DPO-style loss + weighted NLL of the chosen response
+        types, weights = types + ["sft"], weights + [sft_weight]
+    if set(types) - set(LOSS_TYPES) or len(weights) != len(types) or f_divergence_type not in F_DIVERGENCES or (
+            f_divergence_type != "reverse_kl" and set(types) - set(F_DIVERGENCE_LOSSES)):  # the f-divergence types: TRL's
+        raise ValueError(f"dpo_loss: loss_type {loss_type!r} with loss_weights {loss_weights} and f_divergence_type {f_divergence_type!r}: expected "
+                         f"types of {LOSS_TYPES}, one weight each, f-divergences of {tuple(F_DIVERGENCES)}, not reverse_kl only with {F_DIVERGENCE_LOSSES}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} must be in [0, 0.5) "
                          f"(it is the assumed fraction of flipped preference labels)")
@@ -464,74 +507,73 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         raise ValueError("dpo_loss: pass both reference log-prob tensors or neither (None = reference-free)")
     free = reference_free or reference_chosen_logps is None
     rc, rr = (torch.zeros_like(pc), torch.zeros_like(pr)) if free else (reference_chosen_logps, reference_rejected_logps)
-    if loss_type in NEEDS_LENGTHS:
-        lc = _token_counts(chosen_lengths, pc, "chosen_lengths", f"loss_type={loss_type!r}")
-        lr = _token_counts(rejected_lengths, pr, "rejected_lengths", f"loss_type={loss_type!r}")
+    if set(types) & set(NEEDS_LENGTHS):
+        lc = _token_counts(chosen_lengths, pc, "chosen_lengths", f"loss_type={','.join(types)!r}")
+        lr = _token_counts(rejected_lengths, pr, "rejected_lengths", f"loss_type={','.join(types)!r}")
     chosen_logratios = pc - rc  # (B,) log pi(y_w|x)/pi_ref(y_w|x)
     rejected_logratios = pr - rr  # (B,) log pi(y_l|x)/pi_ref(y_l|x)
-    z = beta * (chosen_logratios - rejected_logratios)  # (B,) DPO reward margin
-    ls = label_smoothing
+    sw, sl = (F_DIVERGENCES[f_divergence_type](u, f_alpha_divergence_coef) for u in (chosen_logratios, rejected_logratios))
+    z = beta * (sw - sl)  # (B,) DPO reward margin
+    ls, losses = label_smoothing, 0.0
 
-    if loss_type == "sigmoid":  # DPO, Rafailov et al. 2023; ls > 0 is conservative DPO (cDPO, Mitchell 2023)
-        losses = _smoothed_logistic(z, ls)
-    elif loss_type == "ipo":  # IPO, Azar et al. 2023, eq. 17 (beta plays tau)
-        # log-ratios are AVERAGED per token here, not summed: the target margin 1/(2 beta) is a
-        # per-token scale, and with sums the squared loss would grow with response length (TRL does the same)
-        margin = chosen_logratios / lc - rejected_logratios / lr
-        losses = (margin - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":  # SLiC, Zhao et al. 2023: hinge on the margin, beta = 1/delta
-        losses = torch.relu(1 - z)
-    elif loss_type == "robust":  # rDPO, Chowdhury et al. 2024: unbiased under label-flip rate ls
-        losses = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
-    elif loss_type == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(model pair dist || [1-eps, eps])
-        eps = ls if ls > 0 else 1e-3
-        losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-                  + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-    elif loss_type == "nca_pair":  # NCA, Chen et al. 2024: absolute rewards, not just their difference
-        r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
-        losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-    elif loss_type == "bco_pair":  # BCO, Jung et al. 2024: chosen vs rejected as binary classes, shifted by delta
-        r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
-        losses = -F.logsigmoid(r_w - bco_delta) - F.logsigmoid(-(r_l - bco_delta))
-    elif loss_type == "sppo_hard":  # SPPO, Wu et al. 2024, with hard win probabilities 1 and 0
-        losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-    elif loss_type == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7: push chosen up, rejected down
-        losses = torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
-    elif loss_type == "apo_down":  # APO-down, same paper, eq. 8: push chosen down, rejected down more
-        losses = torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-z)
-    elif loss_type == "discopop":  # DiscoPOP, Lu et al. 2024, eq. 5: logistic/exp blend
-        # exp(-z) * sigmoid(z/tau) written as exp(logsigmoid(z/tau) - z): never inf * 0 at large |z|
-        losses = -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
-    elif loss_type == "aot":  # AOT, Melnyk et al. 2024: sort policy and reference log-ratio margins across the batch
-        margin_sorted, _ = torch.sort(pc - pr, dim=0)
-        ref_sorted, _ = torch.sort(rc - rr, dim=0)
-        losses = _smoothed_logistic(beta * (margin_sorted - ref_sorted), ls)
-    elif loss_type in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): sort each side separately
-        chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
-        rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
-        losses = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), ls)
-    elif loss_type == "sigmoid_norm":  # DPO on per-token averaged log-ratios (length-normalized, as TRL)
-        losses = _smoothed_logistic(beta * (chosen_logratios / lc - rejected_logratios / lr), ls)
-    elif loss_type == "simpo":  # SimPO, Meng et al. 2024: reference-free, per-token average, margin gamma
-        losses = _smoothed_logistic(beta * (pc / lc - pr / lr) - gamma, ls)
-    elif loss_type == "sft":  # plain supervised loss: per-token NLL of the chosen response
-        losses = -pc / lc
+    for t, weight in zip(types, weights):
+        if t == "sigmoid":  # DPO, Rafailov et al. 2023; ls > 0 is conservative DPO (cDPO, Mitchell 2023)
+            loss = _smoothed_logistic(z, ls)
+        elif t == "ipo":  # IPO, Azar et al. 2023, eq. 17 (beta plays tau)
+            # log-ratios are AVERAGED per token here, not summed: the target margin 1/(2 beta) is a
+            # per-token scale, and with sums the squared loss would grow with response length (TRL does the same)
+            loss = (sw / lc - sl / lr - 1 / (2 * beta)) ** 2
+        elif t == "hinge":  # SLiC, Zhao et al. 2023: hinge on the margin, beta = 1/delta
+            loss = torch.relu(1 - z)
+        elif t == "robust":  # rDPO, Chowdhury et al. 2024: unbiased under label-flip rate ls
+            loss = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
+        elif t == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(model pair dist || [1-eps, eps])
+            eps = ls if ls > 0 else 1e-3
+            loss = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                    + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+        elif t == "nca_pair":  # NCA, Chen et al. 2024: absolute rewards, not just their difference
+            r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+            loss = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+        elif t == "bco_pair":  # BCO, Jung et al. 2024: chosen vs rejected as binary classes, shifted by delta
+            r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+            loss = -F.logsigmoid(r_w - bco_delta) - F.logsigmoid(-(r_l - bco_delta))
+        elif t == "sppo_hard":  # SPPO, Wu et al. 2024, with hard win probabilities 1 and 0
+            loss = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        elif t == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7: push chosen up, rejected down
+            loss = torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+        elif t == "apo_down":  # APO-down, same paper, eq. 8: push chosen down, rejected down more
+            loss = torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-z)
+        elif t == "discopop":  # DiscoPOP, Lu et al. 2024, eq. 5: logistic/exp blend
+            # exp(-z) * sigmoid(z/tau) written as exp(logsigmoid(z/tau) - z): never inf * 0 at large |z|
+            loss = -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
+        elif t == "aot":  # AOT, Melnyk et al. 2024: sort policy and reference log-ratio margins across the batch
+            margin_sorted, _ = torch.sort(pc - pr, dim=0)
+            ref_sorted, _ = torch.sort(rc - rr, dim=0)
+            loss = _smoothed_logistic(beta * (margin_sorted - ref_sorted), ls)
+        elif t in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): sort each side separately
+            chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
+            rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
+            loss = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), ls)
+        elif t == "sigmoid_norm":  # DPO on per-token averaged log-ratios (length-normalized, as TRL)
+            loss = _smoothed_logistic(beta * (sw / lc - sl / lr), ls)
+        elif t == "simpo":  # SimPO, Meng et al. 2024: reference-free, per-token average, margin gamma
+            loss = _smoothed_logistic(beta * (pc / lc - pr / lr) - gamma, ls)
+        elif t == "sft":  # plain supervised loss: per-token NLL of the chosen response
+            loss = -pc / lc
+        elif t == "orpo":  # ORPO, Hong et al. 2024: chosen NLL + lambda (= beta) * odds-ratio loss, no reference
+            # log odds(y) = a - log(1 - e^a), a = per-token average log-prob; expm1: exact near a = 0, clamp: finite at 0
+            log_odds = lambda a: a - torch.log((-torch.expm1(a)).clamp(min=1e-30))
+            loss = -pc / lc - beta * F.logsigmoid(log_odds(pc / lc) - log_odds(pr / lr))
+        losses = losses + weight * loss
+    losses = losses if pair_weights is None else losses * pair_weights
 
-    if sft_weight != 0.0:  # RPO, Pang et al. 2024: DPO-style loss + weighted NLL of the chosen response
-        lc_sft = _token_counts(chosen_lengths, pc, "chosen_lengths", f"sft_weight={sft_weight}")
-        losses = losses + sft_weight * (-pc / lc_sft)
-
-    if loss_type == "simpo":
-        chosen_rewards = (beta * pc / lc).detach()
-        rejected_rewards = (beta * pr / lr).detach()
-    else:
-        chosen_rewards = (beta * chosen_logratios).detach()
-        rejected_rewards = (beta * rejected_logratios).detach()
-    return losses, chosen_rewards, rejected_rewards
+    own = set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}  # their own reward, per token
+    chosen_rewards, rejected_rewards = (pc / lc, pr / lr) if own else (chosen_logratios, rejected_logratios)
+    return losses, (beta * chosen_rewards).detach(), (beta * rejected_rewards).detach()
 
 def loss_kwargs(cfg):
-    return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
-                sft_weight=cfg.sft_weight, bco_delta=cfg.bco_delta, discopop_tau=cfg.discopop_tau)
+    keys = "beta loss_type label_smoothing gamma sft_weight bco_delta discopop_tau f_divergence_type f_alpha_divergence_coef"
+    return {k: getattr(cfg, k) for k in keys.split()} | dict(loss_weights=cfg.loss_weights.split(",") if cfg.loss_weights else None)
 
 
 # -----------------------------------------------------------------------------
@@ -544,19 +586,19 @@ class Reference:
 
     def __init__(self, run, ref_model, ref_hash, datasets):
         self.run, self.tables, self.model = run, None, None
-        if run.cfg.loss_type in REFERENCE_FREE_LOSSES:
+        if set(run.cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES):
             return
         if run.cfg.reference == "cached":
             self.tables = {d.split: reference_logps(ref_model.to(run.device), ref_hash, d, run) for d in datasets}
         else:
             frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
             frozen.gradient_checkpointing = False
-            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk, flex=run.flex)
+            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk, flex=run.flex, ld_alpha=run.cfg.ld_alpha)
 
     def __call__(self, b, split):
         if self.model is not None:
             with torch.no_grad(), self.run.ctx:
-                c, r = batch_logps(self.model, b)
+                c, r, _ = batch_logps(self.model, b)
             return c.float(), r.float()
         if self.tables is None:
             return None, None
@@ -567,20 +609,21 @@ class Reference:
 def reference_logps(ref_model, ref_hash, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
     pairs) and cached beside the shards, keyed by the reference's weights and the data"""
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}_{checkpoint.data_hash(data.data_dir)}_{data.block_size}.pt")
+    ld = f"_ld{run.cfg.ld_alpha}" * (run.cfg.ld_alpha != 1)  # LD-DPO's sums are other numbers
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{checkpoint.data_hash(data.data_dir)}_{data.block_size}.pt")
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
 @torch.inference_mode()
 def compute_reference(ref_model, data, run):
     out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
-    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk, flex=run.flex).eval()
+    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk, flex=run.flex, ld_alpha=run.cfg.ld_alpha).eval()
     ids, step, t0, last = np.arange(run.rank, len(data), run.world), 16 * run.cfg.batch_size, time.time(), 0
     print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
            f"(--reference=model skips this pass: a frozen copy runs every step instead)")
     for i in range(0, len(ids), step):
         for b in micro_batches(data, ids[i: i + step], run.shape):
             with run.ctx:
-                c, r = batch_logps(module, on_device(b, run.device))
+                c, r, _ = batch_logps(module, on_device(b, run.device))
             j = torch.from_numpy(b.pair_ids).to(run.device)
             out[0, j], out[1, j] = c.float(), r.float()
         if time.time() - last > 5:  # the first eta at once (last = 0), then every 5 s
@@ -645,9 +688,9 @@ def load(data, ids, ref, run, split):
 def micro_step(module, b, ref_c, ref_r, run):
     """one micro-batch's forward and loss -> (losses, chosen_rewards, rejected_rewards, pc, pr), each (K,)"""
     with run.ctx:
-        pc, pr = batch_logps(module, b)
+        pc, pr, wpo = batch_logps(module, b)
     return *dpo_loss(pc, pr, ref_c, ref_r, chosen_lengths=b.lengths[0], rejected_lengths=b.lengths[1],
-                     **loss_kwargs(run.cfg)), pc, pr
+                     pair_weights=wpo, **loss_kwargs(run.cfg)), pc, pr
 
 @torch.no_grad()
 def evaluate(module, data, ref, run, n_pairs):
@@ -677,7 +720,7 @@ def _train(cfg, stack):
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 
-    sft = cfg.loss_type == "sft" and cfg.sft_weight == 0  # chosen only: no rejected responses, no reference
+    sft = set(cfg.loss_type.split(",")) == {"sft"} and not (cfg.sft_weight or cfg.use_weighting)  # chosen only: no rejected, no reference
     block, vocab = model.config.block_size, model.config.vocab_size
     train_data = PairData(cfg.data_dir, "train", block, cfg.truncate, sft, vocab)
     if not len(train_data):
@@ -687,9 +730,10 @@ def _train(cfg, stack):
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
     ref = Reference(run, ref_model, meta["ref_hash"], datasets)
     del ref_model  # cached: only its tables stay
+    meta = {**meta, "ref_model": ref.model.gpt.state_dict()} if cfg.sync_ref_model else meta  # TR-DPO: saved (live views)
     model.train()
 
-    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex)
+    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex, ld_alpha=cfg.ld_alpha, wpo=cfg.use_weighting)
     if cfg.fsdp:  # one shard group per block and one for the rest (embeddings, ln_f): weights gathered block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights in forward and backward; gradients reduced in float32 (summing many ranks in bf16 loses bits)
@@ -749,7 +793,8 @@ def _train(cfg, stack):
             (losses.sum() * w * run.world / cfg.global_batch_size).backward()
             if w:
                 m.add(losses, cr, rr, pc, pr, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
-        if cfg.prefetch and it + 1 < cfg.max_iters:
+        sync = cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0  # TR-DPO after steps tau, 2 tau, .. as TRL
+        if cfg.prefetch and it + 1 < cfg.max_iters and not sync:  # (a sync changes the next step's reference log-probs)
             nxt = step_batches(it + 1)  # packed, and copied to the GPU, while it still runs this step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
@@ -760,6 +805,9 @@ def _train(cfg, stack):
                                      f"{ckpt if os.path.exists(ckpt) else 'none saved yet'}. try a lower learning_rate or beta")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # TR-DPO: reference = alpha * policy + (1 - alpha) * reference
+            for r, p in zip(ref.model.gpt.parameters(), model.parameters()) if sync else ():
+                r.mul_(1 - cfg.ref_model_mixup_alpha).add_(p.full_tensor() if cfg.fsdp else p, alpha=cfg.ref_model_mixup_alpha)
 
         # ---- everything that follows is diagnostics, logging and the stop signal
         dt = time.time() - t0  # to the step's sync: its optimizer update runs while the next step is launched

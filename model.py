@@ -98,10 +98,9 @@ class TokenLogprobs(torch.autograd.Function):
     several: only h is kept and backward recomputes each chunk, one (chunk_size, V) float32 block at a time."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
+    def forward(ctx, h, weight, targets, chunk_size, sum_sq=False):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        ctx.dtype, ctx.chunk = dtype, chunk_size
-        out, lses, kept = [], [], None
+        ctx.dtype, ctx.chunk, out, lses, sq, kept = dtype, chunk_size, [], [], [], None
         for i in range(0, h.size(0), chunk_size):
             logits = F.linear(h[i:i + chunk_size].to(dtype), weight.to(dtype)).float()  # (n, V)
             target_logit = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)  # (n,)
@@ -111,17 +110,18 @@ class TokenLogprobs(torch.autograd.Function):
             lse = m.squeeze(1) + s.log()
             out.append(target_logit - lse)
             lses.append(lse)
+            sq += [2 * (torch.linalg.vector_norm(e, dim=1) / s).log()] if sum_sq else []  # WPO: log sum_v p(v)^2
             kept = (e, s) if h.size(0) <= chunk_size else None  # softmax = e / s
-        ctx.kept = kept
+        ctx.kept, sq = kept, torch.cat(sq) if sum_sq else h.new_zeros(0)
         ctx.save_for_backward(h, weight, targets, torch.cat(lses))
-        return torch.cat(out)
+        ctx.mark_non_differentiable(sq)
+        return torch.cat(out), sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         h, weight, targets, lse = ctx.saved_tensors
         dtype, w = ctx.dtype, weight.to(ctx.dtype)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_h, grad_w = torch.empty_like(h) if ctx.needs_input_grad[0] else None, None
         for i in range(0, h.size(0), ctx.chunk):
             hc, g, t = h[i:i + ctx.chunk], grad_out[i:i + ctx.chunk].float(), targets[i:i + ctx.chunk]
             if ctx.kept is not None:  # in place: exp(logits - max) -> -g * softmax
@@ -137,7 +137,7 @@ class TokenLogprobs(torch.autograd.Function):
                 part = (grad.t() @ hc.to(dtype)).float()  # (V, C)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.kept = None
-        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
 
 
 class GPT(nn.Module):
@@ -209,13 +209,13 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size); arguments as in hidden()."""
         return self.lm_head(self.hidden(idx, pos, attn_mask))
 
-    def token_logprobs(self, h, targets, chunk_size=4096) -> torch.Tensor:
+    def token_logprobs(self, h, targets, chunk_size=4096, sum_sq=False):
         """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd). Rows go through
-        the lm_head chunk_size at a time (TokenLogprobs): the full (N, vocab) logits never exist at once."""
+        the lm_head chunk_size at a time (TokenLogprobs): the full (N, vocab) logits never exist at once.
+        sum_sq=True returns (that, log sum_v p(v | h)^2), the second detached (WPO)."""
         shape, h, targets = targets.shape, h.reshape(-1, h.size(-1)), targets.reshape(-1)
-        if h.size(0) == 0:
-            return h.new_zeros(shape, dtype=torch.float32)
-        return TokenLogprobs.apply(h, self.lm_head.weight, targets, chunk_size).view(shape)
+        lp, sq = TokenLogprobs.apply(h, self.lm_head.weight, targets, chunk_size, sum_sq) if len(h) else [targets * 0.0] * 2
+        return (lp.view(shape), sq.view(shape)) if sum_sq else lp.view(shape)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=50256,

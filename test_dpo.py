@@ -1254,7 +1254,7 @@ def test_command_line(tmp_path):
 # Tests for the DPO loss family. Every value is checked against an independent float64 formula
 # written with python's math module on scalars (never against dpo_loss itself).
 
-NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "sft"}
+NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "sft", "orpo"}
 
 # -----------------------------------------------------------------------------
 # scalar reference formulas
@@ -1315,6 +1315,9 @@ def ref_losses(loss_type, pc, pr, rc, rr, lc, lr, beta, ls, gamma, delta, tau):
             v = cdpo(beta * (pc[i] / lc[i] - pr[i] / lr[i]) - gamma)
         elif loss_type == "sft":
             v = -pc[i] / lc[i]
+        elif loss_type == "orpo":  # the odds p / (1 - p) of the per-token average probability, naively
+            odds = lambda a: math.exp(a) / (1 - math.exp(a))
+            v = -pc[i] / lc[i] - beta * logsig(math.log(odds(pc[i] / lc[i]) / odds(pr[i] / lr[i])))
         else:
             raise AssertionError(loss_type)
         out.append(v)
@@ -1374,7 +1377,7 @@ def test_matches_formula(loss_type, beta, ls):
     for got, w in zip(losses.tolist(), want):
         assert got == pytest.approx(w, rel=1e-9, abs=1e-12), (loss_type, got, w)
     pc, pr, rc, rr, lc, lr = plain
-    if loss_type == "simpo":  # SimPO's reward: beta * per-token average policy log-prob
+    if loss_type in ("simpo", "orpo"):  # their own reward: beta * per-token average policy log-prob
         want_c = [beta * pc[i] / lc[i] for i in range(9)]
         want_r = [beta * pr[i] / lr[i] for i in range(9)]
     else:
@@ -1455,7 +1458,7 @@ def test_unknown_loss_type():
         dpo_loss(pc, pr, None, None, loss_type="kto")
     msg = str(err.value)
     assert "'kto'" in msg and all(name in msg for name in LOSS_TYPES)
-    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 17  # 16 losses + the aot_unpaired alias
+    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 18  # 17 losses + the aot_unpaired alias
 
 def test_only_one_reference_is_an_error():
     pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
@@ -1604,7 +1607,7 @@ def layout_logps(model, data, ids, layout, pack_len, batch_size=3):
     module = dpo.SequenceLogps(model, chunk=7)  # a small chunk exercises the chunked lm_head
     chosen, rejected = {}, {}
     for b in dpo.micro_batches(data, ids, shape):
-        c, r = dpo.batch_logps(module, b)
+        c, r, _ = dpo.batch_logps(module, b)
         for k, i in enumerate(b.pair_ids):
             chosen[int(i)], rejected[int(i)] = c[k], r[k]
     return chosen, rejected
@@ -1998,7 +2001,7 @@ def test_cuda_flex_block_mask_equals_sdpa_bool_mask_values_and_grads(tmp_path, d
     for flex in (False, True):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            c, r = dpo.batch_logps(dpo.SequenceLogps(model, flex=flex), dpo.on_device(b, torch.device("cuda")))
+            c, r, _ = dpo.batch_logps(dpo.SequenceLogps(model, flex=flex), dpo.on_device(b, torch.device("cuda")))
         (c.sum() - 0.5 * r.sum()).backward()
         out.append((c.detach(), r.detach(), [p.grad.float().clone() for p in model.parameters()]))
     (c0, r0, g0), (c1, r1, g1) = out
@@ -2488,7 +2491,7 @@ def test_every_loss_type_learns_the_preference(tmp_path, name):
               global_batch_size=16, batch_size=16, n_layer=1, beta=0.5) | SETTINGS.get(name, {})
     hist = train(tiny_cfg(tmp_path, str(d), **kw))
     val = read_metrics(str(tmp_path / "out"))[-1]
-    assert hist[0]["accuracy"] == 0.0 or name == "simpo"  # policy = reference at the start: no margin yet
+    assert hist[0]["accuracy"] == 0.0 or name in ("simpo", "orpo")  # policy = reference at the start: no margin yet
     assert val["val/accuracy"] >= 0.75, (name, val)  # the preference is learned, on held-out pairs too
     assert hist[-1]["loss"] < hist[0]["loss"], name
 
@@ -2898,3 +2901,314 @@ def test_readme_for_a_newcomer():
     throughput = text.split("## Throughput")[1].split("\n## ")[0]
     assert "a748c32" not in throughput and "bench/README.md" in throughput and "python bench.py" in throughput
     assert "a748c32" in (ROOT / "bench" / "README.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# ---- issue 21: TRL's DPO options: combined losses (MPO), f-divergences, orpo, LD-DPO, WPO, TR-DPO
+
+from decimal import Decimal, getcontext  # noqa: E402
+
+F_PRIME = {  # f'(t) of each f-divergence at t = pi / pi_ref (f-DPO, Wang et al. 2023), written in t
+    "reverse_kl": lambda t, a: math.log(t),
+    "forward_kl": lambda t, a: 1 - 1 / t,
+    "js_divergence": lambda t, a: math.log(2 * t / (1 + t)),
+    "alpha_divergence": lambda t, a: (t ** (a - 1) - 1) / (a - 1) if a != 1 else math.log(t),
+}
+
+
+@pytest.mark.parametrize("f_div, alpha", [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5),
+                                          ("alpha_divergence", 0.2), ("alpha_divergence", 1.0)])
+@pytest.mark.parametrize("loss_type", dpo.F_DIVERGENCE_LOSSES)
+def test_f_divergence_matches_formula(loss_type, f_div, alpha):
+    # the log-ratios u become f'(e^u) before the margin; the reference formula gets them in place of the log-ratios
+    beta, ls, n = 0.3, 0.1 if loss_type in ("robust", "exo_pair") else 0.0, 9
+    plain, tensors = random_batch(n, seed=7 + dpo.F_DIVERGENCE_LOSSES.index(loss_type))
+    pc, pr, rc, rr, lc, lr = plain
+    losses, cr, rjr = call(loss_type, tensors, beta=beta, label_smoothing=ls, f_divergence_type=f_div,
+                           f_alpha_divergence_coef=alpha)
+    f = lambda u: F_PRIME[f_div](math.exp(u), alpha)
+    sw, sl = [f(pc[i] - rc[i]) for i in range(n)], [f(pr[i] - rr[i]) for i in range(n)]
+    zero = [0.0] * n
+    want = (ref_losses("sft", pc, pr, rc, rr, lc, lr, beta, ls, 0, 0, 0.05) if loss_type == "sft" else
+            ref_losses(loss_type, sw, sl, zero, zero, lc, lr, beta, ls, 0, 0, 0.05))
+    assert losses.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert cr.tolist() == pytest.approx([beta * (pc[i] - rc[i]) for i in range(n)], rel=1e-12)  # rewards: plain ratios
+
+
+def test_alpha_divergence_is_clamped_as_trl_and_other_types_are_refused():
+    # (alpha - 1) u is clamped at 80 (TRL's float32 bound), so exp stays finite: u = -400 at alpha 0.5 gives e^80
+    pc, pr = torch.tensor([-401.0, -1.0]), torch.tensor([-1.0, -1.0])
+    rc, rr = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0])
+    z = dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="hinge", f_divergence_type="alpha_divergence")[0]
+    assert z.tolist() == pytest.approx([1 - (math.exp(80) - 1) / -0.5, 1.0], rel=1e-6)
+    for t in set(LOSS_TYPES) - set(dpo.F_DIVERGENCE_LOSSES):
+        with pytest.raises(ValueError, match="f_divergence_type"):
+            dpo_loss(pc, pr, rc, rr, loss_type=t, f_divergence_type="forward_kl",
+                     chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2))
+
+
+def test_combined_losses_are_the_weighted_sum_and_sft_weight_is_sft_in_the_list():
+    plain, tensors = random_batch(7, seed=11)
+    kw = dict(beta=0.2, label_smoothing=0.1)
+    types, weights = ["sigmoid", "bco_pair", "sft", "ipo"], [0.8, 0.2, 1.0, -0.3]
+    got = call(",".join(types), tensors, loss_weights=weights, **kw)[0]
+    assert torch.equal(got, call(types, tensors, loss_weights=[str(w) for w in weights], **kw)[0])
+    want = [sum(w * ref_losses(t, *plain, 0.2, 0.1, 0.5, 0.0, 0.05)[i] for t, w in zip(types, weights)) for i in range(7)]
+    assert got.tolist() == pytest.approx(want, rel=1e-9)
+    assert call("sigmoid,sigmoid", tensors)[0].tolist() == pytest.approx((2 * call("sigmoid", tensors)[0]).tolist())
+    rpo = call("sigmoid", tensors, sft_weight=0.7)[0]
+    assert rpo.tolist() == pytest.approx(call("sigmoid,sft", tensors, loss_weights=[1, 0.7])[0].tolist(), rel=1e-12)
+    for bad in (dict(loss_type="sigmoid,kto"), dict(loss_type="sigmoid,sft", loss_weights=[1.0])):
+        with pytest.raises(ValueError, match="loss_type"):
+            call(bad.pop("loss_type"), tensors, **bad)
+
+
+def test_orpo_log_odds_near_zero_and_minus_infinity():
+    # ORPO: -a_w + lambda * -log sigmoid(log odds(a_w) - log odds(a_l)), a the per-token average log-prob,
+    # log odds(a) = log(e^a / (1 - e^a)); the reference in 60-digit decimals
+    getcontext().prec = 60
+    def want(aw, al, lam):
+        odds = lambda a: Decimal(a).exp() / (1 - Decimal(a).exp())
+        d = (odds(aw) / odds(al)).ln()
+        return float(-Decimal(aw) + lam * (1 + (-d).exp()).ln())
+    a = [-1e-12, -1e-8, -1e-4, -0.5, -0.69, -0.7, -3.0, -40.0, -1e3, -1e4]
+    aw, al = torch.tensor(a, dtype=torch.float64), torch.tensor(a[::-1], dtype=torch.float64)
+    n = torch.tensor([3.0] * len(a), dtype=torch.float64)  # summed log-probs are 3 x the average
+    losses, cr, rjr = dpo_loss(3 * aw, 3 * al, None, None, beta=0.25, loss_type="orpo", chosen_lengths=n, rejected_lengths=n)
+    assert losses.tolist() == pytest.approx([want(x, y, Decimal("0.25")) for x, y in zip(a, a[::-1])], rel=1e-12)
+    assert cr.tolist() == pytest.approx([0.25 * x for x in a], rel=1e-12)  # TRL's ORPO reward: lambda * a
+    # float32 at the ends, including a = 0 exactly (every token certain): finite values and gradients
+    pc = torch.tensor([0.0, -1e-7, -3e4, -1.0], requires_grad=True)
+    pr = torch.tensor([0.0, -2.0, -1.0, -3e4], requires_grad=True)
+    one = torch.ones(4)
+    losses = dpo_loss(pc, pr, None, None, beta=0.1, loss_type="orpo", chosen_lengths=one, rejected_lengths=one)[0]
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert losses[0].item() == pytest.approx(0.1 * math.log(2), rel=1e-6)  # equal odds: -log sigmoid(0)
+    assert losses[2].item() == pytest.approx(3e4 + 0.1 * (3e4 - 1 - math.log(-math.expm1(-1.0))), rel=1e-6)
+
+
+def test_orpo_is_reference_free():
+    _, (pc, pr, rc, rr, lc, lr) = random_batch(5, seed=12)
+    a = dpo_loss(pc, pr, rc, rr, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
+    b = dpo_loss(pc, pr, None, None, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (["--loss_type=sigmoid,dpo"], r"--loss_type=sigmoid,dpo: expected one of sigmoid \| .* \(or a comma list\)"),
+    (["--loss_type=sigmoid,"], r"--loss_type=sigmoid,: expected one of"),
+    (["--loss_weights=0.8,0.2"], r"--loss_weights=0.8,0.2: expected 1 comma-separated numbers, one per --loss_type"),
+    (["--loss_type=sigmoid,sft", "--loss_weights=1,x"], r"--loss_weights=1,x: expected 2 comma-separated numbers"),
+    (["--f_divergence_type=kl"], r"--f_divergence_type=kl: expected one of reverse_kl \| forward_kl \| js_divergence"),
+    (["--f_divergence_type=forward_kl", "--loss_type=sigmoid,nca_pair"],
+     r"--f_divergence_type=forward_kl works with --loss_type sigmoid \| .* only .*, not nca_pair$"),
+    (["--f_divergence_type=js_divergence", "--loss_type=orpo"], r"js_divergence works with .* not orpo$"),
+    (["--ld_alpha=1.5"], r"--ld_alpha=1.5: must be in \[0, 1\]"),
+    (["--ld_alpha=0.5", "--loss_type=sft"], r"--ld_alpha=0.5: .*not with sft alone"),
+    (["--use_weighting=true", "--loss_type=sigmoid,aot_pair"], r"--use_weighting=true: not with --loss_type aot_pair"),
+    (["--sync_ref_model=true"], r"--sync_ref_model=true needs --reference=model"),  # tiny_cfg: reference cached
+    (["--sync_ref_model=true", "--reference=model", "--loss_type=simpo"], r"and a loss type with a reference"),
+    (["--sync_ref_model=true", "--reference=model", "--ref_model_mixup_alpha=2"], r"--ref_model_mixup_alpha=2.0: must be in"),
+    (["--ref_model_sync_steps=0"], r"--ref_model_sync_steps=0: must be > 0"),
+])
+def test_issue21_bad_options_are_one_line_before_any_work(tmp_path, capsys, bad, pattern):
+    data_dir = make_data(tmp_path)
+    main_error(capsys, tiny_args(tmp_path, data_dir) + bad, pattern)
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(data_dir)) == ["train_000000.bin", "val_000000.bin"]
+
+
+def test_help_lists_the_trl_options():
+    text = __import__("configurator").help_text(Config)
+    for opt in ("--loss_weights=", "--f_divergence_type=reverse_kl", "--f_alpha_divergence_coef=0.5", "--ld_alpha=1.0",
+                "--use_weighting=False", "--sync_ref_model=False", "--ref_model_mixup_alpha=0.6", "--ref_model_sync_steps=512"):
+        assert re.search(rf"^  {re.escape(opt)} +\S", text, re.M), opt
+
+
+def test_combined_loss_run_is_the_weighted_sum_of_its_single_losses_step_by_step(tmp_path, monkeypatch):
+    # TRL's MPO example. every training micro-step also evaluates each single loss on the same log-probs; the run's
+    # loss must be their weighted sum at every step (while it trains, lr > 0), and at step 0 (same weights) the
+    # separate single-loss runs' losses weighted and summed
+    data_dir = make_data(tmp_path)
+    types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    orig, parts = dpo.dpo_loss, []
+
+    def spy(*args, **kw):
+        if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
+            detached = [a.detach() if torch.is_tensor(a) else a for a in args]
+            parts.append([orig(*detached, **{**kw, "loss_type": t, "loss_weights": None})[0].sum().item() for t in types])
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(dpo, "dpo_loss", spy)
+    kw = dict(max_iters=4, learning_rate=3e-3, eval_interval=0)
+    hist = train(tiny_cfg(tmp_path, data_dir, loss_type=",".join(types), loss_weights="0.8,0.2,1.0", **kw))
+    monkeypatch.setattr(dpo, "dpo_loss", orig)
+    per_step = len(parts) // len(hist)  # micro-batches per step (packed: the same count every step here)
+    assert per_step * len(hist) == len(parts)
+    for k, h in enumerate(hist):
+        sums = np.sum(parts[k * per_step: (k + 1) * per_step], axis=0) / 8  # global_batch_size 8
+        assert h["loss"] == pytest.approx(float(np.dot(weights, sums)), rel=1e-6), k
+    single = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / t), loss_type=t, **kw))[0]["loss"] for t in types]
+    assert hist[0]["loss"] == pytest.approx(float(np.dot(weights, single)), rel=1e-6)
+
+
+ISSUE21_OPTIONS = {
+    "mpo": dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),
+    "js_ipo": dict(loss_type="ipo", f_divergence_type="js_divergence"),
+    "alpha": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "orpo": dict(loss_type="orpo"),
+    "ld_alpha": dict(ld_alpha=0.3),
+    "wpo": dict(use_weighting=True, loss_type="sigmoid,sft"),
+    "tr_dpo": dict(reference="model", sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+}
+
+
+@pytest.mark.parametrize("name", ISSUE21_OPTIONS)
+def test_issue21_options_packed_equals_plain(tmp_path, name):
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=3, eval_interval=3, learning_rate=3e-3, **ISSUE21_OPTIONS[name])
+    runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / lay), layout=lay, **kw)) for lay in ("plain", "packed")]
+    for a, b in zip(*runs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["margin"] == pytest.approx(b["margin"], rel=1e-4, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert runs[0][-1]["loss"] != runs[0][0]["loss"]  # it trained
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])  # several chunks (recomputed in backward), one chunk (kept)
+def test_token_logprobs_sum_sq_matches_a_full_softmax_and_leaves_the_gradient(chunk):
+    # WPO's per-token term log sum_v p(v)^2, from the chunked lm_head, against float64 full-vocabulary softmaxes
+    m = tiny_model(3)
+    idx = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(1))
+    h = m.hidden(idx)
+    lp, sq = m.token_logprobs(h, targets, chunk_size=chunk, sum_sq=True)
+    logp = F.log_softmax(m.lm_head(h).double(), -1)  # (3, 17, V)
+    want = torch.log((logp.exp() ** 2).sum(-1))
+    assert sq.shape == (3, 17) and not sq.requires_grad
+    torch.testing.assert_close(sq.double(), want, atol=1e-5, rtol=1e-5)
+    assert (want < 0).all() and (want > logp.max(-1).values * 2 - 1e-9).all()  # log max p^2 <= it <= 0
+    plain = m.token_logprobs(h, targets, chunk_size=chunk)
+    assert torch.equal(lp, plain)
+    g1 = torch.autograd.grad(lp.sum(), h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(plain.sum(), h)[0]
+    assert torch.equal(g1, g2)
+
+
+def test_tr_dpo_reference_after_a_sync_is_the_mix_and_the_next_step_uses_it(tmp_path):
+    # sync after optimizer steps tau, 2 tau, ... (TRL's SyncRefModelCallback, global_step % tau == 0): with tau = 2 the
+    # reference after step 2 is 0.6 * policy + 0.4 * reference, and step index 2 (the third) is scored against it
+    data_dir = make_data(tmp_path)
+    kw = dict(reference="model", learning_rate=3e-3, eval_interval=0, sync_ref_model=True, ref_model_sync_steps=2,
+              ref_model_mixup_alpha=0.6)
+    hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), max_iters=2, **kw))
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    init = checkpoint.load_model("scratch", tiny_cfg(tmp_path, data_dir)).state_dict()  # the first reference
+    for k, v in ck["ref_model"].items():
+        want = 0.6 * ck["model"][k].double() + 0.4 * init[k].double()
+        torch.testing.assert_close(v.double(), want, atol=1e-7, rtol=1e-6)
+    assert not torch.equal(ck["ref_model"]["lm_head.weight"], init["lm_head.weight"])
+    # the third step's loss with the policy after step 2 and that mixed reference, computed naively
+    third = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), max_iters=3, **kw))
+    assert [h["loss"] for h in third[:2]] == [h["loss"] for h in hist]
+    data = PairData(data_dir, "train", 64)
+    policy, ref = tiny_model(), tiny_model()
+    policy.load_state_dict(ck["model"]), ref.load_state_dict(ck["ref_model"])
+    ids = dpo.step_pairs(len(data), 1337, 2, 8, 0, 1)
+    with torch.no_grad():
+        lp = {(n, i): [naive_logps(m, data[i][0], data[i][j]) for j in (1, 2)] for n, m in (("p", policy), ("r", ref)) for i in ids}
+    z = [0.1 * ((lp["p", i][0] - lp["r", i][0]) - (lp["p", i][1] - lp["r", i][1])) for i in ids]
+    assert third[2]["loss"] == pytest.approx(float(np.mean([-logsig(float(x)) for x in z])), rel=1e-5)
+    # tau = 3: no sync within two steps, the reference is the first one exactly
+    train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "c"), max_iters=2, **{**kw, "ref_model_sync_steps": 3}))
+    ck3 = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, init[k]) for k, v in ck3["ref_model"].items())
+
+
+def test_resume_with_sync_ref_model_is_bit_exact(tmp_path):
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=6, lr_decay_iters=6, eval_interval=3, dropout=0.1, reference="model", sync_ref_model=True,
+              ref_model_sync_steps=2, learning_rate=3e-3)  # syncs after steps 2, 4, 6; the checkpoint at 3 holds one
+    full = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "full"), **kw))
+    half = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), **{**kw, "max_iters": 3}))
+    rest = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "half"), init_from="resume", **kw))
+    assert [h["loss"] for h in full] == [h["loss"] for h in half + rest]
+    assert [h["iter"] for h in rest] == [3, 4, 5]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "half"))
+    assert all(torch.equal(v, b["ref_model"][k]) for k, v in a["ref_model"].items())
+
+
+def naive_token_logps(model, p, resp):
+    """per response token, from full float64 softmaxes: log p(y_t) and log sum_v p(v)^2"""
+    idx = torch.from_numpy(np.concatenate([p, resp]).astype(np.int64))[None]
+    logp = F.log_softmax(model(idx)[0].double(), -1)[len(p) - 1: len(p) - 1 + len(resp)]  # (n, V)
+    return logp[torch.arange(len(resp)), torch.from_numpy(resp.astype(np.int64))], torch.logsumexp(2 * logp, -1)
+
+
+def option_logps(model, data, ids, layout, **kw):
+    """pair id -> (chosen sum, rejected sum, WPO weight or None) through the trainer's micro-batches"""
+    shape = dpo.make_shape(Config(layout=layout.split("-")[0], batch_size=3), [data], fixed=not layout.endswith("step"), multiple=8)
+    module, out = dpo.SequenceLogps(model, chunk=7, **kw), {}
+    for b in dpo.micro_batches(data, ids, shape):
+        c, r, w = dpo.batch_logps(module, b)
+        for k, i in enumerate(b.pair_ids):
+            out[int(i)] = (c[k].item(), r[k].item(), None if w is None else w[k].item())
+    return out
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed", "packed-step"])
+def test_ld_alpha_and_wpo_weights_match_a_naive_loop(tmp_path, layout):
+    # LD-DPO: tokens past the shorter response of the pair count alpha times; WPO: w = exp(mean_t (log p(y_t) -
+    # log sum_v p(v)^2)) per response, the pair's weight w_chosen * w_rejected; both against full softmaxes
+    data = PairData(make_data(tmp_path, n_train=12), "train", 64)
+    model, ids = tiny_model(4), np.arange(12)
+    got = option_logps(model, data, ids, layout, ld_alpha=0.3, wpo=True)
+    assert sorted(got) == list(range(12))
+    with torch.no_grad():
+        for i in ids:
+            p, c, r = data[i]
+            m = min(len(c), len(r))
+            (lc, sc), (lr, sr) = naive_token_logps(model, p, c), naive_token_logps(model, p, r)
+            assert got[i][0] == pytest.approx((lc[:m].sum() + 0.3 * lc[m:].sum()).item(), abs=1e-4)
+            assert got[i][1] == pytest.approx((lr[:m].sum() + 0.3 * lr[m:].sum()).item(), abs=1e-4)
+            w = math.exp((lc - sc).mean().item()) * math.exp((lr - sr).mean().item())
+            assert got[i][2] == pytest.approx(w, rel=1e-4)
+    assert any(len(data[i][1]) != len(data[i][2]) for i in ids)  # some pairs have a tail
+    plain = option_logps(model, data, ids, layout)
+    assert all(v[2] is None for v in plain.values())
+    for i in ids:  # alpha 1 is the plain sum
+        p, c, r = data[i]
+        assert plain[i][0] == pytest.approx(naive_logps(model, p, c).item(), abs=1e-4)
+
+
+def test_ld_alpha_cached_reference_has_its_own_file_and_equals_the_frozen_copy(tmp_path):
+    data_dir = make_data(tmp_path)
+    kw = dict(ld_alpha=0.5, max_iters=3, eval_interval=3)
+    a = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), reference="cached", **kw))
+    b = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), reference="model", **kw))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["margin"] == pytest.approx(y["margin"], abs=1e-5)
+    train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "c"), reference="cached", max_iters=1))
+    caches = [n for n in os.listdir(data_dir) if n.startswith("ref_logps_train_")]
+    assert len(caches) == 2 and sum("_ld0.5_" in n for n in caches) == 1  # the key includes ld_alpha
+
+
+def test_issue21_options_compiled_equals_eager(tmp_path):
+    # every option at once (weights, f-divergence, LD-DPO, WPO, TR-DPO syncing every step) through torch.compile
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=3, eval_interval=3, pack_rows=2, learning_rate=3e-3, loss_type="sigmoid,sft", loss_weights="1,0.5",
+              f_divergence_type="js_divergence", ld_alpha=0.5, use_weighting=True, reference="model", sync_ref_model=True,
+              ref_model_sync_steps=1)
+    eager = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "eager"), **kw))
+    torch._dynamo.reset()
+    compiled = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "compiled"), compile="true", **kw))
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
+    assert eager[-1]["loss"] != eager[0]["loss"]
+
+
+def test_tr_dpo_prefetch_on_equals_off(tmp_path):
+    # the step after a sync is not built ahead (its reference log-probs would come from the reference before the sync)
+    data_dir = make_data(tmp_path)
+    kw = dict(max_iters=5, eval_interval=0, reference="model", sync_ref_model=True, ref_model_sync_steps=2, learning_rate=3e-3)
+    runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / str(p)), prefetch=p, **kw)) for p in (True, False)]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
