@@ -225,21 +225,27 @@ class GPT(nn.Module):
                  generator: torch.Generator = None, pad_left=None) -> torch.Tensor:
         """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. Prompts of different lengths come
         right-aligned: row b's first pad_left[b] tokens are padding, ignored (its positions start after them). A row
-        that produced eos_token_id is padded with eos; stops once every row has, or at block_size tokens. Eval mode
-        (no dropout). A KV cache: the prompt runs once, then each step only the new token, against the kept keys."""
-        (B, T), dev = idx.shape, idx.device
+        that produced eos_token_id is padded with eos; stops once every row has. Eval mode (no dropout). A KV cache:
+        the prompt runs once, then each step only the new token; past block_size, the last block_size tokens afresh."""
+        (B, T), dev, bs = idx.shape, idx.device, self.config.block_size
         pad = torch.zeros(B, dtype=torch.long, device=dev) if pad_left is None else pad_left.to(dev, torch.long)
-        if T > self.config.block_size or pad.shape != (B,) or ((pad < 0) | (pad >= T)).any():
-            raise ValueError(f"generate: need T <= block_size={self.config.block_size} and 0 <= pad_left < T={T} per row")
-        col = torch.arange(T, device=dev)
-        keep, pos = col >= pad[:, None], (col - pad[:, None]).clamp(min=0)  # (B, T) real tokens, their positions
-        # causal among a row's real tokens; a padding query sees itself only, so it stays finite and is never seen
-        mask = (keep[:, None, :] & (col[:, None] >= col)) | torch.eye(T, dtype=torch.bool, device=dev)  # (B, T, T)
-        was_training, done, out, cache = self.training, torch.zeros(B, dtype=torch.bool, device=dev), [idx], [[] for _ in self.transformer.h]
+        if pad.shape != (B,) or ((pad < 0) | (pad >= T)).any():
+            raise ValueError(f"generate: pad_left must have shape ({B},) and values in [0, {T})")
+        was_training, done, seq = self.training, torch.zeros(B, dtype=torch.bool, device=dev), idx
         self.eval()
         try:
-            for _ in range(min(max_new_tokens, self.config.block_size - T)):
-                x = self.transformer.wte(out[-1]) + self.transformer.wpe(pos)  # (B, Tq, C): the prompt, then one token
+            for step in range(max_new_tokens):
+                if step == 0 or seq.size(1) > bs:  # the prompt, or a window that slid: from scratch, a new cache
+                    x, p = seq[:, -bs:], (pad - max(seq.size(1) - bs, 0)).clamp(min=0)
+                    col = torch.arange(x.size(1), device=dev)
+                    keep, pos = col >= p[:, None], (col - p[:, None]).clamp(min=0)  # (B, T) real tokens, their positions
+                    # causal among a row's real tokens; a padding query sees only itself (stays finite, is never seen)
+                    mask = (keep[:, None, :] & (col[:, None] >= col)) | torch.eye(x.size(1), dtype=torch.bool, device=dev)
+                    cache = [[] for _ in self.transformer.h]  # per layer: keys and values so far
+                else:  # only the new token, against every real token so far
+                    x, keep, pos = seq[:, -1:], F.pad(keep, (0, 1), value=True), pos[:, -1:] + 1
+                    mask = keep[:, None, :]  # (B, 1, Tk)
+                x = self.transformer.wte(x) + self.transformer.wpe(pos)  # (B, Tq, C)
                 for block, c in zip(self.transformer.h, cache):
                     x = block(x, mask[:, None], c)
                 logits = self.lm_head(self.transformer.ln_f(x[:, -1])).float()  # (B, V)
@@ -253,14 +259,12 @@ class GPT(nn.Module):
                 if eos_token_id is not None:
                     nxt = nxt.masked_fill(done, eos_token_id)
                     done |= nxt == eos_token_id
-                out.append(nxt[:, None])
-                keep, pos = F.pad(keep, (0, 1), value=True), pos[:, -1:] + 1
-                mask = keep[:, None, :]  # (B, 1, Tk): the new token sees every real token so far
+                seq = torch.cat((seq, nxt[:, None]), dim=1)
                 if eos_token_id is not None and done.all():
                     break
         finally:
             self.train(was_training)
-        return torch.cat(out, dim=1)
+        return seq
 
     # -------------------------------------------------------------------------
     # Hugging Face's GPT-2 format: our names, but its Conv1D weights are (in, out), nn.Linear's transposed
