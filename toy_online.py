@@ -14,6 +14,7 @@ Every subprocess runs with OMP_NUM_THREADS=1.
 """
 import json
 import os
+import re
 import sys
 
 import toy_losses
@@ -50,20 +51,20 @@ def run_online(seed, k, out, done):
 def table(offline, online):
     seeds = sorted({s for s, n in offline if n == "sigmoid"})
     print(f"\nseeds {','.join(map(str, seeds))}; ± is one standard error over seeds\n")
-    print("| run | reward, sampled | reward, greedy | KL(policy ‖ SFT), nats | implicit reward accuracy | time (s) |")
+    print("| run | reward, sampled | reward, greedy | KL(policy ‖ SFT), nats | implicit reward accuracy | train + sample time (s) |")
     print("|---|---|---|---|---|---|")
     rows = [offline[s, "sigmoid"] for s in seeds]
     if rows:
         print(f"| SFT model | {pm([r['reference']['sampled'] for r in rows])} | {pm([r['reference']['greedy'] for r in rows])} "
               f"| 0 | | {pm([r['sft_s'] for r in rows], '.0f')} |")
-    for name, what, t in (("sigmoid", "offline DPO", "train_s"), ("online_k2", "online DPO, k=2", "total_s"),
-                          ("online_k4", "online DPO, k=4", "total_s")):
+    for name, what in (("sigmoid", "offline DPO"), ("online_k2", "online DPO, k=2"), ("online_k4", "online DPO, k=4")):
         src = offline if name == "sigmoid" else online
         rs = [src[s, name] for s in sorted({s for s, _ in src}) if (s, name) in src]
         if rs:
             print(f"| {what} ({len(rs)} seed{'s' * (len(rs) > 1)}) | {pm([r['policy']['sampled'] for r in rs])} | "
                   f"{pm([r['policy']['greedy'] for r in rs])} | {pm([r['kl'] for r in rs], '.2f')} | "
-                  f"{pm([r['implicit_acc'] for r in rs], '.3f')} | {pm([r[t] for r in rs], '.0f')} |")
+                  f"{pm([r['implicit_acc'] for r in rs], '.3f')} | {pm([r['train_s'] for r in rs], '.0f')}"
+                  + (f" + {pm([r['sample_s'] for r in rs], '.0f')}" if name != "sigmoid" else "") + " |")
     for (s, name), r in sorted(online.items()):
         print(f"\nseed {s} {name}, per round: pairs from prompts (ties replaced), judge's mean score of the samples / "
               f"chosen / rejected: " + "; ".join(f"{x['pairs']}/{x['prompts_tried']}, {x['sample_score']:+.3f} / "
@@ -75,6 +76,13 @@ def plot(offline, online, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    if not any(n.startswith("sigmoid@") for _, n in offline):  # no sweep runs here: README's (toy_losses.py, 3 seeds)
+        text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+        rows = re.findall(r"^\| ([0-9.]+) \| ([+-][0-9.]+) ± [0-9.]+ \| [^|]+ \| ([0-9.]+) ± ", text, re.M)
+        ax.plot([float(k) for _, _, k in rows], [float(r) for _, r, _ in rows], "--o", color="tab:blue", ms=3,
+                label="offline DPO, beta sweep (README table, 3 seeds)")
+        for b, r, k in rows:
+            ax.annotate(f"β={b}", (float(k), float(r)), fontsize=6, xytext=(3, -8), textcoords="offset points")
     for s in sorted({s for s, _ in offline}):
         sweep = sorted((r for (s_, n), r in offline.items() if s_ == s and n.startswith("sigmoid")), key=lambda r: beta_of(r["run"]))
         if len(sweep) > 1:
