@@ -84,7 +84,7 @@ def plot(offline, online, path):
         for b, r, k in rows:
             ax.annotate(f"β={b}", (float(k), float(r)), fontsize=6, xytext=(3, -8), textcoords="offset points")
     for s in sorted({s for s, _ in offline}):
-        sweep = sorted((r for (s_, n), r in offline.items() if s_ == s and n.startswith("sigmoid")), key=lambda r: beta_of(r["run"]))
+        sweep = sorted((r for (s_, n), r in offline.items() if s_ == s and n.startswith("sigmoid")), key=lambda r: r["kl"])
         if len(sweep) > 1:
             ax.plot([0] + [r["kl"] for r in sweep], [sweep[0]["reference"]["sampled"]] + [r["policy"]["sampled"] for r in sweep],
                     "-o", color="tab:blue", ms=3, label=f"offline DPO, beta sweep (seed {s})")
