@@ -15,7 +15,7 @@ Real data and real GPT-2 weights:
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 dpo.py ...
 Options: python dpo.py --help; --key=value on the command line, --config=FILE reads `key = value` lines first.
 
-Left out on purpose: online/iterative DPO (no generation while training), LoRA, tensor and pipeline parallelism,
+Left out on purpose: generation while training (online DPO is online.py), LoRA, tensor and pipeline parallelism,
 a dataset library (prepare.py writes token shards once), schedules beyond warmup + cosine.
 """
 import contextlib

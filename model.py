@@ -39,10 +39,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # generation: this layer's keys and values of the earlier positions, [] at first
+            k, v = (torch.cat((old, new), 2) for old, new in zip(cache, (k, v))) if cache else (k, v)  # (B, nh, Tk, hs)
+            cache[:] = k, v
         p = self.dropout if self.training else 0.0
         if mask is None or isinstance(mask, torch.Tensor):  # causal, or (B, 1, T, T) bool with True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
@@ -86,8 +89,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -219,14 +222,33 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=50256,
-                 generator: torch.Generator = None) -> torch.Tensor:
-        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. A row that produced eos_token_id
-        is padded with eos; stops once every row has. Eval mode (no dropout) throughout; no KV cache."""
-        was_training, done = self.training, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+                 generator: torch.Generator = None, pad_left=None) -> torch.Tensor:
+        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. Prompts of different lengths come
+        right-aligned: row b's first pad_left[b] tokens are padding, ignored (its positions start after them). A row
+        that produced eos_token_id is padded with eos; stops once every row has. Eval mode (no dropout). A KV cache:
+        the prompt runs once, then each step only the new token; past block_size, the last block_size tokens afresh."""
+        (B, T), dev, bs = idx.shape, idx.device, self.config.block_size
+        pad = torch.zeros(B, dtype=torch.long, device=dev) if pad_left is None else pad_left.to(dev, torch.long)
+        if pad.shape != (B,) or ((pad < 0) | (pad >= T)).any():
+            raise ValueError(f"generate: pad_left must have shape ({B},) and values in [0, {T})")
+        was_training, done, seq = self.training, torch.zeros(B, dtype=torch.bool, device=dev), idx
         self.eval()
         try:
-            for _ in range(max_new_tokens):
-                logits = self.lm_head(self.hidden(idx[:, -self.config.block_size:])[:, -1]).float()  # (B, V), cropped
+            for step in range(max_new_tokens):
+                if step == 0 or seq.size(1) > bs:  # the prompt, or a window that slid: from scratch, a new cache
+                    x, p = seq[:, -bs:], (pad - max(seq.size(1) - bs, 0)).clamp(min=0)
+                    col = torch.arange(x.size(1), device=dev)
+                    keep, pos = col >= p[:, None], (col - p[:, None]).clamp(min=0)  # (B, T) real tokens, their positions
+                    # causal among a row's real tokens; a padding query sees only itself (stays finite, is never seen)
+                    mask = (keep[:, None, :] & (col[:, None] >= col)) | torch.eye(x.size(1), dtype=torch.bool, device=dev)
+                    cache = [[] for _ in self.transformer.h]  # per layer: keys and values so far
+                else:  # only the new token, against every real token so far
+                    x, keep, pos = seq[:, -1:], F.pad(keep, (0, 1), value=True), pos[:, -1:] + 1
+                    mask = keep[:, None, :]  # (B, 1, Tk)
+                x = self.transformer.wte(x) + self.transformer.wpe(pos)  # (B, Tq, C)
+                for block, c in zip(self.transformer.h, cache):
+                    x = block(x, mask[:, None], c)
+                logits = self.lm_head(self.transformer.ln_f(x[:, -1])).float()  # (B, V)
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1)
                 else:
@@ -237,12 +259,12 @@ class GPT(nn.Module):
                 if eos_token_id is not None:
                     nxt = nxt.masked_fill(done, eos_token_id)
                     done |= nxt == eos_token_id
-                idx = torch.cat((idx, nxt[:, None]), dim=1)
+                seq = torch.cat((seq, nxt[:, None]), dim=1)
                 if eos_token_id is not None and done.all():
                     break
         finally:
             self.train(was_training)
-        return idx
+        return seq
 
     # -------------------------------------------------------------------------
     # Hugging Face's GPT-2 format: our names, but its Conv1D weights are (in, out), nn.Linear's transposed

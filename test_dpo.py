@@ -3212,3 +3212,137 @@ def test_tr_dpo_prefetch_on_equals_off(tmp_path):
     kw = dict(max_iters=5, eval_interval=0, reference="model", sync_ref_model=True, ref_model_sync_steps=2, learning_rate=3e-3)
     runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / str(p)), prefetch=p, **kw)) for p in (True, False)]
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+
+# -----------------------------------------------------------------------------
+# ---- issue 20: generate's KV cache against a naive uncached loop; online DPO (sample, judge, train) end to end
+
+import online as online_module  # noqa: E402
+
+
+def naive_generate(m, prompts, n, temperature, top_k, eos, g):
+    """today's algorithm, one row at a time: each step the row's own tokens (its last block_size) run in full"""
+    rows, done = [list(p) for p in prompts], [False] * len(prompts)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = torch.stack([m(torch.tensor([r[-m.config.block_size:]]))[0, -1] for r in rows]).float()  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                logits[logits < torch.topk(logits, top_k).values[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)[:, 0]
+        for i, t in enumerate(nxt.tolist()):
+            rows[i].append(eos if done[i] else t)
+            done[i] = done[i] or t == eos
+        if all(done):
+            break
+    return [r[len(p):] for r, p in zip(rows, prompts)]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 20)])
+def test_generate_kv_cache_matches_uncached(temperature, top_k):
+    m = our_tiny(block_size=16)  # prompt + 14 new tokens > 16 for the longer rows: the window slides there
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (3, 9, 1, 6)]
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # right-aligned, any padding token
+    pad = torch.tensor([T - len(p) for p in prompts])
+    for eos in (None, naive_generate(m, prompts, 3, 0.0, None, None, None)[0][2]):  # eos: a token row 0 makes
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        ref = naive_generate(m, prompts, 14, temperature, top_k, eos, g2)
+        out = m.generate(idx, 14, temperature, top_k, eos_token_id=eos, generator=g1, pad_left=pad)
+        assert out[:, T:].tolist() == ref and torch.equal(out[:, :T], idx)
+    same = torch.tensor([prompts[1][:5], prompts[3][:5]])  # no padding: the same as today's batched call
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    ref = naive_generate(m, same.tolist(), 8, temperature, top_k, None, g2)
+    assert m.generate(same, 8, temperature, top_k, eos_token_id=None, generator=g1)[:, 5:].tolist() == ref
+    with pytest.raises(ValueError, match="pad_left"):
+        m.generate(idx, 2, pad_left=torch.tensor([0, 0, T, 0]))
+
+
+@pytest.fixture(scope="module")
+def toy_sft(tmp_path_factory):
+    """toy data and a tiny model trained with SFT until its samples hold sentiment words (so the toy judge rarely ties)"""
+    root = tmp_path_factory.mktemp("toy_online")
+    data = root / "data"
+    P.prepare(P.parse_args(["--toy_pairs=300", f"--out_dir={data}", "--num_workers=1"]), log=None)
+    train(tiny_cfg(root, str(data), out_dir=str(root / "sft"), loss_type="sft", max_iters=40, eval_interval=0,
+                   learning_rate=1e-2, global_batch_size=16, batch_size=16))
+    return root
+
+
+def online_cfg(tmp_path, toy_sft, **kw):
+    base = dataclasses.asdict(tiny_cfg(tmp_path, str(toy_sft / "data"), init_from=str(toy_sft / "sft"), max_iters=4,
+                                       global_batch_size=4, batch_size=4, eval_interval=0))
+    return online_module.OnlineConfig(**base | dict(rounds=2, prompts_per_round=6, num_samples=2, max_new_tokens=12) | kw)
+
+
+def write_judge(tmp_path, monkeypatch, name, body):
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:score"
+
+
+def check_rounds(cfg, score):
+    """every round's pairs: best over worst by the judge (re-scored here), the shard holds the same tokens, and the
+    checkpoints chain: one step count through the rounds, the SFT model the reference of each"""
+    enc = tiktoken.get_encoding("gpt2")
+    for r in range(cfg.rounds):
+        d = Path(cfg.out_dir) / f"round_{r:03d}"
+        rows = [json.loads(line) for line in open(d / "pairs" / "pairs.jsonl")]
+        shard = P.load_pairs(str(d / "pairs" / "train_000000.bin"))
+        assert len(rows) == len(shard) == cfg.prompts_per_round
+        for i, row in enumerate(rows):
+            strip = lambda s: s.replace("<|endoftext|>", "")
+            assert row["chosen_score"] == score(row["prompt"], strip(row["chosen"])) > \
+                   row["rejected_score"] == score(row["prompt"], strip(row["rejected"]))
+            assert [enc.decode(x.tolist()) for x in shard[i]] == [row["prompt"], row["chosen"], row["rejected"]]
+        ck = torch.load(d / "ckpt.pt", weights_only=True)
+        assert ck["iter_num"] == (r + 1) * cfg.max_iters // cfg.rounds
+        assert ck["ref_from"] == os.path.abspath(cfg.init_from)  # not the previous round: the reference stays SFT
+        its = [m["iter"] for m in read_metrics(str(d)) if "loss" in m]
+        assert its == list(range(r * cfg.max_iters // cfg.rounds, ck["iter_num"]))
+        assert json.loads((d / "round.json").read_text())["pairs"] == cfg.prompts_per_round
+
+
+def test_online_toy_judge_end_to_end_and_resume(tmp_path, toy_sft):
+    cfg = online_cfg(tmp_path, toy_sft)
+    online_module.online(cfg)
+    check_rounds(cfg, lambda p, r: P.toy_reward(r))
+    r0, r1 = (torch.load(tmp_path / "out" / f"round_00{r}" / "ckpt.pt", weights_only=True)["model"] for r in (0, 1))
+    assert any(not torch.equal(r0[k], r1[k]) for k in r0)  # round 1 trained further
+    # stopped in round 1: it is done again from round 0's checkpoint, the same pairs; round 0 is not touched
+    first = (tmp_path / "out" / "round_001" / "pairs" / "pairs.jsonl").read_text()
+    stamp = os.path.getmtime(tmp_path / "out" / "round_000" / "ckpt.pt")
+    shutil.rmtree(tmp_path / "out" / "round_001")
+    online_module.online(cfg)
+    assert (tmp_path / "out" / "round_001" / "pairs" / "pairs.jsonl").read_text() == first
+    assert os.path.getmtime(tmp_path / "out" / "round_000" / "ckpt.pt") == stamp
+
+
+def test_online_judge_from_module(tmp_path, toy_sft, monkeypatch):
+    spec = write_judge(tmp_path, monkeypatch, "judge_words", "def score(prompt, response):\n"
+                       "    assert prompt.startswith(('Review of', 'My review of', 'Thoughts on')), prompt\n"
+                       "    return float(len(response.split()))\n")
+    cfg = online_cfg(tmp_path, toy_sft, judge=spec, num_samples=3)
+    online_module.online(cfg)
+    check_rounds(cfg, lambda p, r: float(len(r.split())))
+
+
+@pytest.mark.parametrize("body, pattern", [
+    ("def score(prompt, response):\n    raise KeyError('no reward model')\n", r"raised KeyError: 'no reward model'"),
+    ("def score(prompt, response):\n    return float('nan')\n", r"returned nan \(float\)"),
+    ("def score(prompt, response):\n    return 'good'\n", r"returned 'good' \(str\)"),
+])
+def test_online_bad_judge_is_one_clear_error_and_done_rounds_stay(tmp_path, toy_sft, monkeypatch, body, pattern):
+    online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2))  # round 0 with the toy judge
+    r0 = tmp_path / "out" / "round_000"
+    before = {p: p.read_bytes() for p in r0.rglob("*") if p.is_file()}
+    spec = write_judge(tmp_path, monkeypatch, f"judge_bad{len(body)}", body)
+    with pytest.raises(ValueError, match=rf"^judge {spec} {pattern}") as e:
+        online_module.online(online_cfg(tmp_path, toy_sft, judge=spec))
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in r0.rglob("*") if p.is_file()} == before  # round 0 intact
+    assert not (tmp_path / "out" / "round_001").exists()  # nothing half-written for round 1
+    with pytest.raises(ValueError, match="could not load"):
+        online_module.main([f"--judge={spec}x", "--device=cpu"])

@@ -1,0 +1,186 @@
+"""
+Online DPO as a loop over the pieces that exist: each round (1) samples num_samples responses per prompt from the
+current policy, (2) scores each with a judge, (3) keeps the best as chosen and the worst as rejected (a prompt whose
+scores all tie is replaced by the next prompt), (4) writes those pairs with prepare.py's ShardWriter and (5) trains
+one round of dpo.py's train() on them from the current policy. The reference stays the starting (SFT) model in every
+round, so beta * log pi/pi_ref always measures the distance from the same anchor; each round resumes the previous
+round's checkpoint, so one AdamW state and one warmup + cosine schedule run through all rounds (max_iters is the
+total): against offline DPO with the same options only the pairs differ.
+
+    python prepare.py && python dpo.py --config=config/toy_sft.py     # toy data and the SFT model
+    python online.py --config=config/toy_online.py                     # 4 rounds -> out/toy_online/round_000 .. 003
+    python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_online/round_003
+    python online.py --config=config/toy_online.py --judge=my_judge:score   # your judge: (prompt, response) -> float
+A stopped run continues at the round it was in with the same command. out_dir/round_NNN/ holds pairs/ (the round's
+shards, pairs.jsonl as text, and links to data_dir's val shards, so dpo.py's evals are on the offline val pairs),
+ckpt.pt, metrics.jsonl and round.json (written last: the round is done). Any dpo.py option is accepted.
+Left out: generation inside the training loop (a round samples, then trains), pairwise judges, sampling under
+torchrun (one process samples and trains), a reference that moves with the rounds.
+"""
+import dataclasses
+import importlib
+import json
+import math
+import numbers
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoint
+import dpo
+from prepare import EOT, PrepareError, ShardWriter, gpt2_encoding, list_shards, toy_reward
+
+
+@dataclass
+class OnlineConfig(dpo.Config):
+    init_from: str = "out/toy_sft"  # the first round's policy, and the fixed reference of every round
+    rounds: int = 4  # max_iters is split evenly over them
+    prompts_per_round: int = 1600  # = pairs per round; prompts are drawn from data_dir's train split
+    num_samples: int = 2  # k responses per prompt: the best is chosen, the worst rejected
+    judge: str = "toy"  # toy: prepare.toy_reward of the response | module:function, (prompt text, response text) -> float
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = all tokens
+    generate_batch: int = 64  # rows per generate call (a call runs until its longest row ends: small wastes less)
+
+
+def load_judge(spec):
+    if spec == "toy":
+        return lambda prompt, response: toy_reward(response)
+    module, _, name = spec.partition(":")
+    try:
+        judge = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"--judge={spec}: could not load it ({e}); expected toy or module:function (module on sys.path)") from None
+    if not callable(judge):
+        raise ValueError(f"--judge={spec} is not a function")
+    return judge
+
+
+def score(judge, spec, prompt, response):
+    try:
+        s = judge(prompt, response)
+    except Exception as e:  # the judge is the user's code: any failure is one clear line
+        raise ValueError(f"judge {spec} raised {type(e).__name__}: {e} (prompt {prompt!r}, response {response!r})") from None
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+        raise ValueError(f"judge {spec} returned {s!r} ({type(s).__name__}) for prompt {prompt!r}, response {response!r}: "
+                         f"expected a finite float")
+    return float(s)
+
+
+def sample_pairs(policy, prompts, cfg, r, device):
+    """round r's pairs: (prompt, chosen, rejected) token lists and their scores, from prompts drawn in a seeded order"""
+    enc, judge, k = gpt2_encoding(), load_judge(cfg.judge), cfg.num_samples
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + r)  # a rerun of a round samples the same pairs
+    order = np.random.default_rng([cfg.seed, r]).permutation(len(prompts))
+    pairs, scores, tried = [], [], 0
+    while len(pairs) < cfg.prompts_per_round:
+        if tried >= 10 * cfg.prompts_per_round:
+            raise ValueError(f"judge {cfg.judge}: the samples of {tried - len(pairs)} of {tried} prompts tie; "
+                             f"raise --num_samples or --temperature")
+        n = min(max(cfg.generate_batch // k, 1), cfg.prompts_per_round - len(pairs))
+        batch = [prompts[order[(tried + i) % len(order)]] for i in range(n)]
+        tried += n
+        T = max(map(len, batch))
+        idx = torch.tensor([[EOT] * (T - len(p)) + p for p in batch for _ in range(k)], device=device)  # (n * k, T)
+        pad = torch.tensor([T - len(p) for p in batch for _ in range(k)], device=device)
+        out = policy.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, generator=g, pad_left=pad)
+        for i, p in enumerate(batch):
+            text = enc.decode(p)
+            resp = [row[T:].tolist() for row in out[i * k:(i + 1) * k]]
+            resp = [x[:x.index(EOT) + 1] if EOT in x else x for x in resp]  # up to and with its end, as prepare.py
+            s = [score(judge, cfg.judge, text, enc.decode([t for t in x if t != EOT])) for x in resp]
+            scores += s
+            best, worst = int(np.argmax(s)), int(np.argmin(s))
+            if s[best] > s[worst] and resp[best] != resp[worst]:
+                pairs.append((p, resp[best], resp[worst], s[best], s[worst]))
+    return pairs, {"prompts_tried": tried, "sample_score": float(np.mean(scores)),
+                   "chosen_score": float(np.mean([x[3] for x in pairs])), "rejected_score": float(np.mean([x[4] for x in pairs]))}
+
+
+def write_pairs(pairs, folder, val_shards, stats, caches):
+    """the round's train shard, the pairs as text, the judge's stats, links to the offline val shards (and copies of
+    their reference log-probs, the same in every round); all or nothing"""
+    tmp, enc = folder.with_name(folder.name + ".tmp"), gpt2_encoding()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    w = ShardWriter(tmp, "train", len(pairs))
+    w.add(np.array([[len(x) for x in p[:3]] for p in pairs], dtype=np.int32),
+          np.array([t for p in pairs for x in p[:3] for t in x], dtype=np.uint16))
+    w.close()
+    with open(tmp / "pairs.jsonl", "w") as f:
+        for p, c, rj, sc, sr in pairs:
+            f.write(json.dumps({"prompt": enc.decode(p), "chosen": enc.decode(c), "rejected": enc.decode(rj),
+                                "chosen_score": sc, "rejected_score": sr}) + "\n")
+    (tmp / "judge.json").write_text(json.dumps(stats))
+    for v in val_shards:
+        os.symlink(os.path.abspath(v), tmp / os.path.basename(v))
+    for c in caches:
+        shutil.copyfile(c, tmp / c.name)
+    os.replace(tmp, folder)
+
+
+def online(cfg):
+    """all rounds; -> the round.json records. round r trains steps r * max_iters // rounds .. (r + 1) * ..."""
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("online.py runs as one process (its sampling is not split over ranks): run it without torchrun")
+    block = checkpoint.load_model(cfg.init_from, cfg).config.block_size
+    train = dpo.PairData(cfg.data_dir, "train", block, truncate=True)  # the prompts (also checks data_dir)
+    prompts = [list(x) for x in dict.fromkeys(tuple(train[i][0].tolist()) for i in range(len(train)))]
+    val, base = list_shards(cfg.data_dir, "val", required=False), {f.name: getattr(cfg, f.name) for f in dataclasses.fields(dpo.Config)}
+    records, t0 = [], time.time()
+    for r in range(cfg.rounds):
+        d, prev = Path(cfg.out_dir) / f"round_{r:03d}", Path(cfg.out_dir) / f"round_{r - 1:03d}"
+        if (d / "round.json").exists():
+            records.append(json.loads((d / "round.json").read_text()))
+            continue
+        t = time.time()
+        if not (d / "pairs").exists():  # (1)-(4); a round stopped while training keeps its pairs
+            policy = checkpoint.load_model(str(prev) if r else cfg.init_from, cfg).to(device)
+            pairs, stats = sample_pairs(policy, prompts, cfg, r, device)
+            caches = [*Path(cfg.data_dir).glob("ref_logps_val_*.pt"), *(prev / "pairs").glob("ref_logps_val_*.pt")]
+            write_pairs(pairs, d / "pairs", val, {**stats, "pairs": len(pairs), "sample_s": time.time() - t}, caches)
+        stats, t = json.loads((d / "pairs" / "judge.json").read_text()), time.time()
+        print(f"round {r}: {stats['pairs']} pairs from {stats['prompts_tried']} prompts, judge {cfg.judge}: samples "
+              f"{stats['sample_score']:+.3f}, chosen {stats['chosen_score']:+.3f}, rejected {stats['rejected_score']:+.3f}")
+        if r and not (d / "ckpt.pt").exists():  # (5) from the previous round's checkpoint: its weights, AdamW, step
+            shutil.copyfile(prev / "ckpt.pt", d / "ckpt.tmp")
+            os.replace(d / "ckpt.tmp", d / "ckpt.pt")
+        resume = (d / "ckpt.pt").exists()
+        hist = dpo.train(dpo.Config(**{**base, "out_dir": str(d), "data_dir": str(d / "pairs"),
+                                       "init_from": "resume" if resume else cfg.init_from,
+                                       "max_iters": (r + 1) * cfg.max_iters // cfg.rounds,
+                                       "lr_decay_iters": cfg.lr_decay_iters or cfg.max_iters}))
+        rec = {"round": r, **stats, "train_s": time.time() - t, "iter": (r + 1) * cfg.max_iters // cfg.rounds,
+               "train_accuracy": float(np.mean([h["accuracy"] for h in hist])) if hist else None}
+        (d / "round.json").write_text(json.dumps(rec))
+        records.append(rec)
+    print(f"online: {cfg.rounds} rounds in {time.time() - t0:.0f}s; the policy is {Path(cfg.out_dir) / f'round_{cfg.rounds - 1:03d}'}")
+    return records
+
+
+def main(argv):
+    cfg = dpo.parse_config(argv, OnlineConfig)
+    if min(cfg.rounds, cfg.prompts_per_round, cfg.max_new_tokens, cfg.generate_batch) < 1 or cfg.num_samples < 2 \
+            or cfg.temperature <= 0 or cfg.top_k < 0 or cfg.max_iters < cfg.rounds:
+        raise ValueError("expected rounds, prompts_per_round, max_new_tokens, generate_batch >= 1, num_samples >= 2, "
+                         "temperature > 0, top_k >= 0 and max_iters >= rounds")
+    load_judge(cfg.judge)  # a bad --judge fails now, not after the first round
+    online(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError, PrepareError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (checkpoint.Interrupted, KeyboardInterrupt):
+        sys.exit(130)
