@@ -150,9 +150,10 @@ def online(cfg):
         stats, t = json.loads((d / "pairs" / "judge.json").read_text()), time.time()
         print(f"round {r}: {stats['pairs']} pairs from {stats['prompts_tried']} prompts, judge {cfg.judge}: samples "
               f"{stats['sample_score']:+.3f}, chosen {stats['chosen_score']:+.3f}, rejected {stats['rejected_score']:+.3f}")
-        if r and not (d / "ckpt.pt").exists():  # (5) from the previous round's checkpoint: its weights, AdamW, step
-            shutil.copyfile(prev / "ckpt.pt", d / "ckpt.tmp")
-            os.replace(d / "ckpt.tmp", d / "ckpt.pt")
+        if r and not (d / "ckpt.pt").exists():  # (5) from the previous round's checkpoint: its weights, AdamW, step,
+            ck = checkpoint.read_checkpoint(str(prev / "ckpt.pt"))  # going on with this round's pairs (which a
+            ck["config"]["data_dir"], ck["data_hash"] = str(d / "pairs"), checkpoint.data_hash(str(d / "pairs"))  # resume checks)
+            checkpoint.atomic_save(ck, str(d / "ckpt.pt"), "checkpoint")
         resume = (d / "ckpt.pt").exists()
         hist = dpo.train(dpo.Config(**{**base, "out_dir": str(d), "data_dir": str(d / "pairs"),
                                        "init_from": "resume" if resume else cfg.init_from,

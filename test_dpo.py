@@ -3213,6 +3213,7 @@ def test_tr_dpo_prefetch_on_equals_off(tmp_path):
     runs = [train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / str(p)), prefetch=p, **kw)) for p in (True, False)]
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
 
+
 # -----------------------------------------------------------------------------
 # ---- issue 20: generate's KV cache against a naive uncached loop; online DPO (sample, judge, train) end to end
 
