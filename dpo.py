@@ -584,12 +584,12 @@ class Reference:
     tables computed once (--reference=cached), computed now by a frozen copy (--reference=model), or (None, None)
     for reference-free losses"""
 
-    def __init__(self, run, ref_model, ref_hash, datasets):
+    def __init__(self, run, ref_model, meta, datasets):
         self.run, self.tables, self.model = run, None, None
         if set(run.cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES):
             return
         if run.cfg.reference == "cached":
-            self.tables = {d.split: reference_logps(ref_model.to(run.device), ref_hash, d, run) for d in datasets}
+            self.tables = {d.split: reference_logps(ref_model.to(run.device), meta, d, run) for d in datasets}
         else:
             frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
             frozen.gradient_checkpointing = False
@@ -606,11 +606,11 @@ class Reference:
         j = torch.from_numpy(b.pair_ids)
         return to_device(c[j], self.run.device), to_device(r[j], self.run.device)
 
-def reference_logps(ref_model, ref_hash, data, run):
+def reference_logps(ref_model, meta, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
-    pairs) and cached beside the shards, keyed by the reference's weights and the data"""
+    pairs) and cached beside the shards, keyed by the reference's weights and the data (their hashes in the run's meta)"""
     ld = f"_ld{run.cfg.ld_alpha}" * (run.cfg.ld_alpha != 1)  # LD-DPO's sums are other numbers
-    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{ref_hash}{ld}_{checkpoint.data_hash(data.data_dir)}_{data.block_size}.pt")
+    path = os.path.join(data.data_dir, f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{meta['data_hash']}_{data.block_size}.pt")
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
 @torch.inference_mode()
@@ -728,7 +728,7 @@ def _train(cfg, stack):
     val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab) if list_shards(cfg.data_dir, "val", False) else None
     datasets = [d for d in (train_data, val_data) if d]
     run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
-    ref = Reference(run, ref_model, meta["ref_hash"], datasets)
+    ref = Reference(run, ref_model, meta, datasets)
     del ref_model  # cached: only its tables stay
     meta = {**meta, "ref_model": ref.model.gpt.state_dict()} if cfg.sync_ref_model else meta  # TR-DPO: saved (live views)
     model.train()
