@@ -1,9 +1,10 @@
 """
-GPT-2 in one file, with Hugging Face's weight format read and written by torch and the standard library alone.
+GPT-2 in one file, with Hugging Face's weight format read and written by torch and the standard
+library alone.
 
-    model = GPT.from_pretrained("gpt2")          # downloads once into $NANODPO_CACHE (~/.cache/nanodpo)
-    model = GPT.from_pretrained("path/to/dir")   # config.json + model.safetensors or pytorch_model.bin
-    model.save_pretrained("out/dpo")             # loadable by transformers.GPT2LMHeadModel
+    model = GPT.from_pretrained("gpt2")         # downloads once into $NANODPO_CACHE (~/.cache/nanodpo)
+    model = GPT.from_pretrained("path/to/dir")  # config.json + model.safetensors (or pytorch_model.bin)
+    model.save_pretrained("out/dpo")            # loadable by transformers.GPT2LMHeadModel
 """
 import json
 import math
@@ -30,24 +31,50 @@ class GPTConfig:
 # the model
 
 
+class KVCache:
+    """Generation's keys and values so far: per layer a (B, n_head, max_len, head_size) buffer each, made
+    at the first write. Attention writes at pos and reads 0..pos + T; GPT.hidden then moves pos on by T."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.pos = 0  # positions held; 0 starts over
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    def add(self, layer, k, v):
+        """store one layer's new k, v (B, nh, T, hs) at pos; -> all it holds, (B, nh, pos + T, hs) each"""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions, {end} were asked for")
+        if self.k[layer] is None:  # the dtype attention computes in (autocast or not)
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer] = k.new_empty(shape)
+            self.v[layer] = v.new_empty(shape)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.layer = layer  # its index in a KVCache
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # generation: this layer's keys and values of the earlier positions, [] at first
-            k, v = (torch.cat((old, new), 2) for old, new in zip(cache, (k, v))) if cache else (k, v)  # (B, nh, Tk, hs)
-            cache[:] = k, v
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:  # generation: the earlier positions' keys and values come first
+            k, v = cache.add(self.layer, k, v)  # (B, nh, Tk, hs)
         p = self.dropout if self.training else 0.0
-        if mask is None or isinstance(mask, torch.Tensor):  # causal, or (B, 1, T, T) bool with True = may attend
+        if mask is None or isinstance(mask, torch.Tensor):  # causal, or bool (B, 1, T, Tk)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         else:  # a flex_attention BlockMask
             y = _flex_attention(q)(q, k, v, block_mask=mask)
@@ -58,8 +85,8 @@ class CausalSelfAttention(nn.Module):
 _compiled_flex = None
 
 def _flex_attention(q):
-    # imported lazily: CPU-only users never need it. eager flex_attention is a slow reference implementation,
-    # so on CUDA we use the compiled kernel (compiled once, shared by all layers)
+    # imported lazily: CPU-only users never need it. eager flex_attention is a slow reference
+    # implementation, so on CUDA we use the compiled kernel (compiled once, shared by all layers)
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
     if q.is_cuda and _compiled_flex is None:
@@ -82,10 +109,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -96,51 +123,75 @@ class Block(nn.Module):
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T)[target] chunk by chunk; backward by hand: d logp / d logits = onehot - softmax.
-    one chunk: its exp(logits - max) is kept and turned into the gradient in place (no extra (n, V) buffers).
-    several: only h is kept and backward recomputes each chunk, one (chunk_size, V) float32 block at a time."""
+    """log_softmax(h @ W.T)[target] chunk by chunk, backward by hand: d logp / d logits = onehot - softmax.
+    One chunk: its exp(logits - max) is kept and turned into the gradient in place (no more (n, V)
+    buffers). Several: only h is kept, backward recomputes each chunk's (chunk_size, V) float32 logits."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, sum_sq=False):
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        ctx.dtype, ctx.chunk, out, lses, sq, kept = dtype, chunk_size, [], [], [], None
+        ctx.dtype = h.dtype
+        if torch.is_autocast_enabled(h.device.type):
+            ctx.dtype = torch.get_autocast_dtype(h.device.type)
+        ctx.chunk, ctx.kept = chunk_size, None
+        logps, lses, sum_sqs = [], [], []
         for i in range(0, h.size(0), chunk_size):
-            logits = F.linear(h[i:i + chunk_size].to(dtype), weight.to(dtype)).float()  # (n, V)
-            target_logit = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)  # (n,)
+            rows = slice(i, i + chunk_size)
+            logits = F.linear(h[rows].to(ctx.dtype), weight.to(ctx.dtype)).float()  # (n, V)
+            target_logit = logits.gather(1, targets[rows, None]).squeeze(1)  # (n,)
             m = logits.amax(dim=1, keepdim=True)  # (n, 1)
-            e = logits.sub_(m).exp_()  # in place: exp(logits - max), in (0, 1]; one exp pass for forward and backward
+            e = logits.sub_(m).exp_()  # in place: exp(logits - max), also backward's softmax * s
             s = e.sum(dim=1)  # (n,)
             lse = m.squeeze(1) + s.log()
-            out.append(target_logit - lse)
+            logps.append(target_logit - lse)
             lses.append(lse)
-            sq += [2 * (torch.linalg.vector_norm(e, dim=1) / s).log()] if sum_sq else []  # WPO: log sum_v p(v)^2
-            kept = (e, s) if h.size(0) <= chunk_size else None  # softmax = e / s
-        ctx.kept, sq = kept, torch.cat(sq) if sum_sq else h.new_zeros(0)
+            if sum_sq:  # WPO: log sum_v p(v)^2
+                sum_sqs.append(2 * (torch.linalg.vector_norm(e, dim=1) / s).log())
+            if h.size(0) <= chunk_size:  # the only chunk: softmax = e / s
+                ctx.kept = (e, s)
+        sq = torch.cat(sum_sqs) if sum_sq else h.new_zeros(0)
         ctx.save_for_backward(h, weight, targets, torch.cat(lses))
         ctx.mark_non_differentiable(sq)
-        return torch.cat(out), sq
+        return torch.cat(logps), sq
 
     @staticmethod
     def backward(ctx, grad_out, _):
         h, weight, targets, lse = ctx.saved_tensors
-        dtype, w = ctx.dtype, weight.to(ctx.dtype)
-        grad_h, grad_w = torch.empty_like(h) if ctx.needs_input_grad[0] else None, None
+        w = weight.to(ctx.dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = None
         for i in range(0, h.size(0), ctx.chunk):
-            hc, g, t = h[i:i + ctx.chunk], grad_out[i:i + ctx.chunk].float(), targets[i:i + ctx.chunk]
+            rows = slice(i, i + ctx.chunk)
+            g, t = grad_out[rows].float(), targets[rows]
             if ctx.kept is not None:  # in place: exp(logits - max) -> -g * softmax
                 e, s = ctx.kept
                 grad = e.mul_((-g / s)[:, None])
             else:  # recompute this chunk's logits, then the same in place
-                grad = F.linear(hc.to(dtype), w).float().sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g[:, None])
+                logits = F.linear(h[rows].to(ctx.dtype), w).float()
+                grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
             grad[torch.arange(len(t), device=t.device), t] += g  # + g * onehot(target)
-            grad = grad.to(dtype)
+            grad = grad.to(ctx.dtype)
             if grad_h is not None:
-                grad_h[i:i + ctx.chunk] = (grad @ w).to(h.dtype)
+                grad_h[rows] = (grad @ w).to(h.dtype)
             if ctx.needs_input_grad[1]:
-                part = (grad.t() @ hc.to(dtype)).float()  # (V, C)
+                part = (grad.t() @ h[rows].to(ctx.dtype)).float()  # (V, C)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.kept = None
-        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def sample_token(logits, temperature, top_k=None, generator=None):
+    """one token id per row of logits (B, V): the likeliest at temperature 0, else one drawn from
+    softmax(logits / temperature) over the top_k likeliest (all if None)"""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits[logits < kth] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class GPT(nn.Module):
@@ -150,12 +201,12 @@ class GPT(nn.Module):
         if config.n_embd % config.n_head:
             raise ValueError(f"n_head must divide n_embd, got n_head={config.n_head}, n_embd={config.n_embd}")
         self.config = config
-        self.gradient_checkpointing = False  # recompute each Block in backward to save activation memory
+        self.gradient_checkpointing = False  # recompute each Block in backward: less activation memory
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -173,89 +224,110 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True) -> int:
-        """Parameters, the tied wte/lm_head counted once; non_embedding leaves out wte and wpe (as Kaplan et al.)."""
+        """Parameters, the tied wte/lm_head once; non_embedding leaves out wte and wpe (as Kaplan et al.)"""
         emb = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return sum(p.numel() for p in self.parameters()) - (emb if non_embedding else 0)
 
     def flops(self, n_tokens, n_predicted, ctx_sum) -> float:
-        """training FLOPs as in PaLM, appendix B: 6 per weight per token for the blocks (lookups are free), the lm_head
-        on the n_predicted positions only, 12 * n_layer * n_embd per (query, key) pair (ctx_sum) for attention"""
+        """training FLOPs as in PaLM, appendix B: 6 per weight per token for the blocks (lookups are
+        free), the lm_head on the n_predicted positions only, 12 * n_layer * n_embd per (query, key)
+        pair (ctx_sum) for attention"""
         c, n = self.config, self.num_params(non_embedding=True)
-        return 6.0 * (n * n_tokens + c.n_embd * c.vocab_size * n_predicted) + 12.0 * c.n_layer * c.n_embd * ctx_sum
+        weights = 6.0 * (n * n_tokens + c.n_embd * c.vocab_size * n_predicted)
+        return weights + 12.0 * c.n_layer * c.n_embd * ctx_sum
 
-    def hidden(self, idx, pos=None, attn_mask=None) -> torch.Tensor:
-        """Final hidden states (B, T, n_embd). idx: (B, T) token ids. pos: None -> 0..T-1, else (T,) or (B, T)
-        (packed rows restart them). attn_mask: None -> causal; a bool (B, T, T) or (B, 1, T, T) tensor, True = may
-        attend, causality included (the diagonal is forced True, so padding rows stay finite); or a flex BlockMask."""
-        (B, T), bs = idx.size(), self.config.block_size
+    def hidden(self, idx, pos=None, attn_mask=None, cache=None) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd). idx: (B, T) token ids. pos: None -> 0..T-1 (after the
+        cached ones), else (T,) or (B, T) (packed rows restart them). attn_mask: None -> causal; a bool
+        (B, T, Tk) or (B, 1, T, Tk) tensor, True = may attend, causality included (the diagonal is forced
+        True, so padding rows stay finite); or a flex BlockMask. cache: a KVCache (generation) whose keys
+        come first (Tk = cache.pos + T, else Tk = T); this call's are added to it."""
+        (B, T), bs, dev = idx.size(), self.config.block_size, idx.device
+        past = 0 if cache is None else cache.pos
         if pos is None:  # with explicit positions a packed row may be longer: only its positions must fit
-            if T > bs:
-                raise ValueError(f"sequence length {T} > block_size {bs}: crop the input to at most {bs} tokens")
-            pos = torch.arange(T, device=idx.device)
+            if past + T > bs:
+                raise ValueError(f"sequence length {past + T} > block_size {bs}: crop the input to at most "
+                                 f"{bs} tokens")
+            pos = torch.arange(past, past + T, device=dev)
         elif pos.dtype != torch.long or pos.shape not in ((T,), (B, T)):
-            raise ValueError(f"pos must be a long tensor of shape ({T},) or ({B}, {T}), got {pos.dtype} {pos.shape}")
-        elif pos.device.type == "cpu" and not torch.compiler.is_compiling() and ((pos < 0) | (pos >= bs)).any():  # gpu: no wait
-            raise ValueError(f"position ids must lie in [0, block_size={bs})")
+            raise ValueError(f"pos must be a long tensor of shape ({T},) or ({B}, {T}), got {pos.dtype} "
+                             f"{pos.shape}")
+        elif pos.device.type == "cpu" and not torch.compiler.is_compiling():  # on a GPU: no sync
+            if ((pos < 0) | (pos >= bs)).any():
+                raise ValueError(f"position ids must lie in [0, block_size={bs})")
+        if cache is not None and attn_mask is None:  # causal over the cached positions and these
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=dev).tril(past).expand(B, -1, -1)
         if isinstance(attn_mask, torch.Tensor):
             if attn_mask.dtype != torch.bool:  # a float mask would silently be added to the scores
                 raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
-            attn_mask = attn_mask.reshape(B, 1, T, T) | torch.eye(T, dtype=torch.bool, device=idx.device)
+            own_key = F.pad(torch.eye(T, dtype=torch.bool, device=dev), (past, 0))  # (T, Tk)
+            attn_mask = attn_mask.reshape(B, 1, T, past + T) | own_key
+        elif attn_mask is not None and cache is not None:
+            raise ValueError("a KVCache takes a bool attn_mask tensor or None, not a BlockMask")
         elif attn_mask is not None and self.training and self.config.dropout > 0:
             raise ValueError("flex_attention has no attention dropout: use dropout=0.0 with a BlockMask")
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = checkpoint(block, x, attn_mask, use_reentrant=False) if ckpt else block(x, attn_mask)
+            if ckpt:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, pos=None, attn_mask=None) -> torch.Tensor:
+    def forward(self, idx, pos=None, attn_mask=None, cache=None) -> torch.Tensor:
         """Logits (B, T, vocab_size); arguments as in hidden()."""
-        return self.lm_head(self.hidden(idx, pos, attn_mask))
+        return self.lm_head(self.hidden(idx, pos, attn_mask, cache))
 
     def token_logprobs(self, h, targets, chunk_size=4096, sum_sq=False):
-        """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd). Rows go through
-        the lm_head chunk_size at a time (TokenLogprobs): the full (N, vocab) logits never exist at once.
-        sum_sq=True returns (that, log sum_v p(v | h)^2), the second detached (WPO)."""
-        shape, h, targets = targets.shape, h.reshape(-1, h.size(-1)), targets.reshape(-1)
-        lp, sq = TokenLogprobs.apply(h, self.lm_head.weight, targets, chunk_size, sum_sq) if len(h) else [targets * 0.0] * 2
+        """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd). Rows go
+        through the lm_head chunk_size at a time (TokenLogprobs): the (N, vocab) logits never exist at
+        once. sum_sq=True returns (that, log sum_v p(v | h)^2), the second detached (WPO)."""
+        shape = targets.shape
+        h = h.reshape(-1, h.size(-1))
+        targets = targets.reshape(-1)
+        if len(h):
+            lp, sq = TokenLogprobs.apply(h, self.lm_head.weight, targets, chunk_size, sum_sq)
+        else:  # no rows, no chunk to compute
+            lp = sq = targets * 0.0
         return (lp.view(shape), sq.view(shape)) if sum_sq else lp.view(shape)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=50256,
                  generator: torch.Generator = None, pad_left=None) -> torch.Tensor:
-        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. Prompts of different lengths come
-        right-aligned: row b's first pad_left[b] tokens are padding, ignored (its positions start after them). A row
-        that produced eos_token_id is padded with eos; stops once every row has. Eval mode (no dropout). A KV cache:
-        the prompt runs once, then each step only the new token; past block_size, the last block_size tokens afresh."""
+        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. Prompts of different
+        lengths come right-aligned: row b's first pad_left[b] tokens are padding, ignored (its positions
+        start after them). A row that produced eos_token_id is padded with eos; stops once every row has.
+        Eval mode (no dropout). The prompt fills a KVCache, then each step runs only the new token; past
+        block_size, the last block_size tokens run afresh each step."""
         (B, T), dev, bs = idx.shape, idx.device, self.config.block_size
-        pad = torch.zeros(B, dtype=torch.long, device=dev) if pad_left is None else pad_left.to(dev, torch.long)
+        pad = torch.zeros(B, dtype=torch.long, device=dev)
+        if pad_left is not None:
+            pad = pad_left.to(dev, torch.long)
         if pad.shape != (B,) or ((pad < 0) | (pad >= T)).any():
             raise ValueError(f"generate: pad_left must have shape ({B},) and values in [0, {T})")
-        was_training, done, seq = self.training, torch.zeros(B, dtype=torch.bool, device=dev), idx
+        was_training, seq = self.training, idx
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        cache = KVCache(self.config.n_layer, min(T + max_new_tokens, bs))
         self.eval()
         try:
             for step in range(max_new_tokens):
-                if step == 0 or seq.size(1) > bs:  # the prompt, or a window that slid: from scratch, a new cache
-                    x, p = seq[:, -bs:], (pad - max(seq.size(1) - bs, 0)).clamp(min=0)
-                    col = torch.arange(x.size(1), device=dev)
-                    keep, pos = col >= p[:, None], (col - p[:, None]).clamp(min=0)  # (B, T) real tokens, their positions
-                    # causal among a row's real tokens; a padding query sees only itself (stays finite, is never seen)
-                    mask = (keep[:, None, :] & (col[:, None] >= col)) | torch.eye(x.size(1), dtype=torch.bool, device=dev)
-                    cache = [[] for _ in self.transformer.h]  # per layer: keys and values so far
-                else:  # only the new token, against every real token so far
-                    x, keep, pos = seq[:, -1:], F.pad(keep, (0, 1), value=True), pos[:, -1:] + 1
-                    mask = keep[:, None, :]  # (B, 1, Tk)
-                x = self.transformer.wte(x) + self.transformer.wpe(pos)  # (B, Tq, C)
-                for block, c in zip(self.transformer.h, cache):
-                    x = block(x, mask[:, None], c)
-                logits = self.lm_head(self.transformer.ln_f(x[:, -1])).float()  # (B, V)
-                if temperature == 0:
-                    nxt = logits.argmax(dim=-1)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        logits[logits < torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]] = -float("inf")
-                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+                if step == 0 or seq.size(1) > bs:  # prefill: the prompt, or a window that slid
+                    x = seq[:, -bs:]
+                    x_pad = (pad - (seq.size(1) - x.size(1))).clamp(min=0)  # (B,) padding in x
+                    cache.pos = 0
+                else:  # decode: only the newest token, the ones before are in the cache
+                    x = seq[:, -1:]
+                col = torch.arange(cache.pos + x.size(1), device=dev)  # (Tk,) cached columns, then x's
+                x_col = col[-x.size(1):]  # (Tq,)
+                pos = (x_col - x_pad[:, None]).clamp(min=0)  # (B, Tq) padding at position 0
+                # causal among a row's real tokens (a padding query sees only itself, see hidden)
+                mask = (col >= x_pad[:, None])[:, None, :] & (x_col[:, None] >= col)  # (B, Tq, Tk)
+                logits = self.lm_head(self.hidden(x, pos, mask, cache)[:, -1]).float()  # (B, V)
+                nxt = sample_token(logits, temperature, top_k, generator)
                 if eos_token_id is not None:
                     nxt = nxt.masked_fill(done, eos_token_id)
                     done |= nxt == eos_token_id
@@ -267,19 +339,20 @@ class GPT(nn.Module):
         return seq
 
     # -------------------------------------------------------------------------
-    # Hugging Face's GPT-2 format: our names, but its Conv1D weights are (in, out), nn.Linear's transposed
+    # Hugging Face's GPT-2 format: our names, but its Conv1D weights are (in, out), Linear's transposed
 
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, base_url=None, dropout=0.0) -> "GPT":
         """'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded once from the Hugging Face hub, or
-        $NANODPO_HF_BASE_URL), or a local folder with config.json and model.safetensors / pytorch_model.bin."""
+        $NANODPO_HF_BASE_URL), or a folder with config.json and model.safetensors / pytorch_model.bin."""
         name = str(name_or_path)
         if os.path.isdir(name):
             config = _read_hf_config(os.path.join(name, "config.json"), dropout)
-            found = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(name, f))]
+            files = ("model.safetensors", "pytorch_model.bin")
+            found = [f for f in files if os.path.isfile(os.path.join(name, f))]
             if not found:
-                raise FileNotFoundError(f"{name}: no weights file, expected model.safetensors or pytorch_model.bin "
-                                        f"(a sharded checkpoint must be re-saved as one file)")
+                raise FileNotFoundError(f"{name}: no weights file, expected model.safetensors or "
+                                        f"pytorch_model.bin (a sharded checkpoint must be re-saved as one file)")
             weights = os.path.join(name, found[0])
         elif name in PRETRAINED:
             config = GPTConfig(**PRETRAINED[name], dropout=dropout)
@@ -296,9 +369,10 @@ class GPT(nn.Module):
                 raise ValueError(f"{weights}: could not read PyTorch weights ({e})") from e
         else:
             sd = load_safetensors(weights)
-        with torch.device("meta"):  # no init work: everything is checked, only then real tensors are attached
+        with torch.device("meta"):  # no init work: all is checked, only then real tensors are attached
             model = cls(config)
-        model.load_state_dict(_from_hf_layout(sd, model.state_dict(), weights), strict=True, assign=True)
+        sd = _from_hf_layout(sd, model.state_dict(), weights)
+        model.load_state_dict(sd, strict=True, assign=True)
         model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters: re-tie
         return model
 
@@ -309,16 +383,19 @@ class GPT(nn.Module):
             raise ValueError("Hugging Face GPT-2 always has biases: cannot save a bias=False model in its format")
         eot = 50256 if c.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if this vocab has it
         config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                      n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=0.02,
-                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, scale_attn_weights=True,
-                      scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, tie_word_embeddings=True,
-                      use_cache=True, torch_dtype="float32", bos_token_id=eot, eos_token_id=eot)
+                      n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
+                      n_layer=c.n_layer, n_head=c.n_head, n_inner=None, activation_function="gelu_new",
+                      layer_norm_epsilon=1e-5, initializer_range=0.02, resid_pdrop=c.dropout,
+                      embd_pdrop=c.dropout, attn_pdrop=c.dropout, scale_attn_weights=True,
+                      scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                      tie_word_embeddings=True, use_cache=True, torch_dtype="float32",
+                      bos_token_id=eot, eos_token_id=eot)
         tensors = {k: v.t() if k.endswith(_CONV1D) else v
-                   for k, v in self.state_dict().items() if k != "lm_head.weight"}  # lm_head is tied to wte
+                   for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
         os.makedirs(directory, exist_ok=True)
-        # both files are written next to their final names, then renamed over them: a failure leaves the old ones
-        files, tmp = ("model.safetensors", "config.json"), os.path.join(directory, f".tmp{os.getpid()}-")
+        # both files are written beside their final names, then renamed: a failure leaves the old ones
+        files = ("model.safetensors", "config.json")
+        tmp = os.path.join(directory, f".tmp{os.getpid()}-")
         try:
             save_safetensors(tensors, tmp + files[0])
             with open(tmp + files[1], "w") as f:
@@ -334,9 +411,11 @@ class GPT(nn.Module):
 
 # the hub models, 124M to 1558M parameters; a module-level table so tests can register a tiny entry
 PRETRAINED = {name: dict(n_layer=L, n_head=H, n_embd=C) for name, L, H, C in [
-    ("gpt2", 12, 12, 768), ("gpt2-medium", 24, 16, 1024), ("gpt2-large", 36, 20, 1280), ("gpt2-xl", 48, 25, 1600)]}
+    ("gpt2", 12, 12, 768), ("gpt2-medium", 24, 16, 1024),
+    ("gpt2-large", 36, 20, 1280), ("gpt2-xl", 48, 25, 1600)]}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16}
 
 
 def _read_hf_config(path, dropout):
@@ -352,15 +431,17 @@ def _read_hf_config(path, dropout):
     if bad:
         raise ValueError(f"{path}: missing GPT-2 config keys {bad} (or not positive integers)")
     # reject what this implementation does not compute, instead of silently computing something else
-    for key, allowed in {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-                         "n_inner": (None, 4 * hf["n_embd"]), "layer_norm_epsilon": (1e-5,),
-                         "scale_attn_by_inverse_layer_idx": (False,)}.items():
+    supported = {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                 "n_inner": (None, 4 * hf["n_embd"]), "layer_norm_epsilon": (1e-5,),
+                 "scale_attn_by_inverse_layer_idx": (False,)}
+    for key, allowed in supported.items():
         if hf.get(key, allowed[0]) not in allowed:
             raise ValueError(f"{path}: {key} = {hf[key]!r} is not supported, expected one of {allowed}")
     if hf["n_embd"] % hf["n_head"]:
         raise ValueError(f"{path}: n_head={hf['n_head']} must divide n_embd={hf['n_embd']}")
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     dropout=dropout, bias=True)
 
 
 def _from_hf_layout(sd, expected, source):
@@ -369,32 +450,36 @@ def _from_hf_layout(sd, expected, source):
     for k, v in sd.items():
         short = k.removeprefix("transformer.")  # the hub's own gpt2 files have no prefix
         if short.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # old HF causal-mask buffers, not weights; lm_head is tied to wte (checked below)
+            continue  # old HF causal-mask buffers, not weights; lm_head is tied to wte (see below)
         key = "transformer." + short
         if key not in expected:
             raise ValueError(f"{source}: unexpected tensor {k!r} (not part of GPT-2)")
         v = v.t() if key.endswith(_CONV1D) else v
         if v.shape != expected[key].shape:
             raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected "
-                             f"{tuple(expected[key].shape)} from the config (Conv1D weights are stored (in, out))")
+                             f"{tuple(expected[key].shape)} from the config "
+                             f"(Conv1D weights are stored (in, out))")
         out[key] = v.to(torch.float32).contiguous()
     missing = [k for k in expected if k not in out and k != "lm_head.weight"]
     if missing:
-        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"].float(), out["transformer.wte.weight"]):
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{more}")
+    wte = out["transformer.wte.weight"]
+    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"].float(), wte):
         raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but GPT-2 ties them")
-    out["lm_head.weight"] = out["transformer.wte.weight"]
+    out["lm_head.weight"] = wte
     return out
 
 
 def load_safetensors(path, header_only=False) -> dict:
-    """8-byte little-endian header length, JSON header, raw tensor bytes; all checked (header_only: read no data)"""
+    """8-byte little-endian header length, JSON header, raw tensor bytes; all checked (header_only:
+    read no tensor data)"""
     size, out = os.path.getsize(path), {}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if size < 8 or n > min(size - 8, 100_000_000):
-            raise ValueError(f"{path}: not a valid safetensors file (header length {n}, file size {size} bytes); "
-                             f"the file is truncated or corrupt, delete it and download again")
+            raise ValueError(f"{path}: not a valid safetensors file (header length {n}, file size "
+                             f"{size} bytes); the file is truncated or corrupt, delete it and download again")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -402,18 +487,22 @@ def load_safetensors(path, header_only=False) -> dict:
         header.pop("__metadata__", None)
         for name, info in header.items():
             if info.get("dtype") not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, expected F64/F32/F16/BF16")
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, "
+                                 f"expected F64/F32/F16/BF16")
             dtype, (begin, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
             nbytes = math.prod(info["shape"]) * dtype.itemsize
             if end - begin != nbytes or begin < 0 or 8 + n + end > size:
-                raise ValueError(f"{path}: truncated or corrupt, tensor {name!r} {info['shape']} ({nbytes} bytes) at "
-                                 f"bytes {8 + n + begin}..{8 + n + end} of {size}; delete it and download again")
+                raise ValueError(f"{path}: truncated or corrupt, tensor {name!r} {info['shape']} "
+                                 f"({nbytes} bytes) at bytes {8 + n + begin}..{8 + n + end} of {size}; "
+                                 f"delete it and download again")
             if not header_only:
                 buf = bytearray(nbytes)
                 f.seek(8 + n + begin)
                 f.readinto(buf)
-                t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)  # frombuffer refuses b""
-                out[name] = t.view(info["shape"])
+                if buf:
+                    out[name] = torch.frombuffer(buf, dtype=dtype).view(info["shape"])
+                else:  # frombuffer refuses b""
+                    out[name] = torch.empty(0, dtype=dtype).view(info["shape"])
     return out
 
 
@@ -421,29 +510,32 @@ def save_safetensors(tensors: dict, path) -> None:
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for k, v in tensors.items():
-        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + v.numel() * 4]}
-        offset += v.numel() * 4
+        end = offset + v.numel() * 4
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, end]}
+        offset = end
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-len(hjson) % 8)  # pad so the tensor data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(len(hjson).to_bytes(8, "little") + hjson)
         for v in tensors.values():
-            f.write(v.numpy().astype("<f4", copy=False).data)  # little-endian on any machine, no copy on ours
+            f.write(v.numpy().astype("<f4", copy=False).data)  # little-endian on any machine
 
 
 def _download_weights(name, cache_dir=None, base_url=None):
-    from prepare import download  # the one shared downloader: progress, size check, nothing left on failure
+    from prepare import download  # the shared downloader: progress, size check, no leftovers
     cache_dir = cache_dir or os.environ.get("NANODPO_CACHE") or os.path.expanduser("~/.cache/nanodpo")
-    base_url = (base_url or os.environ.get("NANODPO_HF_BASE_URL") or "https://huggingface.co").rstrip("/")
-    url, path = f"{base_url}/{name}/resolve/main/model.safetensors", os.path.join(cache_dir, name, "model.safetensors")
-    if not os.path.isfile(path):  # fetched under a per-process name (ranks may race), checked, then moved into place
+    base_url = base_url or os.environ.get("NANODPO_HF_BASE_URL") or "https://huggingface.co"
+    url = f"{base_url.rstrip('/')}/{name}/resolve/main/model.safetensors"
+    path = os.path.join(cache_dir, name, "model.safetensors")
+    if not os.path.isfile(path):  # fetched under a per-process name (ranks may race), checked, moved
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             download(url, tmp)
             load_safetensors(tmp, header_only=True)
             os.replace(tmp, path)
         except OSError as e:
-            raise OSError(f"{e}; check the network, set $NANODPO_HF_BASE_URL, or pass a local model folder") from e
+            raise OSError(f"{e}; check the network, set $NANODPO_HF_BASE_URL, or pass a local model "
+                          f"folder") from e
         except ValueError as e:
             raise ValueError(f"downloaded {url} is not a valid safetensors file: {e}") from e
         finally:
