@@ -1,9 +1,8 @@
 """
-GPT-2 in one file, with Hugging Face's weight format read and written by torch and the standard
-library alone.
+GPT-2 in one file; weights.py reads and writes Hugging Face's weight files for it.
 
-    model = GPT.from_pretrained("gpt2")         # downloads once into $NANODPO_CACHE (~/.cache/nanodpo)
-    model = GPT.from_pretrained("path/to/dir")  # config.json + model.safetensors (or pytorch_model.bin)
+    model = GPT.from_pretrained("gpt2")         # downloaded once into ~/.cache/nanodpo
+    model = GPT.from_pretrained("path/to/dir")  # config.json + model.safetensors
     model.save_pretrained("out/dpo")            # loadable by transformers.GPT2LMHeadModel
 """
 import json
@@ -15,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from weights import (PRETRAINED, download_weights, from_hf_layout, hf_config, load_safetensors,
+                     load_torch_bin, read_hf_config, save_safetensors, to_hf_layout)
 
 
 @dataclass
@@ -32,8 +34,9 @@ class GPTConfig:
 
 
 class KVCache:
-    """Generation's keys and values so far: per layer a (B, n_head, max_len, head_size) buffer each, made
-    at the first write. Attention writes at pos and reads 0..pos + T; GPT.hidden then moves pos on by T."""
+    """Generation's keys and values so far: per layer a (B, n_head, max_len, head_size) buffer
+    each, made at the first write. Attention writes its new ones at pos and reads 0..pos + T;
+    GPT.hidden then moves pos on by T."""
 
     def __init__(self, n_layer, max_len):
         self.max_len = max_len
@@ -42,7 +45,7 @@ class KVCache:
         self.v = [None] * n_layer
 
     def add(self, layer, k, v):
-        """store one layer's new k, v (B, nh, T, hs) at pos; -> all it holds, (B, nh, pos + T, hs) each"""
+        """store one layer's new k, v (B, nh, T, hs) at pos; -> all it holds (B, nh, pos + T, hs)"""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KVCache holds {self.max_len} positions, {end} were asked for")
@@ -75,7 +78,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.add(self.layer, k, v)  # (B, nh, Tk, hs)
         p = self.dropout if self.training else 0.0
         if mask is None or isinstance(mask, torch.Tensor):  # causal, or bool (B, 1, T, Tk)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+            causal = mask is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         else:  # a flex_attention BlockMask
             y = _flex_attention(q)(q, k, v, block_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -123,9 +127,10 @@ class Block(nn.Module):
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T)[target] chunk by chunk, backward by hand: d logp / d logits = onehot - softmax.
-    One chunk: its exp(logits - max) is kept and turned into the gradient in place (no more (n, V)
-    buffers). Several: only h is kept, backward recomputes each chunk's (chunk_size, V) float32 logits."""
+    """log_softmax(h @ W.T)[target] chunk by chunk, backward by hand: d logp / d logits =
+    onehot - softmax. One chunk: its exp(logits - max) is kept and turned into the gradient in
+    place (no more (n, V) buffers). Several: only h is kept, backward recomputes each chunk's
+    (chunk_size, V) float32 logits."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, sum_sq=False):
@@ -201,7 +206,7 @@ class GPT(nn.Module):
         if config.n_embd % config.n_head:
             raise ValueError(f"n_head must divide n_embd, got n_head={config.n_head}, n_embd={config.n_embd}")
         self.config = config
-        self.gradient_checkpointing = False  # recompute each Block in backward: less activation memory
+        self.gradient_checkpointing = False  # recompute each Block in backward: less memory
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -224,7 +229,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True) -> int:
-        """Parameters, the tied wte/lm_head once; non_embedding leaves out wte and wpe (as Kaplan et al.)"""
+        """Parameters, the tied wte/lm_head once; non_embedding leaves out wte, wpe (Kaplan et al.)"""
         emb = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return sum(p.numel() for p in self.parameters()) - (emb if non_embedding else 0)
 
@@ -237,14 +242,15 @@ class GPT(nn.Module):
         return weights + 12.0 * c.n_layer * c.n_embd * ctx_sum
 
     def hidden(self, idx, pos=None, attn_mask=None, cache=None) -> torch.Tensor:
-        """Final hidden states (B, T, n_embd). idx: (B, T) token ids. pos: None -> 0..T-1 (after the
-        cached ones), else (T,) or (B, T) (packed rows restart them). attn_mask: None -> causal; a bool
-        (B, T, Tk) or (B, 1, T, Tk) tensor, True = may attend, causality included (the diagonal is forced
-        True, so padding rows stay finite); or a flex BlockMask. cache: a KVCache (generation) whose keys
-        come first (Tk = cache.pos + T, else Tk = T); this call's are added to it."""
+        """Final hidden states (B, T, n_embd). idx: (B, T) token ids. pos: None -> 0..T-1 (after
+        the cached ones), else (T,) or (B, T) (packed rows restart them). attn_mask: None ->
+        causal; a bool (B, T, Tk) or (B, 1, T, Tk) tensor, True = may attend, causality included
+        (the diagonal is forced True, so padding rows stay finite); or a flex BlockMask.
+        cache: a KVCache (generation) whose keys come first, Tk = cache.pos + T (else Tk = T);
+        this call's keys and values are added to it."""
         (B, T), bs, dev = idx.size(), self.config.block_size, idx.device
         past = 0 if cache is None else cache.pos
-        if pos is None:  # with explicit positions a packed row may be longer: only its positions must fit
+        if pos is None:  # with explicit positions a packed row may be longer: only they must fit
             if past + T > bs:
                 raise ValueError(f"sequence length {past + T} > block_size {bs}: crop the input to at most "
                                  f"{bs} tokens")
@@ -252,11 +258,12 @@ class GPT(nn.Module):
         elif pos.dtype != torch.long or pos.shape not in ((T,), (B, T)):
             raise ValueError(f"pos must be a long tensor of shape ({T},) or ({B}, {T}), got {pos.dtype} "
                              f"{pos.shape}")
-        elif pos.device.type == "cpu" and not torch.compiler.is_compiling():  # on a GPU: no sync
+        elif pos.device.type == "cpu" and not torch.compiler.is_compiling():  # a GPU would wait
             if ((pos < 0) | (pos >= bs)).any():
                 raise ValueError(f"position ids must lie in [0, block_size={bs})")
         if cache is not None and attn_mask is None:  # causal over the cached positions and these
-            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=dev).tril(past).expand(B, -1, -1)
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=dev).tril(past)  # (T, Tk)
+            attn_mask = causal.expand(B, -1, -1)
         if isinstance(attn_mask, torch.Tensor):
             if attn_mask.dtype != torch.bool:  # a float mask would silently be added to the scores
                 raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
@@ -268,7 +275,8 @@ class GPT(nn.Module):
             raise ValueError("flex_attention has no attention dropout: use dropout=0.0 with a BlockMask")
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled()
+        ckpt = self.gradient_checkpointing and training and cache is None  # a cache is written once
         for block in self.transformer.h:
             if ckpt:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
@@ -283,9 +291,10 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden(idx, pos, attn_mask, cache))
 
     def token_logprobs(self, h, targets, chunk_size=4096, sum_sq=False):
-        """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd). Rows go
-        through the lm_head chunk_size at a time (TokenLogprobs): the (N, vocab) logits never exist at
-        once. sum_sq=True returns (that, log sum_v p(v | h)^2), the second detached (WPO)."""
+        """log p(target | h) in float32, shape of targets, for hidden states h (..., n_embd).
+        Rows go through the lm_head chunk_size at a time (TokenLogprobs): the (N, vocab) logits
+        never exist at once. sum_sq=True returns (that, log sum_v p(v | h)^2), the second
+        detached (WPO)."""
         shape = targets.shape
         h = h.reshape(-1, h.size(-1))
         targets = targets.reshape(-1)
@@ -298,11 +307,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=50256,
                  generator: torch.Generator = None, pad_left=None) -> torch.Tensor:
-        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. Prompts of different
-        lengths come right-aligned: row b's first pad_left[b] tokens are padding, ignored (its positions
-        start after them). A row that produced eos_token_id is padded with eos; stops once every row has.
-        Eval mode (no dropout). The prompt fills a KVCache, then each step runs only the new token; past
-        block_size, the last block_size tokens run afresh each step."""
+        """idx (B, T) -> (B, T + up to max_new_tokens); temperature 0 = greedy. Prompts of
+        different lengths come right-aligned: row b's first pad_left[b] tokens are padding, ignored
+        (its positions start after them). A row that produced eos_token_id is padded with eos;
+        stops once every row has. Eval mode (no dropout). The prompt fills a KVCache, then each
+        step runs only the new token; past block_size, the last block_size tokens run afresh."""
         (B, T), dev, bs = idx.shape, idx.device, self.config.block_size
         pad = torch.zeros(B, dtype=torch.long, device=dev)
         if pad_left is not None:
@@ -321,11 +330,12 @@ class GPT(nn.Module):
                     cache.pos = 0
                 else:  # decode: only the newest token, the ones before are in the cache
                     x = seq[:, -1:]
-                col = torch.arange(cache.pos + x.size(1), device=dev)  # (Tk,) cached columns, then x's
+                col = torch.arange(cache.pos + x.size(1), device=dev)  # (Tk,) the cache's, then x's
                 x_col = col[-x.size(1):]  # (Tq,)
                 pos = (x_col - x_pad[:, None]).clamp(min=0)  # (B, Tq) padding at position 0
-                # causal among a row's real tokens (a padding query sees only itself, see hidden)
-                mask = (col >= x_pad[:, None])[:, None, :] & (x_col[:, None] >= col)  # (B, Tq, Tk)
+                real = col >= x_pad[:, None]  # (B, Tk) the keys that are not padding
+                causal = x_col[:, None] >= col  # (Tq, Tk)
+                mask = real[:, None, :] & causal  # (B, Tq, Tk); hidden() lets padding see itself
                 logits = self.lm_head(self.hidden(x, pos, mask, cache)[:, -1]).float()  # (B, V)
                 nxt = sample_token(logits, temperature, top_k, generator)
                 if eos_token_id is not None:
@@ -339,206 +349,52 @@ class GPT(nn.Module):
         return seq
 
     # -------------------------------------------------------------------------
-    # Hugging Face's GPT-2 format: our names, but its Conv1D weights are (in, out), Linear's transposed
+    # Hugging Face's GPT-2 weight files (weights.py)
 
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, base_url=None, dropout=0.0) -> "GPT":
-        """'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded once from the Hugging Face hub, or
-        $NANODPO_HF_BASE_URL), or a folder with config.json and model.safetensors / pytorch_model.bin."""
+        """'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded once from the Hugging Face
+        hub, or $NANODPO_HF_BASE_URL, into $NANODPO_CACHE), or a folder with config.json and
+        model.safetensors / pytorch_model.bin."""
         name = str(name_or_path)
         if os.path.isdir(name):
-            config = _read_hf_config(os.path.join(name, "config.json"), dropout)
+            config = GPTConfig(**read_hf_config(os.path.join(name, "config.json")), dropout=dropout)
             files = ("model.safetensors", "pytorch_model.bin")
             found = [f for f in files if os.path.isfile(os.path.join(name, f))]
             if not found:
                 raise FileNotFoundError(f"{name}: no weights file, expected model.safetensors or "
                                         f"pytorch_model.bin (a sharded checkpoint must be re-saved as one file)")
-            weights = os.path.join(name, found[0])
+            path = os.path.join(name, found[0])
         elif name in PRETRAINED:
             config = GPTConfig(**PRETRAINED[name], dropout=dropout)
-            weights = _download_weights(name, cache_dir, base_url)
+            path = download_weights(name, cache_dir, base_url)
         else:
             hint = f"expected one of {', '.join(PRETRAINED)}, or a folder with config.json and model.safetensors"
             if os.sep in name or name.startswith((".", "~")):
                 raise FileNotFoundError(f"model folder {name} does not exist ({hint})")
             raise ValueError(f"unknown model name {name!r}: {hint}")
-        if weights.endswith(".bin"):
-            try:
-                sd = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"{weights}: could not read PyTorch weights ({e})") from e
-        else:
-            sd = load_safetensors(weights)
-        with torch.device("meta"):  # no init work: all is checked, only then real tensors are attached
+        sd = load_torch_bin(path) if path.endswith(".bin") else load_safetensors(path)
+        with torch.device("meta"):  # no init work: all is checked, then real tensors are attached
             model = cls(config)
-        sd = _from_hf_layout(sd, model.state_dict(), weights)
+        sd = from_hf_layout(sd, model.state_dict(), path)
         model.load_state_dict(sd, strict=True, assign=True)
-        model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters: re-tie
+        model.transformer.wte.weight = model.lm_head.weight  # assign=True made two tensors: re-tie
         return model
 
     def save_pretrained(self, directory) -> None:
         """Write config.json and model.safetensors (float32) in Hugging Face's GPT-2 layout."""
-        c = self.config
-        if not c.bias:
+        if not self.config.bias:
             raise ValueError("Hugging Face GPT-2 always has biases: cannot save a bias=False model in its format")
-        eot = 50256 if c.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if this vocab has it
-        config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                      n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
-                      n_layer=c.n_layer, n_head=c.n_head, n_inner=None, activation_function="gelu_new",
-                      layer_norm_epsilon=1e-5, initializer_range=0.02, resid_pdrop=c.dropout,
-                      embd_pdrop=c.dropout, attn_pdrop=c.dropout, scale_attn_weights=True,
-                      scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
-                      tie_word_embeddings=True, use_cache=True, torch_dtype="float32",
-                      bos_token_id=eot, eos_token_id=eot)
-        tensors = {k: v.t() if k.endswith(_CONV1D) else v
-                   for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
         os.makedirs(directory, exist_ok=True)
-        # both files are written beside their final names, then renamed: a failure leaves the old ones
+        # both files are written beside their final names, then renamed: a failure keeps the old
         files = ("model.safetensors", "config.json")
         tmp = os.path.join(directory, f".tmp{os.getpid()}-")
         try:
-            save_safetensors(tensors, tmp + files[0])
+            save_safetensors(to_hf_layout(self.state_dict()), tmp + files[0])
             with open(tmp + files[1], "w") as f:
-                f.write(json.dumps(config, indent=2) + "\n")
+                f.write(json.dumps(hf_config(self.config), indent=2) + "\n")
             for f in files:
                 os.replace(tmp + f, os.path.join(directory, f))
         finally:  # after a failure, whatever was written
             for f in [f for f in files if os.path.exists(tmp + f)]:
                 os.remove(tmp + f)
-
-# -----------------------------------------------------------------------------
-# weight files
-
-# the hub models, 124M to 1558M parameters; a module-level table so tests can register a tiny entry
-PRETRAINED = {name: dict(n_layer=L, n_head=H, n_embd=C) for name, L, H, C in [
-    ("gpt2", 12, 12, 768), ("gpt2-medium", 24, 16, 1024),
-    ("gpt2-large", 36, 20, 1280), ("gpt2-xl", 48, 25, 1600)]}
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16}
-
-
-def _read_hf_config(path, dropout):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: a model folder needs a Hugging Face GPT-2 config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from e
-    bad = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
-           if not isinstance(hf.get(k), int) or hf[k] < 1]
-    if bad:
-        raise ValueError(f"{path}: missing GPT-2 config keys {bad} (or not positive integers)")
-    # reject what this implementation does not compute, instead of silently computing something else
-    supported = {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-                 "n_inner": (None, 4 * hf["n_embd"]), "layer_norm_epsilon": (1e-5,),
-                 "scale_attn_by_inverse_layer_idx": (False,)}
-    for key, allowed in supported.items():
-        if hf.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"{path}: {key} = {hf[key]!r} is not supported, expected one of {allowed}")
-    if hf["n_embd"] % hf["n_head"]:
-        raise ValueError(f"{path}: n_head={hf['n_head']} must divide n_embd={hf['n_embd']}")
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     dropout=dropout, bias=True)
-
-
-def _from_hf_layout(sd, expected, source):
-    """HF GPT-2 state dict -> ours (float32), fully checked against `expected` (our state_dict)."""
-    out = {}
-    for k, v in sd.items():
-        short = k.removeprefix("transformer.")  # the hub's own gpt2 files have no prefix
-        if short.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # old HF causal-mask buffers, not weights; lm_head is tied to wte (see below)
-        key = "transformer." + short
-        if key not in expected:
-            raise ValueError(f"{source}: unexpected tensor {k!r} (not part of GPT-2)")
-        v = v.t() if key.endswith(_CONV1D) else v
-        if v.shape != expected[key].shape:
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected "
-                             f"{tuple(expected[key].shape)} from the config "
-                             f"(Conv1D weights are stored (in, out))")
-        out[key] = v.to(torch.float32).contiguous()
-    missing = [k for k in expected if k not in out and k != "lm_head.weight"]
-    if missing:
-        more = " ..." if len(missing) > 5 else ""
-        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{more}")
-    wte = out["transformer.wte.weight"]
-    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"].float(), wte):
-        raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but GPT-2 ties them")
-    out["lm_head.weight"] = wte
-    return out
-
-
-def load_safetensors(path, header_only=False) -> dict:
-    """8-byte little-endian header length, JSON header, raw tensor bytes; all checked (header_only:
-    read no tensor data)"""
-    size, out = os.path.getsize(path), {}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > min(size - 8, 100_000_000):
-            raise ValueError(f"{path}: not a valid safetensors file (header length {n}, file size "
-                             f"{size} bytes); the file is truncated or corrupt, delete it and download again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from e
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            if info.get("dtype") not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, "
-                                 f"expected F64/F32/F16/BF16")
-            dtype, (begin, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * dtype.itemsize
-            if end - begin != nbytes or begin < 0 or 8 + n + end > size:
-                raise ValueError(f"{path}: truncated or corrupt, tensor {name!r} {info['shape']} "
-                                 f"({nbytes} bytes) at bytes {8 + n + begin}..{8 + n + end} of {size}; "
-                                 f"delete it and download again")
-            if not header_only:
-                buf = bytearray(nbytes)
-                f.seek(8 + n + begin)
-                f.readinto(buf)
-                if buf:
-                    out[name] = torch.frombuffer(buf, dtype=dtype).view(info["shape"])
-                else:  # frombuffer refuses b""
-                    out[name] = torch.empty(0, dtype=dtype).view(info["shape"])
-    return out
-
-
-def save_safetensors(tensors: dict, path) -> None:
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for k, v in tensors.items():
-        end = offset + v.numel() * 4
-        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, end]}
-        offset = end
-    hjson = json.dumps(header, separators=(",", ":")).encode()
-    hjson += b" " * (-len(hjson) % 8)  # pad so the tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(hjson).to_bytes(8, "little") + hjson)
-        for v in tensors.values():
-            f.write(v.numpy().astype("<f4", copy=False).data)  # little-endian on any machine
-
-
-def _download_weights(name, cache_dir=None, base_url=None):
-    from prepare import download  # the shared downloader: progress, size check, no leftovers
-    cache_dir = cache_dir or os.environ.get("NANODPO_CACHE") or os.path.expanduser("~/.cache/nanodpo")
-    base_url = base_url or os.environ.get("NANODPO_HF_BASE_URL") or "https://huggingface.co"
-    url = f"{base_url.rstrip('/')}/{name}/resolve/main/model.safetensors"
-    path = os.path.join(cache_dir, name, "model.safetensors")
-    if not os.path.isfile(path):  # fetched under a per-process name (ranks may race), checked, moved
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            download(url, tmp)
-            load_safetensors(tmp, header_only=True)
-            os.replace(tmp, path)
-        except OSError as e:
-            raise OSError(f"{e}; check the network, set $NANODPO_HF_BASE_URL, or pass a local model "
-                          f"folder") from e
-        except ValueError as e:
-            raise ValueError(f"downloaded {url} is not a valid safetensors file: {e}") from e
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path

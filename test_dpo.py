@@ -503,6 +503,20 @@ def test_generate_sampling():
     assert not m.training
 
 
+def test_kv_cache_decode_matches_full_forward():
+    """the prompt into a KVCache, then one token at a time: the logits of one causal forward"""
+    m = our_tiny()
+    idx = tokens(2, 12)
+    cache = model_module.KVCache(m.config.n_layer, 12)
+    with torch.no_grad():
+        full = m(idx)
+        steps = [m(idx[:, :5], cache=cache)] + [m(idx[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.pos == 12
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KVCache holds 12 positions, 13 were asked for"):
+        m(idx[:, :1], cache=cache)
+
+
 def test_flops_hand_count():
     m = GPT(GPTConfig(**TINY))
     L, C, V = 2, 64, 1000
