@@ -1,13 +1,14 @@
 """
-Sample from a trained policy and its reference side by side, the toy task's before/after table, and the whole
-offline toy pipeline in one command.
+Sample from a trained policy and its reference side by side, the toy task's before/after table,
+and the whole offline toy pipeline in one command.
 
     python sample.py --init_from=out/toy_dpo --prompts="Review of the pizza:|Review of the tea:"
-    python sample.py --init_from=out/hh_gpt2 --prompts="\\n\\nHuman: hi\\n\\nAssistant:"     (\\n is a newline)
-    python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo  # table + one JSON line
-    python sample.py --mode=demo     # prepare, SFT, DPO against the SFT model, then the table (CPU, a few minutes)
-Any dpo.py option is accepted too (device, dtype, seed, data_dir, ...); with --init_from=RUN (one of our checkpoints)
-they default to that run's own (its data_dir for compare, its seed), except where it computes (device, dtype, ...).
+    python sample.py --init_from=out/hh_gpt2 --prompts="\\n\\nHuman: hi\\n\\nAssistant:"  # \\n=newline
+    python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
+    python sample.py --mode=demo  # prepare, SFT, DPO against the SFT model, the table; on a CPU
+compare prints the table and one JSON line. Any dpo.py option is accepted too (device, dtype, seed,
+data_dir, ...); with --init_from=RUN (one of our checkpoints) they default to that run's own (its
+data_dir for compare, its seed), except where it computes (device, dtype, ...).
 """
 import json
 import math
@@ -24,12 +25,13 @@ import checkpoint
 import dpo
 from prepare import EOT, PrepareError, gpt2_encoding, list_shards, toy_reward
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the demo works from any folder
+# the demo works from any folder
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 
 
 @dataclass
 class SampleConfig(dpo.Config):
-    """the sampling options; the dpo.py options after them default to the run's own with --init_from=RUN (a checkpoint)"""
+    """the sampling options; the dpo.py options below default to the run's own with --init_from=RUN (a checkpoint)"""
     # sampling
     mode: str = "sample"  # sample | compare (the toy task's before/after table) | demo (the whole toy pipeline)
     prompts: str = ""  # "|"-separated prompts for mode=sample
@@ -40,7 +42,7 @@ class SampleConfig(dpo.Config):
 
 
 def load_pair_of_models(cfg, device):
-    """the policy from init_from and the reference it was trained against (recorded in its checkpoint)"""
+    """the policy from init_from and the reference it was trained against (its checkpoint says)"""
     path = checkpoint.checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
     if path is None:
         return checkpoint.load_model(cfg.init_from, cfg).to(device).eval(), None, None
@@ -53,46 +55,55 @@ def load_pair_of_models(cfg, device):
 def sample(cfg, device):
     enc = gpt2_encoding()
     if cfg.init_from == "scratch":
-        print("note: init_from=scratch is an untrained random model; pass --init_from=out/... to sample a trained one")
+        print("note: init_from=scratch is an untrained random model; "
+              "pass --init_from=out/... to sample a trained one")
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    for prompt in (cfg.prompts.replace("\\n", "\n").split("|") if cfg.prompts else ["Review of the pizza:"]):
+    prompts = ["Review of the pizza:"]
+    if cfg.prompts:
+        prompts = cfg.prompts.replace("\\n", "\n").split("|")
+    for prompt in prompts:
         idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
         print(f"=== {prompt!r}")
         for name, m in (("policy", policy), (f"reference ({ref_from})", reference)):
             if m is not None:
-                out = m.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None, generator=g)
-                print(f"--- {name}: {enc.decode([t for t in out[0, idx.shape[1]:].tolist() if t != EOT])!r}")
+                out = m.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_k=cfg.top_k or None, generator=g)
+                text = enc.decode([t for t in out[0, idx.shape[1]:].tolist() if t != EOT])
+                print(f"--- {name}: {text!r}")
 
 
 @torch.no_grad()
 def response_logps(model, prompt, responses):
-    """summed log-prob of each response (a list of token lists) after one prompt; plain layout, one row each"""
+    """summed log-prob of each response (a list of token lists) after one prompt; one row each"""
     rows = [prompt + r for r in responses]
     T = max(len(r) for r in rows)
     idx = torch.tensor([r + [EOT] * (T - len(r)) for r in rows])
     logp = F.log_softmax(model(idx.to(next(model.parameters()).device)).float(), -1).cpu()
     P = len(prompt)
-    return [sum(logp[i, P - 1 + t, r[t]].item() for t in range(len(r))) for i, r in enumerate(responses)]
+    return [sum(logp[i, P - 1 + t, r[t]].item() for t in range(len(r)))
+            for i, r in enumerate(responses)]
 
 
 def response(row, prompt_len, keep_eot=False):
-    """the generated tokens after the prompt, up to and excluding (or including) the first end token"""
+    """the generated tokens after the prompt, up to and excluding (or including) the first EOT"""
     out = row[prompt_len:].tolist()
     end = out.index(EOT) if EOT in out else len(out)
     return out[: end + (keep_eot and end < len(out))]
 
 
 def compare(cfg, device):
-    """the toy task's before/after table on held-out prompts: ground-truth reward of the reference's (SFT) and the
-    policy's (DPO) generations, a KL estimate between them, and preference accuracy on the held-out pairs"""
+    """the toy task's before/after table on held-out prompts: ground-truth reward of the reference's
+    (SFT) and the policy's (DPO) generations, a KL estimate between them, and preference accuracy on
+    the held-out pairs"""
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     if reference is None:
-        raise ValueError(f"--init_from={cfg.init_from} records no reference model to compare against: pass a DPO "
-                         f"checkpoint, e.g. --config=config/toy_dpo.py --init_from=out/toy_dpo")
+        raise ValueError(f"--init_from={cfg.init_from} records no reference model to compare against: "
+                         f"pass a DPO checkpoint, e.g. --config=config/toy_dpo.py --init_from=out/toy_dpo")
     enc = gpt2_encoding()
     val = dpo.PairData(cfg.data_dir, "val", policy.config.block_size, truncate=True)
-    prompts = list(dict.fromkeys(tuple(val[i][0].tolist()) for i in range(len(val))))  # unique, in order
+    # the unique prompts, in order
+    prompts = list(dict.fromkeys(tuple(val[i][0].tolist()) for i in range(len(val))))
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     res = {name: {"greedy": [], "sampled": []} for name in ("reference", "policy")}
     kl, t0 = [], time.time()
@@ -101,40 +112,59 @@ def compare(cfg, device):
         for name, m in (("reference", reference), ("policy", policy)):
             greedy = m.generate(idx, cfg.max_new_tokens, temperature=0.0)
             res[name]["greedy"].append(toy_reward(enc.decode(response(greedy[0], len(p)))))
-            samples = m.generate(idx.repeat(cfg.num_samples, 1), cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_k=cfg.top_k or None, generator=g)
+            samples = m.generate(idx.repeat(cfg.num_samples, 1), cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_k=cfg.top_k or None, generator=g)
             toks = [response(s, len(p), keep_eot=True) for s in samples]
-            res[name]["sampled"] += [toy_reward(enc.decode([t for t in s if t != EOT])) for s in toks]
-            if name == "policy":  # KL(policy || reference) ~ mean over policy samples of log pi - log pi_ref
-                kl += [a - b for a, b in zip(response_logps(policy, list(p), toks), response_logps(reference, list(p), toks))]
-        print(f"\rcompare: {n + 1}/{len(prompts)} prompts, {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+            res[name]["sampled"] += [toy_reward(enc.decode([t for t in s if t != EOT]))
+                                     for s in toks]
+            if name == "policy":  # KL(policy || reference) ~ mean of log pi - log pi_ref, its samples
+                lp_policy = response_logps(policy, list(p), toks)
+                lp_reference = response_logps(reference, list(p), toks)
+                kl += [a - b for a, b in zip(lp_policy, lp_reference)]
+        print(f"\rcompare: {n + 1}/{len(prompts)} prompts, {time.time() - t0:.0f}s", end="",
+              file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    # held-out preference accuracy: by likelihood (each model alone), and by DPO's implicit reward (policy vs reference)
-    pairs = [(val[i][0].tolist(), [val[i][1].tolist(), val[i][2].tolist()]) for i in range(min(len(val), 400))]
+    # held-out preference accuracy: by likelihood (each model alone), and by DPO's implicit reward
+    # (policy vs reference)
+    pairs = [(val[i][0].tolist(), [val[i][1].tolist(), val[i][2].tolist()])
+             for i in range(min(len(val), 400))]
     margins = {name: np.array([np.subtract(*response_logps(m, p, cr)) for p, cr in pairs])
                for name, m in (("reference", reference), ("policy", policy))}
     for name in res:
         res[name]["acc"] = float(np.mean(margins[name] > 0))
     implicit_acc = float(np.mean(margins["policy"] - margins["reference"] > 0))
-    mean, sem = (lambda xs: float(np.mean(xs))), (lambda xs: float(np.std(xs) / math.sqrt(len(xs))))
+    sampled = [f"{mean(res[n]['sampled']):+.3f} ± {sem(res[n]['sampled']):.3f}" for n in res]
     rows = [("reward, greedy", *(f"{mean(res[n]['greedy']):+.3f}" for n in res)),
-            (f"reward, sampled (T={cfg.temperature})", *(f"{mean(res[n]['sampled']):+.3f} ± {sem(res[n]['sampled']):.3f}" for n in res)),
+            (f"reward, sampled (T={cfg.temperature})", *sampled),
             ("log p(chosen) > log p(rejected)", *(f"{res[n]['acc']:.3f}" for n in res)),
             ("implicit reward accuracy", "", f"{implicit_acc:.3f}"),
             ("KL(policy || reference), nats", "", f"{mean(kl):.2f}")]
-    print(f"\nheld-out prompts: {len(prompts)}, {cfg.num_samples} samples each; reference = {ref_from}, policy = {cfg.init_from}")
+    print(f"\nheld-out prompts: {len(prompts)}, {cfg.num_samples} samples each; "
+          f"reference = {ref_from}, policy = {cfg.init_from}")
     print(f"{'':34s} {'reference (SFT)':>18s} {'policy (DPO)':>18s}")
     for r in rows:
         print(f"{r[0]:34s} {r[1]:>18s} {r[2]:>18s}")
-    summary = {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items()} for n, d in res.items()}
-    summary = summary | {"sampled_sem": {n: sem(res[n]["sampled"]) for n in res}, "kl": mean(kl), "implicit_acc": implicit_acc}
-    print(json.dumps({"init_from": cfg.init_from, "ref_from": ref_from, "seed": cfg.seed, **summary}))  # for scripts
+    summary = {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items()}
+               for n, d in res.items()}
+    summary = summary | {"sampled_sem": {n: sem(res[n]["sampled"]) for n in res}, "kl": mean(kl),
+                         "implicit_acc": implicit_acc}
+    # one JSON line for scripts
+    print(json.dumps({"init_from": cfg.init_from, "ref_from": ref_from, "seed": cfg.seed, **summary}))
     return summary
 
 
+def mean(xs):
+    return float(np.mean(xs))
+
+
+def sem(xs):
+    """the standard error of the mean"""
+    return float(np.std(xs) / math.sqrt(len(xs)))
+
+
 def demo():
-    """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the before/after table.
-    data and checkpoints go to data/toy and out/ under the current folder"""
+    """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the
+    before/after table. data and checkpoints go to data/toy and out/ under the current folder"""
     import prepare
     times, t0 = {}, time.time()
     if not list_shards("data/toy", "train", required=False):
@@ -146,24 +176,33 @@ def demo():
         dpo.train(dpo.parse_config([f"--config={os.path.join(CONFIG_DIR, name)}.py"]))
         times[name[4:]] = time.time() - t
     t = time.time()
-    cfg = dpo.parse_config([f"--config={os.path.join(CONFIG_DIR, 'toy_dpo')}.py", "--init_from=out/toy_dpo"], SampleConfig)
+    args = [f"--config={os.path.join(CONFIG_DIR, 'toy_dpo')}.py", "--init_from=out/toy_dpo"]
+    cfg = dpo.parse_config(args, SampleConfig)
     compare(cfg, torch.device("cpu"))
     times["compare"] = time.time() - t
-    print(f"\ntotal {time.time() - t0:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
+    parts = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+    print(f"\ntotal {time.time() - t0:.0f}s ({parts})")
 
 
 def main(argv):
     cfg = dpo.parse_config(argv, SampleConfig)
-    path = checkpoint.checkpoint_path(cfg.init_from) if cfg.mode != "demo" and cfg.init_from != "scratch" else None
+    path = None
+    if cfg.mode != "demo" and cfg.init_from != "scratch":
+        path = checkpoint.checkpoint_path(cfg.init_from)
     if path:  # one of our runs: its options unless the command line names them
         saved = checkpoint.read_checkpoint(path, mmap=True).get("config", {})
-        skip = checkpoint.MACHINE + ("init_from", "out_dir")  # where this process computes, what it loads
+        skip = checkpoint.MACHINE + ("init_from", "out_dir")  # where this process runs, what it loads
         cfg = dpo.parse_config(argv, SampleConfig, {k: v for k, v in saved.items() if k not in skip})
-    if cfg.mode not in ("sample", "compare", "demo") or cfg.top_k < 0 or cfg.temperature < 0 or cfg.num_samples < 1:
-        raise ValueError(f"--mode={cfg.mode} --top_k={cfg.top_k} --temperature={cfg.temperature} --num_samples="
-                         f"{cfg.num_samples}: expected mode sample | compare | demo, top_k >= 0, temperature >= 0, num_samples >= 1")
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    {"sample": sample, "compare": compare, "demo": lambda cfg, device: demo()}[cfg.mode](cfg, device)
+    if cfg.mode not in ("sample", "compare", "demo") or cfg.top_k < 0 or cfg.temperature < 0 \
+            or cfg.num_samples < 1:
+        raise ValueError(f"--mode={cfg.mode} --top_k={cfg.top_k} --temperature={cfg.temperature} "
+                         f"--num_samples={cfg.num_samples}: expected mode sample | compare | demo, "
+                         f"top_k >= 0, temperature >= 0, num_samples >= 1")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = {"sample": sample, "compare": compare, "demo": lambda cfg, device: demo()}[cfg.mode]
+    run(cfg, torch.device(device))
 
 
 if __name__ == "__main__":
