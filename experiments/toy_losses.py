@@ -131,6 +131,15 @@ def pm(xs, fmt="+.3f"):
     return f"{m:{fmt}} ± {se:{se_fmt}}"
 
 
+def policy_cells(rs):
+    """'reward, sampled | reward, greedy | KL | implicit reward accuracy' of runs rs, over seeds"""
+    sampled = pm([r["policy"]["sampled"] for r in rs])
+    greedy = pm([r["policy"]["greedy"] for r in rs])
+    kl = pm([r["kl"] for r in rs], ".2f")
+    acc = pm([r["implicit_acc"] for r in rs], ".3f")
+    return f"{sampled} | {greedy} | {kl} | {acc}"
+
+
 def tables(done, names, sweep):
     seeds = sorted({s for s, _ in done})
     print(f"\nseeds {','.join(map(str, seeds))}; ± is one standard error over seeds; 'beats SFT' "
@@ -155,26 +164,16 @@ def tables(done, names, sweep):
             noise = math.hypot(r["sampled_sem"]["policy"], r["sampled_sem"]["reference"])
             beats += gain > 2 * noise
         opts = " ".join(run_args(name))
-        sampled = pm([r["policy"]["sampled"] for r in rs])
-        greedy = pm([r["policy"]["greedy"] for r in rs])
-        kl = pm([r["kl"] for r in rs], ".2f")
-        acc = pm([r["implicit_acc"] for r in rs], ".3f")
         train_s = pm([r["train_s"] for r in rs], ".0f")
-        beats_text = f"{beats}/{len(rs)}"
-        print(f"| {name} | `{opts}` | {sampled} | {greedy} | {kl} | {acc} | {beats_text} | {train_s} |")
+        print(f"| {name} | `{opts}` | {policy_cells(rs)} | {beats}/{len(rs)} | {train_s} |")
     if any((s, n) in done for s in seeds for n in sweep):
         print("\nsigmoid (DPO) beta sweep: ground-truth reward vs KL(policy || SFT)\n")
         print("| beta | reward, sampled | reward, greedy | KL (nats) | implicit reward accuracy |")
         print("|---|---|---|---|---|")
         for name in sorted(sweep, key=beta_of):
             rs = [done[s, name] for s in seeds if (s, name) in done]
-            if not rs:
-                continue
-            sampled = pm([r["policy"]["sampled"] for r in rs])
-            greedy = pm([r["policy"]["greedy"] for r in rs])
-            kl = pm([r["kl"] for r in rs], ".2f")
-            acc = pm([r["implicit_acc"] for r in rs], ".3f")
-            print(f"| {beta_of(name)} | {sampled} | {greedy} | {kl} | {acc} |")
+            if rs:
+                print(f"| {beta_of(name)} | {policy_cells(rs)} |")
 
 
 def split(text):

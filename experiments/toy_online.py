@@ -20,7 +20,7 @@ import re
 import sys
 
 import toy_losses
-from toy_losses import beta_of, pm, sh
+from toy_losses import beta_of, pm, policy_cells, sh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # with beta 0.1 (the offline run itself) the sweep of seed 1
@@ -83,14 +83,10 @@ def table(offline, online):
         if not rs:
             continue
         seeds_text = f"{len(rs)} seeds" if len(rs) > 1 else "1 seed"
-        sampled = pm([r["policy"]["sampled"] for r in rs])
-        greedy = pm([r["policy"]["greedy"] for r in rs])
-        kl = pm([r["kl"] for r in rs], ".2f")
-        acc = pm([r["implicit_acc"] for r in rs], ".3f")
         time_s = pm([r["train_s"] for r in rs], ".0f")
         if name != "sigmoid":
             time_s += " + " + pm([r["sample_s"] for r in rs], ".0f")
-        print(f"| {what} ({seeds_text}) | {sampled} | {greedy} | {kl} | {acc} | {time_s} |")
+        print(f"| {what} ({seeds_text}) | {policy_cells(rs)} | {time_s} |")
     for (s, name), r in sorted(online.items()):
         per_round = [f"{x['pairs']}/{x['prompts_tried']}, {x['sample_score']:+.3f} / "
                      f"{x['chosen_score']:+.3f} / {x['rejected_score']:+.3f}" for x in r["rounds"]]
@@ -102,11 +98,8 @@ def label(ax, text, x, y):
     ax.annotate(text, (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
 
 
-def plot(offline, online, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+def plot_sweeps(ax, offline):
+    """the offline beta sweeps: of each seed that has one, else the results page's table"""
     if not any(n.startswith("sigmoid@") for _, n in offline):  # no sweep here: the results page's
         text = open(os.path.join(HERE, "README.md")).read()
         # the beta sweep's rows: | beta | reward ± se | greedy | KL ± se | ...
@@ -128,6 +121,14 @@ def plot(offline, online, path):
             ax.plot(kls, rewards, "-o", color="tab:blue", ms=3, label=name)
             for r in sweep:
                 label(ax, f"β={beta_of(r['run'])}", r["kl"], r["policy"]["sampled"])
+
+
+def plot(offline, online, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    plot_sweeps(ax, offline)
     for (s, n), r in sorted(offline.items()):
         if n == "sigmoid":
             name = "offline DPO, β=0.1"
