@@ -1,5 +1,6 @@
-# DPO on Anthropic HH-RLHF from GPT-2 124M (first: python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh)
-# for the paper's recipe, SFT first (loss_type = "sft", init_from = "gpt2"), then DPO from that checkpoint
+# DPO on Anthropic HH-RLHF from GPT-2 124M
+# (first: python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh)
+# the paper's recipe: SFT first (loss_type = "sft", init_from = "gpt2"), then DPO from that checkpoint
 out_dir = "out/hh_gpt2"
 data_dir = "data/hh"
 init_from = "gpt2"
@@ -8,9 +9,9 @@ beta = 0.1
 block_size = 1024
 truncate = True
 global_batch_size = 64  # the DPO paper's batch
-# a whole one-GPU step in one packed micro-batch (one forward, the GPU kept busy): GPT-2 124M, bf16, compiled, about
-# 9 GB by the H100 runs (5.5 GB at 32 HH pairs, 12.5 GB at 128); under torchrun each rank gets 64 / ranks of them.
-# an 80 GB card holds about 512 pairs a micro-batch (estimated, ~40 GB): --global_batch_size=512 --batch_size=512
+# a whole one-GPU step in one packed micro-batch: one forward keeps the GPU busy; under torchrun
+# each rank gets 64 / ranks of them. Memory per micro-batch size (and larger ones for larger cards):
+# bench/README.md
 batch_size = 64
 learning_rate = 1e-6
 min_lr = 1e-7

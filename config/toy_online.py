@@ -1,5 +1,6 @@
-# online DPO on the toy task: config/toy_dpo.py's recipe (beta 0.1, lr 1e-4, 200 steps of 32 pairs), its steps spread
-# over 4 rounds of 1600 fresh pairs each, sampled from the policy itself and judged by the toy task's exact reward
+# online DPO on the toy task: config/toy_dpo.py's recipe (beta 0.1, lr 1e-4, 200 steps of 32 pairs),
+# its steps spread over 4 rounds of 1600 fresh pairs each, sampled from the policy itself and judged
+# by the toy task's exact reward
 out_dir = "out/toy_online"
 data_dir = "data/toy"
 init_from = "out/toy_sft"
