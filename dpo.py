@@ -1,22 +1,26 @@
 """
-Direct Preference Optimization (DPO) for GPT-2: config -> micro-batches -> response log-probs -> the loss ->
-the reference -> the training loop. The data side (pairs, packing, micro-batches) is batches.py.
+Direct Preference Optimization (DPO) for GPT-2, top to bottom: config -> micro-batches ->
+response log-probs -> the loss -> the reference -> the training loop. batches.py is the data side.
 
 The offline toy run (CPU, a few minutes; `python sample.py --mode=demo` runs all four):
     python prepare.py                                  # writes data/toy/
     python dpo.py --config=config/toy_sft.py           # SFT  -> out/toy_sft
-    python dpo.py --config=config/toy_dpo.py           # DPO  -> out/toy_dpo (reference = the SFT model)
+    python dpo.py --config=config/toy_dpo.py           # DPO  -> out/toy_dpo (reference: SFT)
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
 Real data and real GPT-2 weights:
     python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh
-    python dpo.py --config=config/hh_gpt2.py                                     # one GPU
-    torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py   # DDP: each rank a slice
-    torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py --init_from=gpt2-xl --fsdp=true
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 dpo.py ...
-Options: python dpo.py --help; --key=value on the command line, --config=FILE reads `key = value` lines first.
+    python dpo.py --config=config/hh_gpt2.py                                   # one GPU
+    torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py # DDP
+    torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py \
+        --init_from=gpt2-xl --fsdp=true                                        # FSDP
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \
+        --master_port=29500 dpo.py ...                                         # two machines
+Options: python dpo.py --help; --key=value on the command line, --config=FILE reads
+`key = value` lines first.
 
-Left out on purpose: generation while training (online DPO is online.py), LoRA, tensor and pipeline parallelism,
-a dataset library (prepare.py writes token shards once), schedules beyond warmup + cosine.
+Left out on purpose: generation while training (online DPO is online.py), LoRA, tensor and
+pipeline parallelism, a dataset library (prepare.py writes token shards once), schedules beyond
+warmup + cosine.
 """
 import contextlib
 import copy
@@ -37,70 +41,63 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
-from batches import (PairData, attention_mask, flex_block_mask, make_shape, micro_batches, on_device, step_pairs,
-                     to_device)
+from batches import (PairData, attention_mask, flex_block_mask, make_shape, micro_batches,
+                     on_device, step_pairs, to_device)
 from checkpoint import print0, setup
 from prepare import PrepareError, list_shards
 
 # -----------------------------------------------------------------------------
 # config
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-              "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm", "simpo", "sft", "orpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+              "apo_zero", "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm",
+              "simpo", "sft", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo")  # these never look at a reference model
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft", "orpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
+                       "sft")  # f-DPO's beta log Z(x) cancels in these only
 
 @dataclass
 class Config:
     # run
     out_dir: str = "out"  # checkpoints, metrics.jsonl
     data_dir: str = "data/toy"  # prepare.py's output folder (train_*.bin, val_*.bin)
-    # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a path (checkpoint or HF folder) | resume
-    init_from: str = "scratch"
+    init_from: str = "scratch"  # scratch | gpt2[-medium|-large|-xl] | a checkpoint or HF folder | resume
     seed: int = 1337
     # model, used when init_from=scratch
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 0  # positions, every pair must fit (see truncate); 0 = the data's longest pair, at most 1024
+    block_size: int = 0  # positions, every pair must fit; 0 = the data's longest pair, at most 1024
     dropout: float = 0.0
     bias: bool = True
     # loss
-    # see dpo_loss; a comma list sums them (MPO); "sft" alone trains on the chosen responses only
-    loss_type: str = "sigmoid"
+    loss_type: str = "sigmoid"  # see dpo_loss; a comma list sums them (MPO); "sft" alone: chosen responses only
     loss_weights: str = ""  # comma list, one weight per loss_type entry; empty = 1.0 each
     beta: float = 0.1  # strength of the KL leash to the reference
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
     gamma: float = 0.5  # simpo's target margin
-    # adds this times the chosen NLL per token to any loss (RPO; = sft with this weight in the list)
-    sft_weight: float = 0.0
+    sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO; = sft in the list)
     bco_delta: float = 0.0  # bco_pair's reward shift
     discopop_tau: float = 0.05  # discopop's mixing temperature
     f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
     f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
-    # LD-DPO: response tokens past the pair's shorter response count this much (1 = all alike)
-    ld_alpha: float = 1.0
-    # WPO: each pair's loss times its two responses' per-token policy probability weights
-    use_weighting: bool = False
-    # TR-DPO: every ref_model_sync_steps steps reference = alpha*policy + (1-alpha)*reference
-    sync_ref_model: bool = False
+    ld_alpha: float = 1.0  # LD-DPO: response tokens past the pair's shorter response count this much
+    use_weighting: bool = False  # WPO: each pair's loss times its responses' per-token probability weights
+    sync_ref_model: bool = False  # TR-DPO: every tau steps, reference = alpha*policy + (1-alpha)*reference
     ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha
     ref_model_sync_steps: int = 512  # TR-DPO's tau
-    # cached: reference log-probs computed once, then the model is freed | model: a frozen copy run every step
-    reference: str = "cached"
+    reference: str = "cached"  # cached: log-probs computed once | model: a frozen copy run every step
     # batching
     global_batch_size: int = 32  # pairs per optimizer step, summed over ranks and micro-steps
     batch_size: int = 8  # pairs per micro-step (plain layout) or the packing target (packed layout)
-    # packed: prompt once, chosen and rejected after it, several pairs per row | plain: padded rows
-    layout: str = "packed"
-    pack_len: int = 0  # row length in tokens; 0 = the longest pair (packed) or sequence (plain) in the data
-    pack_rows: int = 0  # rows per packed micro-batch; 0 = room for about batch_size pairs of mean train length
-    # pairs longer than block_size: False refuses with an error, True cuts them (prompt start first)
-    truncate: bool = False
-    logprob_chunk: int = 4096  # tokens per lm_head chunk, so full (tokens, vocab) logits never exist at once
-    prefetch: bool = True  # build the next step's micro-batches (and copy them to the GPU) while this step runs
+    layout: str = "packed"  # packed: prompt once, then both responses, pairs end to end | plain: padded rows
+    pack_len: int = 0  # row length in tokens; 0 = the longest pair (packed) or sequence (plain)
+    pack_rows: int = 0  # rows per packed micro-batch; 0 = room for about batch_size pairs
+    truncate: bool = False  # pairs longer than block_size: False refuses, True cuts them (prompt start first)
+    logprob_chunk: int = 4096  # tokens per lm_head chunk: full (tokens, vocab) logits never exist at once
+    prefetch: bool = True  # build the next step's micro-batches while this step runs on the GPU
     grad_checkpointing: bool = False  # recompute block activations in backward (big models, less memory)
     # optimizer
     max_iters: int = 200
@@ -117,7 +114,7 @@ class Config:
     eval_pairs: int = 0  # val pairs per eval, 0 = all
     log_interval: int = 1
     save_checkpoint: bool = True
-    export_hf: bool = False  # at the end also write out_dir/hf: config.json + model.safetensors for transformers
+    export_hf: bool = False  # at the end also write out_dir/hf (config.json, model.safetensors)
     wandb_log: bool = False
     wandb_project: str = "nanodpo"
     wandb_run_name: str = "dpo"
@@ -125,14 +122,15 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"  # auto (bfloat16 on cuda, else float32) | float32 | bfloat16
     compile: str = "auto"  # auto (on for cuda) | true | false
-    fsdp: bool = False  # shard weights, grads and AdamW state over the torchrun ranks (FSDP2) instead of DDP
+    fsdp: bool = False  # shard weights, grads and AdamW state over the torchrun ranks (FSDP2), not DDP
 
-CHOICES = dict(layout=("packed", "plain"), reference=("cached", "model"), dtype=("auto", "float32", "bfloat16"),
-               compile=("auto", "true", "false"))
-POSITIVE = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd", "logprob_chunk", "beta",
-            "ref_model_sync_steps")
-NON_NEGATIVE = ("block_size", "max_iters", "eval_interval", "eval_pairs", "warmup_iters", "lr_decay_iters",
-                "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip", "weight_decay", "dropout")
+CHOICES = dict(layout=("packed", "plain"), reference=("cached", "model"),
+               dtype=("auto", "float32", "bfloat16"), compile=("auto", "true", "false"))
+POSITIVE = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd",
+            "logprob_chunk", "beta", "ref_model_sync_steps")
+NON_NEGATIVE = ("block_size", "max_iters", "eval_interval", "eval_pairs", "warmup_iters",
+                "lr_decay_iters", "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip",
+                "weight_decay", "dropout")
 NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
 
 def check_config(cfg):
@@ -142,9 +140,11 @@ def check_config(cfg):
             raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}")
     types = cfg.loss_type.split(",")
     if set(types) - set(LOSS_TYPES):
-        raise ValueError(f"--loss_type={cfg.loss_type}: expected one of {' | '.join(LOSS_TYPES)} (or a comma list)")
+        raise ValueError(f"--loss_type={cfg.loss_type}: expected one of {' | '.join(LOSS_TYPES)} "
+                         f"(or a comma list)")
     if cfg.f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"--f_divergence_type={cfg.f_divergence_type}: expected one of {' | '.join(F_DIVERGENCES)}")
+        raise ValueError(f"--f_divergence_type={cfg.f_divergence_type}: expected one of "
+                         f"{' | '.join(F_DIVERGENCES)}")
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be > 0")
@@ -156,25 +156,26 @@ def check_config(cfg):
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
     weights = cfg.loss_weights.split(",") if cfg.loss_weights else []
-    if weights and (len(weights) != len(types) or not all(re.fullmatch(NUMBER, w) for w in weights)):
-        raise ValueError(f"--loss_weights={cfg.loss_weights}: expected {len(types)} comma-separated numbers, "
-                         f"one per --loss_type entry")
+    numbers = all(re.fullmatch(NUMBER, w) for w in weights)
+    if weights and (len(weights) != len(types) or not numbers):
+        raise ValueError(f"--loss_weights={cfg.loss_weights}: expected {len(types)} comma-separated "
+                         f"numbers, one per --loss_type entry")
     no_f = sorted(set(types) - set(F_DIVERGENCE_LOSSES))
     if cfg.f_divergence_type != "reverse_kl" and no_f:
         raise ValueError(f"--f_divergence_type={cfg.f_divergence_type} works with --loss_type "
                          f"{' | '.join(F_DIVERGENCE_LOSSES)} only (as TRL), not {','.join(no_f)}")
     sft_alone = set(types) == {"sft"} and not cfg.sft_weight
     if not 0 <= cfg.ld_alpha <= 1 or (cfg.ld_alpha < 1 and sft_alone):
-        raise ValueError(f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1], and weighs tokens past a pair's shorter "
-                         f"response (not with sft alone)")
+        raise ValueError(f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1], and weighs tokens past a "
+                         f"pair's shorter response (not with sft alone)")
     aot = sorted({"aot", "aot_pair", "aot_unpaired"} & set(types))
     if cfg.use_weighting and aot:
-        raise ValueError(f"--use_weighting=true: not with --loss_type {','.join(aot)} (it sorts the batch: weights "
-                         f"would land on other pairs)")
+        raise ValueError(f"--use_weighting=true: not with --loss_type {','.join(aot)} (it sorts the "
+                         f"batch: weights would land on other pairs)")
     reference_free = set(types) <= set(REFERENCE_FREE_LOSSES)
     if cfg.sync_ref_model and (cfg.reference != "model" or reference_free):
-        raise ValueError("--sync_ref_model=true needs --reference=model (cached log-probs would go stale) and a "
-                         "loss type with a reference")
+        raise ValueError("--sync_ref_model=true needs --reference=model (cached log-probs would go "
+                         "stale) and a loss type with a reference")
     if not 0 <= cfg.ref_model_mixup_alpha <= 1:
         raise ValueError(f"--ref_model_mixup_alpha={cfg.ref_model_mixup_alpha}: must be in [0, 1]")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -184,7 +185,7 @@ def check_config(cfg):
 
 def parse_config(argv, cls=Config, defaults=None):
     cfg = configurator.parse(argv, cls, defaults)
-    if cfg.init_from == "resume" and cls is Config:  # the run as it was: the checkpoint's options, changed where named
+    if cfg.init_from == "resume" and cls is Config:  # the checkpoint's options, changed where named
         cfg = checkpoint.resume_config(cfg.out_dir, argv, cls)
     check_config(cfg)
     return cfg
@@ -194,12 +195,13 @@ def parse_config(argv, cls=Config, defaults=None):
 # response log-probs of a micro-batch (batches.py builds them)
 
 class SequenceSums(NamedTuple):
-    logps: torch.Tensor  # (n_seq,) each response's summed log-prob (LD-DPO: its tail weighted by ld_alpha)
-    wpo: torch.Tensor | None  # (n_seq,) WPO: sum over the response of log p(y_t) - log sum_v p(v)^2, else None
+    logps: torch.Tensor  # (n_seq,) each response's summed log-prob (LD-DPO's tail weighted)
+    wpo: torch.Tensor | None  # (n_seq,) WPO: the sums of log p(y_t) - log sum_v p(v)^2, or None
 
 class SequenceLogps(nn.Module):
-    """the trainable forward: a micro-batch -> the summed log-prob of every response. the mask, the transformer, the
-    response positions, the chunked lm_head and the sums are one compiled graph. one module: DDP/FSDP see one forward"""
+    """the trainable forward: a micro-batch -> the summed log-prob of every response. the mask,
+    the transformer, the response positions, the chunked lm_head and the sums are one compiled
+    graph. one module: DDP and FSDP see one forward"""
 
     def __init__(self, gpt, compile=False, chunk=4096, flex=False, ld_alpha=1.0, wpo=False):
         super().__init__()
@@ -220,17 +222,19 @@ class SequenceLogps(nn.Module):
             mask = flex_block_mask(doc, branch)
         else:
             mask = attention_mask(doc, branch)
-        h = self.gpt.hidden(idx, pos=pos, attn_mask=mask).flatten(0, 1)[src]  # (N, C) the positions that predict
-        out = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk, sum_sq=self.wpo)  # (N,) [, log sum_v p(v)^2]
-        logp = out[0] if self.wpo else out
+        h = self.gpt.hidden(idx, pos=pos, attn_mask=mask).flatten(0, 1)
+        h = h[src]  # (N, C) the positions that predict response tokens
+        out = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk, sum_sq=self.wpo)
+        logp = out[0] if self.wpo else out  # (N,) float32
         weighted = logp
         if self.ld_alpha != 1:  # LD-DPO: tokens past the shorter response count ld_alpha
             weighted = logp * torch.where(tail, self.ld_alpha, 1.0)
-        sums = torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, weighted)
+        zeros = torch.zeros(n_seq, dtype=torch.float32, device=idx.device)
+        sums = zeros.index_add(0, seq, weighted)
         if not self.wpo:
             return SequenceSums(sums, None)
-        per_token = logp.detach() - out[1]  # WPO's log weight of each token (never LD-DPO's), summed alike
-        wpo = torch.zeros(n_seq, dtype=torch.float32, device=idx.device).index_add(0, seq, per_token)
+        log_sum_sq = out[1]  # (N,) log sum_v p(v)^2
+        wpo = zeros.index_add(0, seq, logp.detach() - log_sum_sq)
         return SequenceSums(sums, wpo)
 
 class PairLogps(NamedTuple):
@@ -244,42 +248,44 @@ def batch_logps(module, b):
     out = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq, b.tail)
     logps = out.logps[:2 * K]
     weights = None
-    if out.wpo is not None:  # WPO: w = exp(mean log p(y_t) - log sum_v p(v)^2) per response, w_chosen * w_rejected
-        per_token = out.wpo[:2 * K].view(-1, 2) / b.lengths.T.clamp(min=1)  # (K, 2)
-        weights = torch.exp(per_token.sum(1))
+    if out.wpo is not None:
+        # WPO: w = exp(mean_t log p(y_t) - log sum_v p(v)^2) per response, w_chosen * w_rejected
+        mean = out.wpo[:2 * K].view(-1, 2) / b.lengths.T.clamp(min=1)  # (K, 2)
+        weights = torch.exp(mean.sum(1))
     return PairLogps(logps[0::2], logps[1::2], weights)
 
 
 # -----------------------------------------------------------------------------
-# the DPO loss family: one function, one short branch per loss type. symbols as README's "Loss types":
-# s_w, s_l summed response log-probs (B,); rho_w = s_w - log pi_ref(y_w|x); h = beta (rho_w - rho_l), the margin;
-# n_w, n_l response token counts; eps = label_smoothing
+# the DPO loss family: one function, one short branch per loss type, in README's symbols:
+# s_w, s_l summed response log-probs (B,); rho_w = s_w - log pi_ref(y_w|x), rho_l likewise;
+# h = beta (rho_w - rho_l) the reward margin; n_w, n_l token counts; eps = label_smoothing
 
 def f_prime(u, f_divergence_type, alpha):
-    """f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023); f-DPO's beta log Z(x) cancels in F_DIVERGENCE_LOSSES only"""
+    """f'(e^u) of a log-ratio u (f-DPO, Wang et al. 2023): it takes u's place in the margin"""
     if f_divergence_type == "forward_kl":
         return 1 - torch.exp(-u)
     if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(u)  # log(2t / (1 + t))
-    if f_divergence_type == "alpha_divergence" and abs(alpha - 1) >= 1e-6:  # alpha -> 1 is reverse_kl
-        return torch.expm1(((alpha - 1) * u).clamp(max=80.0)) / (alpha - 1)  # clamped as TRL: finite in float32
-    return u  # reverse_kl: DPO's own log-ratio
+    if f_divergence_type == "alpha_divergence" and abs(alpha - 1) >= 1e-6:  # 1: reverse_kl
+        # clamped at 80 as TRL: exp stays finite in float32
+        return torch.expm1(((alpha - 1) * u).clamp(max=80.0)) / (alpha - 1)
+    return u  # reverse_kl: DPO
 
 def _smoothed_logistic(z, eps):
-    # -log sigmoid(z), with a fraction eps of the labels assumed flipped (cDPO).
-    # logsigmoid stays finite and has a finite gradient for any z, unlike log(exp(z)/(1+exp(z)))
+    # -log sigmoid(z), with a fraction eps of the labels assumed flipped (cDPO). logsigmoid stays
+    # finite and has a finite gradient for any z, unlike log(exp(z)/(1+exp(z)))
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 def _token_counts(lengths, like, what, why):
     if lengths is None or torch.as_tensor(lengths).shape != like.shape:
         got = "none" if lengths is None else f"shape {tuple(torch.as_tensor(lengths).shape)}"
-        raise ValueError(f"dpo_loss: {why} needs {what}, the response token count of each sequence (per-token "
-                         f"averages), shape {tuple(like.shape)}; got {got}")
+        raise ValueError(f"dpo_loss: {why} needs {what}, the response token count of each sequence "
+                         f"(per-token averages), shape {tuple(like.shape)}; got {got}")
     counts = torch.as_tensor(lengths, dtype=like.dtype, device=like.device)
     return counts.clamp(min=1)  # an empty response: no 0/0
 
 def _log_odds(a):
-    # log odds of a per-token average log-prob a: a - log(1 - e^a); expm1 is exact near a = 0, the clamp finite at 0
+    # log odds of a per-token average log-prob a: a - log(1 - e^a); expm1 is exact near a = 0
     return a - torch.log((-torch.expm1(a)).clamp(min=1e-30))
 
 class LossOut(NamedTuple):
@@ -287,121 +293,119 @@ class LossOut(NamedTuple):
     chosen_rewards: torch.Tensor  # (B,) detached
     rejected_rewards: torch.Tensor  # (B,) detached
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
-             chosen_lengths=None, rejected_lengths=None, gamma=0.5, sft_weight=0.0,
-             bco_delta=0.0, discopop_tau=0.05, loss_weights=None, f_divergence_type="reverse_kl",
-             f_alpha_divergence_coef=0.5, pair_weights=None):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+             reference_free=False, chosen_lengths=None, rejected_lengths=None, gamma=0.5,
+             sft_weight=0.0, bco_delta=0.0, discopop_tau=0.05, loss_weights=None,
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, pair_weights=None):
     """
-    Pairwise preference loss. All log-prob inputs are (B,) tensors of log-probs SUMMED over the
-    response tokens. Returns LossOut(losses, chosen_rewards, rejected_rewards), each (B,); the caller
-    takes losses.mean(). Rewards are beta * rho, detached, as in TRL's DPOTrainer (simpo, orpo:
-    beta * per-token average policy log-prob, their own reward).
-    loss_type: one, or a list ("sigmoid,bco_pair,sft"): the sum of their losses times loss_weights (1.0 each; MPO).
-    reference_free=True, or both reference tensors None, treats reference log-probs as 0.
-    label_smoothing (eps): cDPO flip rate for sigmoid / sigmoid_norm / aot / aot_pair / simpo, the noise
-        rate for robust, the target epsilon for exo_pair (0 means 1e-3 there). Must be in [0, 0.5).
-    gamma: simpo's target reward margin, in reward units (beta * avg log-prob), as in the SimPO paper;
-        TRL's CPOTrainer(simpo_gamma=gamma) means the same (it subtracts gamma/beta before scaling by beta).
-    sft_weight: adds sft_weight * (-s_w / n_w) (RPO), as "sft" in the list would.
-    bco_delta: bco_pair's reward shift, a running mean of the (detached) batch mean of chosen and
-        rejected rewards kept by the caller, e.g. an EMA; 0 gives the unshifted loss (as current TRL).
-    discopop_tau: temperature of discopop's mixing sigmoid.
-    f_divergence_type, f_alpha_divergence_coef: f-DPO's f'(e^rho) replaces each log-ratio rho (f_prime).
+    Pairwise preference loss on (B,) log-probs SUMMED over the response tokens -> LossOut: the
+    losses and the rewards beta * rho, detached, as TRL's DPOTrainer (simpo and orpo: beta times
+    the per-token average policy log-prob, their own reward). README's "Loss types" has every
+    formula. loss_type: one, or a list ("sigmoid,bco_pair,sft") summed with loss_weights (MPO).
+    reference_free=True, or both reference tensors None: reference log-probs are 0.
+    label_smoothing (eps): cDPO's flip rate, robust's noise rate, exo_pair's target (0: 1e-3).
+    gamma: simpo's margin in reward units, as TRL's CPOTrainer(simpo_gamma).
+    sft_weight: adds sft_weight * (-s_w / n_w) (RPO). bco_delta: bco_pair's reward shift.
     pair_weights: None, or (B,) factors of each pair's loss (WPO's weights).
     """
     types = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
-    if sft_weight != 0.0:  # RPO, Pang et al. 2024: DPO-style loss + weighted NLL of the chosen response
+    if sft_weight != 0.0:  # RPO, Pang et al. 2024: + weighted NLL of the chosen response
         types = types + ["sft"]
         weights = weights + [sft_weight]
-    no_f = set(types) - set(F_DIVERGENCE_LOSSES)
-    if set(types) - set(LOSS_TYPES) or len(weights) != len(types) or f_divergence_type not in F_DIVERGENCES or (
-            f_divergence_type != "reverse_kl" and no_f):  # the f-divergence types: TRL's
-        raise ValueError(f"dpo_loss: loss_type {loss_type!r} with loss_weights {loss_weights} and f_divergence_type "
-                         f"{f_divergence_type!r}: expected types of {LOSS_TYPES}, one weight each, f-divergences of "
-                         f"{F_DIVERGENCES}, not reverse_kl only with {F_DIVERGENCE_LOSSES}")
+    f_ok = f_divergence_type == "reverse_kl" or not set(types) - set(F_DIVERGENCE_LOSSES)
+    known = not set(types) - set(LOSS_TYPES) and f_divergence_type in F_DIVERGENCES
+    if not known or len(weights) != len(types) or not f_ok:
+        raise ValueError(f"dpo_loss: loss_type {loss_type!r} with loss_weights {loss_weights} and "
+                         f"f_divergence_type {f_divergence_type!r}: expected types of {LOSS_TYPES}, "
+                         f"one weight each, f-divergences of {F_DIVERGENCES}, not reverse_kl only "
+                         f"with {F_DIVERGENCE_LOSSES}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} must be in [0, 0.5) "
                          f"(it is the assumed fraction of flipped preference labels)")
     s_w, s_l = policy_chosen_logps, policy_rejected_logps  # (B,), (B,)
     if s_w.shape != s_l.shape or s_w.dim() != 1:
-        raise ValueError(f"dpo_loss: policy log-probs must both be (B,), got {tuple(s_w.shape)} and {tuple(s_l.shape)}")
+        raise ValueError(f"dpo_loss: policy log-probs must both be (B,), got {tuple(s_w.shape)} "
+                         f"and {tuple(s_l.shape)}")
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
-        raise ValueError("dpo_loss: pass both reference log-prob tensors or neither (None = reference-free)")
+        raise ValueError("dpo_loss: pass both reference log-prob tensors or neither "
+                         "(None = reference-free)")
     if reference_free or reference_chosen_logps is None:
         ref_w, ref_l = torch.zeros_like(s_w), torch.zeros_like(s_l)
     else:
         ref_w, ref_l = reference_chosen_logps, reference_rejected_logps
     if set(types) & set(NEEDS_LENGTHS):
-        n_w = _token_counts(chosen_lengths, s_w, "chosen_lengths", f"loss_type={','.join(types)!r}")
-        n_l = _token_counts(rejected_lengths, s_l, "rejected_lengths", f"loss_type={','.join(types)!r}")
+        why = f"loss_type={','.join(types)!r}"
+        n_w = _token_counts(chosen_lengths, s_w, "chosen_lengths", why)
+        n_l = _token_counts(rejected_lengths, s_l, "rejected_lengths", why)
     rho_w = s_w - ref_w  # (B,) log pi(y_w|x)/pi_ref(y_w|x)
     rho_l = s_l - ref_l  # (B,) log pi(y_l|x)/pi_ref(y_l|x)
-    f_w = f_prime(rho_w, f_divergence_type, f_alpha_divergence_coef)  # rho_w itself for DPO (reverse_kl)
+    f_w = f_prime(rho_w, f_divergence_type, f_alpha_divergence_coef)  # DPO: rho_w itself
     f_l = f_prime(rho_l, f_divergence_type, f_alpha_divergence_coef)
     h = beta * (f_w - f_l)  # (B,) DPO reward margin
     eps = label_smoothing
     losses = 0.0
 
     for t, weight in zip(types, weights):
-        if t == "sigmoid":  # DPO, Rafailov et al. 2023; eps > 0 is conservative DPO (cDPO, Mitchell 2023)
+        if t == "sigmoid":  # DPO, Rafailov et al. 2023; eps > 0: conservative DPO (cDPO)
             loss = _smoothed_logistic(h, eps)
         elif t == "ipo":  # IPO, Azar et al. 2023, eq. 17 (beta plays tau)
-            # log-ratios are AVERAGED per token here, not summed: the target margin 1/(2 beta) is a
-            # per-token scale, and with sums the squared loss would grow with response length (TRL does the same)
+            # per-token AVERAGED log-ratios, as TRL: the target 1/(2 beta) is a per-token scale,
+            # and with sums the squared loss would grow with response length
             loss = (f_w / n_w - f_l / n_l - 1 / (2 * beta)) ** 2
         elif t == "hinge":  # SLiC, Zhao et al. 2023: hinge on the margin, beta = 1/delta
             loss = torch.relu(1 - h)
         elif t == "robust":  # rDPO, Chowdhury et al. 2024: unbiased under label-flip rate eps
             loss = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
-        elif t == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(model pair dist || [1-eps, eps])
+        elif t == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(model pair dist || [1-e, e])
             e = eps if eps > 0 else 1e-3
             loss = (torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-e))
                     + torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(e)))
         elif t == "nca_pair":  # NCA, Chen et al. 2024: absolute rewards, not just their difference
             r_w, r_l = beta * rho_w, beta * rho_l
             loss = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-        elif t == "bco_pair":  # BCO, Jung et al. 2024: chosen vs rejected as binary classes, shifted by delta
+        elif t == "bco_pair":  # BCO, Jung et al. 2024: chosen vs rejected as binary classes
             r_w, r_l = beta * rho_w, beta * rho_l
             loss = -F.logsigmoid(r_w - bco_delta) - F.logsigmoid(-(r_l - bco_delta))
         elif t == "sppo_hard":  # SPPO, Wu et al. 2024, with hard win probabilities 1 and 0
             loss = (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
-        elif t == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7: push chosen up, rejected down
+        elif t == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7: chosen up, rejected down
             loss = torch.sigmoid(-beta * rho_w) + torch.sigmoid(beta * rho_l)
-        elif t == "apo_down":  # APO-down, same paper, eq. 8: push chosen down, rejected down more
+        elif t == "apo_down":  # APO-down, same paper, eq. 8: chosen down, rejected down more
             loss = torch.sigmoid(beta * rho_w) + torch.sigmoid(-h)
         elif t == "discopop":  # DiscoPOP, Lu et al. 2024, eq. 5: logistic/exp blend
-            # exp(-h) * sigmoid(h/tau) written as exp(logsigmoid(h/tau) - h): never inf * 0 at large |h|
-            loss = -F.logsigmoid(h) * torch.sigmoid(-h / discopop_tau) + torch.exp(F.logsigmoid(h / discopop_tau) - h)
-        elif t == "aot":  # AOT, Melnyk et al. 2024: sort policy and reference log-ratio margins across the batch
+            # exp(-h) sigmoid(h/tau) as exp(logsigmoid(h/tau) - h): never inf * 0 at large |h|
+            logistic = -F.logsigmoid(h) * torch.sigmoid(-h / discopop_tau)
+            loss = logistic + torch.exp(F.logsigmoid(h / discopop_tau) - h)
+        elif t == "aot":  # AOT, Melnyk et al. 2024: sort policy and reference margins over the batch
             margin_sorted, _ = torch.sort(s_w - s_l, dim=0)
             ref_sorted, _ = torch.sort(ref_w - ref_l, dim=0)
             loss = _smoothed_logistic(beta * (margin_sorted - ref_sorted), eps)
-        elif t in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): sort each side separately
+        elif t in ("aot_pair", "aot_unpaired"):  # AOT unpaired (TRL's newer name): each side sorted
             chosen_sorted, _ = torch.sort(rho_w, dim=0)
             rejected_sorted, _ = torch.sort(rho_l, dim=0)
             loss = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), eps)
-        elif t == "sigmoid_norm":  # DPO on per-token averaged log-ratios (length-normalized, as TRL)
+        elif t == "sigmoid_norm":  # DPO on per-token averaged log-ratios (as TRL)
             loss = _smoothed_logistic(beta * (f_w / n_w - f_l / n_l), eps)
         elif t == "simpo":  # SimPO, Meng et al. 2024: reference-free, per-token average, margin gamma
             loss = _smoothed_logistic(beta * (s_w / n_w - s_l / n_l) - gamma, eps)
         elif t == "sft":  # plain supervised loss: per-token NLL of the chosen response
             loss = -s_w / n_w
-        elif t == "orpo":  # ORPO, Hong et al. 2024: chosen NLL + lambda (= beta) * odds-ratio loss, no reference
+        elif t == "orpo":  # ORPO, Hong et al. 2024: chosen NLL + lambda (= beta) * odds-ratio loss
             loss = -s_w / n_w - beta * F.logsigmoid(_log_odds(s_w / n_w) - _log_odds(s_l / n_l))
         losses = losses + weight * loss
     if pair_weights is not None:
         losses = losses * pair_weights
 
-    # simpo and orpo report their own reward, beta times the per-token average log-prob
+    # simpo and orpo (alone or together) report their own reward: per-token average log-probs
     own_reward = set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}
     chosen_rewards, rejected_rewards = (s_w / n_w, s_l / n_l) if own_reward else (rho_w, rho_l)
     return LossOut(losses, (beta * chosen_rewards).detach(), (beta * rejected_rewards).detach())
 
 def loss_kwargs(cfg):
-    keys = ("beta", "loss_type", "label_smoothing", "gamma", "sft_weight", "bco_delta", "discopop_tau",
-            "f_divergence_type", "f_alpha_divergence_coef")
+    keys = ("beta", "loss_type", "label_smoothing", "gamma", "sft_weight", "bco_delta",
+            "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef")
     kwargs = {k: getattr(cfg, k) for k in keys}
     kwargs["loss_weights"] = cfg.loss_weights.split(",") if cfg.loss_weights else None
     return kwargs
@@ -411,24 +415,25 @@ def loss_kwargs(cfg):
 # the reference
 
 class Reference:
-    """ref(batch, split) -> the reference log-probs (K,) chosen, (K,) rejected of a micro-batch's pairs: looked up in
-    tables computed once (--reference=cached), computed now by a frozen copy (--reference=model), or (None, None)
-    for reference-free losses"""
+    """ref(batch, split) -> the reference log-probs (K,) chosen, (K,) rejected of a micro-batch's
+    pairs: looked up in tables computed once (--reference=cached), computed now by a frozen copy
+    (--reference=model), or (None, None) for reference-free losses"""
 
     def __init__(self, run, ref_model, meta, datasets):
         self.run = run
         self.tables = None
         self.model = None
-        if set(run.cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES):
+        cfg = run.cfg
+        if set(cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES):
             return
-        if run.cfg.reference == "cached":
+        if cfg.reference == "cached":
             ref_model.to(run.device)
             self.tables = {d.split: reference_logps(ref_model, meta, d, run) for d in datasets}
         else:
             frozen = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
             frozen.gradient_checkpointing = False
-            self.model = SequenceLogps(frozen, compile=run.compile, chunk=run.cfg.logprob_chunk, flex=run.flex,
-                                       ld_alpha=run.cfg.ld_alpha)
+            self.model = SequenceLogps(frozen, compile=run.compile, chunk=cfg.logprob_chunk,
+                                       flex=run.flex, ld_alpha=cfg.ld_alpha)
 
     def __call__(self, b, split):
         if self.model is not None:
@@ -445,26 +450,30 @@ class Reference:
     def sync(self, model, alpha):
         """TR-DPO: reference = alpha * policy + (1 - alpha) * reference"""
         for r, p in zip(self.model.gpt.parameters(), model.parameters()):
-            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # fsdp: a sharded DTensor
+            if hasattr(p, "full_tensor"):  # fsdp: a sharded DTensor
+                p = p.full_tensor()
             r.mul_(1 - alpha).add_(p, alpha=alpha)
 
 def reference_logps(ref_model, meta, data, run):
-    """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once (ranks split the
-    pairs) and cached beside the shards, keyed by the reference's weights and the data (their hashes in the run's meta)"""
-    ld = f"_ld{run.cfg.ld_alpha}" if run.cfg.ld_alpha != 1 else ""  # LD-DPO's sums are other numbers
+    """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once
+    (ranks split the pairs) and cached beside the shards, under the hashes of the reference's
+    weights and of the data (the run's meta)"""
+    ld = f"_ld{run.cfg.ld_alpha}" if run.cfg.ld_alpha != 1 else ""  # LD-DPO's sums differ
     name = f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{meta['data_hash']}_{data.block_size}.pt"
     path = os.path.join(data.data_dir, name)
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
 @torch.inference_mode()
 def compute_reference(ref_model, data, run):
+    cfg = run.cfg
     out = torch.zeros(2, len(data), dtype=torch.float32, device=run.device)
-    module = SequenceLogps(ref_model, chunk=run.cfg.logprob_chunk, flex=run.flex, ld_alpha=run.cfg.ld_alpha).eval()
+    module = SequenceLogps(ref_model, chunk=cfg.logprob_chunk, flex=run.flex, ld_alpha=cfg.ld_alpha)
+    module.eval()
     ids = np.arange(run.rank, len(data), run.world)
-    step = 16 * run.cfg.batch_size
+    step = 16 * cfg.batch_size
     t0, last = time.time(), 0
-    print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside the shards "
-           f"(--reference=model skips this pass: a frozen copy runs every step instead)")
+    print0(f"reference log-probs {data.split}: {len(data)} pairs, computed once and cached beside "
+           f"the shards (--reference=model skips this pass: a frozen copy runs every step instead)")
     for i in range(0, len(ids), step):
         for b in micro_batches(data, ids[i: i + step], run.shape):
             with run.ctx:
@@ -494,20 +503,13 @@ def get_lr(it, cfg):
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
-GPU_PEAK = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-            ("4090", 165e12))
+GPU_PEAK = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+            ("L4", 121e12), ("4090", 165e12))  # bf16 dense FLOP/s
 
 def peak_flops(device):
-    """bf16 dense peak of a known GPU, what MFU is reported against; None elsewhere (bench.py measures a CPU's)"""
+    """a known GPU's peak, what MFU is reported against; None elsewhere (bench.py measures CPUs)"""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((flops for key, flops in GPU_PEAK if key in name), None)
-
-class StepOut(NamedTuple):
-    losses: torch.Tensor  # (K,)
-    chosen_rewards: torch.Tensor  # (K,)
-    rejected_rewards: torch.Tensor  # (K,)
-    chosen_logps: torch.Tensor  # (K,)
-    rejected_logps: torch.Tensor  # (K,)
 
 class StepStats(NamedTuple):
     averages: dict  # Metrics.KEYS -> mean over the pairs
@@ -517,19 +519,20 @@ class StepStats(NamedTuple):
     grad_norm: float
 
 class Metrics:
-    """sums over pairs, kept on the device; the host's counts beside them; all-reduced across ranks, then averaged"""
-    KEYS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
+    """sums over pairs, kept on the device, and the host's counts; all-reduced, then averaged"""
+    KEYS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
+            "rejected_logp")
 
     def __init__(self, device):
         self.t = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
         self.host = np.zeros(3)  # pairs, tokens, flops
 
-    def add(self, out, tokens=0, flops=0.0):
-        cr, rr = out.chosen_rewards, out.rejected_rewards
-        sums = [out.losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(),
-                out.chosen_logps.sum(), out.rejected_logps.sum()]
+    def add(self, loss, logps, tokens=0, flops=0.0):
+        cr, rr = loss.chosen_rewards, loss.rejected_rewards
+        sums = [loss.losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(),
+                logps.chosen.sum(), logps.rejected.sum()]
         self.t += torch.stack(sums).detach().double()
-        self.host += (len(out.losses), tokens, flops)
+        self.host += (len(loss.losses), tokens, flops)
 
     def result(self, world, norm=None, stop=False):
         """-> StepStats, read in one copy: the step's one wait for the device"""
@@ -552,15 +555,15 @@ class MicroBatch(NamedTuple):
     ref_rejected: torch.Tensor | None
 
 def load(data, ids, ref, run, split):
-    """micro-batches on the device with their reference log-probs. fsdp gathers the weights in every forward, so
-    every rank runs as many: the extra ones repeat the last and weigh 0"""
+    """micro-batches on the device with their reference log-probs. fsdp gathers the weights in
+    every forward, so every rank runs as many: the extra ones repeat the last and weigh 0"""
     mbs = [on_device(b, run.device) for b in micro_batches(data, ids, run.shape)]
     n = len(mbs)
-    if run.cfg.fsdp and run.world > 1:  # (this waits for the device: fsdp over several ranks only)
+    if run.cfg.fsdp and run.world > 1:  # (this waits for the device: fsdp over several ranks)
         n = torch.tensor(n, device=run.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         n = int(n)
-    extra = mbs[-1:] * (n - len(mbs))  # fsdp: repeats of the last micro-batch
+    extra = mbs[-1:] * (n - len(mbs))
     out = []
     for i, b in enumerate(mbs + extra):
         ref_chosen, ref_rejected = ref(b, split)
@@ -568,22 +571,23 @@ def load(data, ids, ref, run, split):
     return out
 
 def micro_step(module, mb, run):
-    """one micro-batch's forward and loss"""
+    """one micro-batch's forward and loss -> (LossOut, PairLogps)"""
     b = mb.batch
     with run.ctx:
         logps = batch_logps(module, b)
-    loss = dpo_loss(logps.chosen, logps.rejected, mb.ref_chosen, mb.ref_rejected, chosen_lengths=b.lengths[0],
-                    rejected_lengths=b.lengths[1], pair_weights=logps.weights, **loss_kwargs(run.cfg))
-    return StepOut(*loss, logps.chosen, logps.rejected)
+    loss = dpo_loss(logps.chosen, logps.rejected, mb.ref_chosen, mb.ref_rejected,
+                    chosen_lengths=b.lengths[0], rejected_lengths=b.lengths[1],
+                    pair_weights=logps.weights, **loss_kwargs(run.cfg))
+    return loss, logps
 
 @torch.no_grad()
 def evaluate(module, data, ref, run, n_pairs):
     module.eval()
     m = Metrics(run.device)
     for mb in load(data, np.arange(run.rank, n_pairs, run.world), ref, run, "val"):
-        out = micro_step(module, mb, run)
+        loss, logps = micro_step(module, mb, run)
         if mb.weight:
-            m.add(out)
+            m.add(loss, logps)
     module.train()
     return m.result(run.world).averages
 
@@ -602,7 +606,7 @@ class Trainer:
     ref: Reference
     train_data: PairData
     val_data: PairData | None
-    meta: dict  # saved in every checkpoint: the reference's identity (and TR-DPO's reference weights)
+    meta: dict  # saved in every checkpoint: the reference's identity (TR-DPO: its weights)
     resumed: dict | None  # the checkpoint this run continues, if any
     start: int  # the first step
     sft: bool  # chosen responses only: no rejected, no reference
@@ -611,9 +615,10 @@ class Trainer:
 def setup_training(cfg, stack):
     run = setup(cfg)
     stack.enter_context(checkpoint.lock(cfg.out_dir))  # makes out_dir
-    list_shards(cfg.data_dir, "train")  # no data: say so now, not after loading (or downloading) the weights
+    list_shards(cfg.data_dir, "train")  # no data: say so before loading (or downloading) weights
 
-    model, ref_model, ck, meta = checkpoint.start(cfg)  # the policy, its reference, and the reference's identity
+    # the policy, its reference, the checkpoint resumed from, and the reference's identity
+    model, ref_model, ck, meta = checkpoint.start(cfg)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 
@@ -626,31 +631,34 @@ def setup_training(cfg, stack):
     if list_shards(cfg.data_dir, "val", False):
         val_data = PairData(cfg.data_dir, "val", block, cfg.truncate, sft, vocab)
     datasets = [d for d in (train_data, val_data) if d]
-    run.shape = make_shape(cfg, datasets, fixed=run.compile or run.flex, multiple=128 if run.flex else 64)
+    fixed = run.compile or run.flex
+    run.shape = make_shape(cfg, datasets, fixed=fixed, multiple=128 if run.flex else 64)
     ref = Reference(run, ref_model, meta, datasets)
     del ref_model  # cached: only its tables stay
     if cfg.sync_ref_model:  # TR-DPO: the reference's weights are saved with the run (live views)
         meta = {**meta, "ref_model": ref.model.gpt.state_dict()}
     model.train()
 
-    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex, ld_alpha=cfg.ld_alpha,
-                           wpo=cfg.use_weighting)
-    if cfg.fsdp:  # one shard group per block and one for the rest (embeddings, ln_f): weights gathered block by block
+    module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex,
+                           ld_alpha=cfg.ld_alpha, wpo=cfg.use_weighting)
+    if cfg.fsdp:  # a shard group per block and one for the rest: weights gathered block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 weights in forward and backward; gradients reduced in float32 (summing many ranks in bf16 loses bits)
+        # bf16 weights in forward and backward; gradients reduced in float32 (bf16 sums lose bits)
         bf16 = run.dtype == "bfloat16"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=torch.float32 if bf16 else None)
         for block_ in model.transformer.h:
             fully_shard(block_, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
-    elif dist.is_initialized():  # no buffer broadcast: with packing, ranks may run different numbers of forwards
+    elif dist.is_initialized():  # no buffer broadcast: ranks may run different numbers of forwards
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         module = DDP(module, device_ids=device_ids, broadcast_buffers=False)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matmul weights and embeddings decay
     other = [p for p in model.parameters() if p.dim() < 2]  # biases and norms don't
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                  fused=True)
     start = 0
     if ck:
         start = checkpoint.restore(ck, model, optimizer, run.device)  # the rngs too
@@ -662,12 +670,15 @@ def setup_training(cfg, stack):
     rows = f"rows of {s.row_len}"
     if cfg.layout == "packed":
         rows = f"{'fixed' if s.fixed else 'per step'} {s.rows} x {s.row_len}"
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
     n_val = len(val_data) if val_data else 0
-    print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_data)} train pairs, "
-           f"{n_val} val pairs, {run.world} rank(s) on {run.device}{' fsdp' if cfg.fsdp else ''}, "
-           f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, reference {meta['ref_from']}")
-    return Trainer(cfg=cfg, run=run, model=model, module=module, optimizer=optimizer, ref=ref, train_data=train_data,
-                   val_data=val_data, meta=meta, resumed=ck, start=start, sft=sft, log=log)
+    where = f"{run.world} rank(s) on {run.device}{' fsdp' if cfg.fsdp else ''}"
+    print0(f"{n_params:.2f}M parameters, {len(train_data)} train pairs, {n_val} val pairs, {where}, "
+           f"{run.dtype}, layout {cfg.layout} ({rows} tokens), compile {run.compile}, "
+           f"reference {meta['ref_from']}")
+    return Trainer(cfg=cfg, run=run, model=model, module=module, optimizer=optimizer, ref=ref,
+                   train_data=train_data, val_data=val_data, meta=meta, resumed=ck, start=start,
+                   sft=sft, log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -675,7 +686,7 @@ def setup_training(cfg, stack):
 
 def train(cfg):
     """one training run; returns the per-step metric dicts (all-reduced, the same on every rank)"""
-    with contextlib.ExitStack() as stack:  # the out_dir lock goes when the run fails too, even before its loop
+    with contextlib.ExitStack() as stack:  # the out_dir lock goes when a run fails, even in setup
         trainer = setup_training(cfg, stack)
         stop = checkpoint.Stop()
         stack.callback(stop.restore)
@@ -683,8 +694,9 @@ def train(cfg):
 
 def step_batches(t, it):
     """this rank's micro-batches of step it, on the device"""
-    ids = step_pairs(len(t.train_data), t.cfg.seed, it, t.cfg.global_batch_size, t.run.rank, t.run.world)
-    return load(t.train_data, ids, t.ref, t.run, "train")
+    cfg, run = t.cfg, t.run
+    ids = step_pairs(len(t.train_data), cfg.seed, it, cfg.global_batch_size, run.rank, run.world)
+    return load(t.train_data, ids, t.ref, run, "train")
 
 def eval_and_save(t, it):
     cfg = t.cfg
@@ -726,16 +738,16 @@ def training_loop(t, stop):
                 module.require_backward_grad_sync = last
             elif cfg.fsdp:
                 module.set_requires_gradient_sync(last)
-            out = micro_step(module, mb, run)
+            loss, logps = micro_step(module, mb, run)
             # each pair weighs 1/global_batch; ddp and fsdp average over ranks, hence the factor world
-            loss = out.losses.sum() * mb.weight * run.world / cfg.global_batch_size
-            loss.backward()
+            (loss.losses.sum() * mb.weight * run.world / cfg.global_batch_size).backward()
             if mb.weight:
                 b = mb.batch
-                m.add(out, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
-        sync = cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0  # TR-DPO after steps tau, 2 tau, ..
-        if cfg.prefetch and it + 1 < cfg.max_iters and not sync:  # (a sync changes the next step's reference)
-            nxt = step_batches(t, it + 1)  # packed, and copied to the GPU, while it still runs this step
+                m.add(loss, logps, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
+        # TR-DPO syncs after steps tau, 2 tau, ... (as TRL)
+        sync = cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0
+        if cfg.prefetch and it + 1 < cfg.max_iters and not sync:  # a sync changes the reference
+            nxt = step_batches(t, it + 1)  # packed and copied to the GPU while it runs this step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(norm, "full_tensor"):  # fsdp: a DTensor
             norm = norm.full_tensor()
@@ -744,34 +756,35 @@ def training_loop(t, stop):
         if not math.isfinite(loss_now) or not math.isfinite(norm):
             what = f"loss is {loss_now}" if not math.isfinite(loss_now) else f"gradient norm is {norm}"
             saved = ckpt if os.path.exists(ckpt) else "none saved yet"
-            raise FloatingPointError(f"step {it}: the {what}; stopping. the last good checkpoint is {saved}. "
-                                     f"try a lower learning_rate or beta")
+            raise FloatingPointError(f"step {it}: the {what}; stopping. the last good checkpoint is "
+                                     f"{saved}. try a lower learning_rate or beta")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if sync:
             t.ref.sync(model, cfg.ref_model_mixup_alpha)
 
         # ---- everything that follows is diagnostics, logging and the stop signal
-        dt = time.time() - t0  # to the step's sync: its optimizer update runs while the next step is launched
+        dt = time.time() - t0  # to the step's sync: its optimizer update overlaps the next step
         step_time += dt
+        mfu = stats.flops / dt / (peak * run.world) if peak else None
         rec = {"iter": it, "lr": lr, **stats.averages, "grad_norm": norm, "ms": 1000 * dt,
                "pairs_per_s": cfg.global_batch_size / dt, "tokens_per_s": stats.tokens / dt,
-               "flops_per_s": stats.flops / dt, "mfu": stats.flops / dt / (peak * run.world) if peak else None}
+               "flops_per_s": stats.flops / dt, "mfu": mfu}
         if run.device.type == "cuda":
             rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         history.append(rec)
         t.log(rec)
         if it % cfg.log_interval == 0:
-            eta = step_time / (it - t.start + 1) * (cfg.max_iters - it - 1)  # training steps only (not evals)
+            eta = step_time / (it - t.start + 1) * (cfg.max_iters - it - 1)  # steps only, not evals
             s = stats.averages
             pref = "" if t.sft else f", acc {s['accuracy']:.2f}, margin {s['margin']:.3f}"
-            mfu = f", mfu {100 * rec['mfu']:.1f}%" if peak else ""
+            mfu_text = f", mfu {100 * mfu:.1f}%" if peak else ""
             print0(f"iter {it}: loss {s['loss']:.4f}{pref}, lr {lr:.2e}, {1000 * dt:.0f}ms, "
-                   f"{rec['pairs_per_s']:.1f} pairs/s{mfu}, eta {eta:.0f}s")
-        if stats.stop:  # every rank stops after the same step
-            checkpoint.save(cfg, model, optimizer, it + 1, t.meta | {"stopped": True})  # before step it + 1's eval
-            print0(f"stopped after step {it}: saved {ckpt}; continue with: python dpo.py --init_from=resume "
-                   f"--out_dir={cfg.out_dir}")
+                   f"{rec['pairs_per_s']:.1f} pairs/s{mfu_text}, eta {eta:.0f}s")
+        if stats.stop:  # every rank stops after the same step, saved before step it + 1's eval
+            checkpoint.save(cfg, model, optimizer, it + 1, t.meta | {"stopped": True})
+            print0(f"stopped after step {it}: saved {ckpt}; continue with: python dpo.py "
+                   f"--init_from=resume --out_dir={cfg.out_dir}")
             raise checkpoint.Interrupted()
     checkpoint.finish(cfg, model, max(t.start, cfg.max_iters))
     return history
@@ -779,7 +792,7 @@ def training_loop(t, stop):
 def main(argv):
     try:
         train(parse_config(argv))
-    except (ValueError, OSError, PrepareError, FloatingPointError) as e:  # bad input, missing files, no network
+    except (ValueError, OSError, PrepareError, FloatingPointError) as e:  # bad input, no file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except (checkpoint.Interrupted, KeyboardInterrupt):
