@@ -23,6 +23,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+import batches
 import checkpoint
 import dpo
 import sample as sample_module
@@ -1657,7 +1658,7 @@ def test_plan_packed_places_every_pair_once_without_overlap():
     for trial in range(50):
         need = rng.integers(1, 100, size=rng.integers(1, 30))
         row_len = int(need.max()) + int(rng.integers(0, 50))
-        row, offset = dpo.plan_packed(need, row_len)
+        row, offset = batches.plan_packed(need, row_len)
         rows = [[(k, offset[k]) for k in np.flatnonzero(row == j)] for j in range(row.max() + 1)]
         assert all(rows)  # rows are numbered 0, 1, ... with none left empty
         for items in rows:  # pairs sit end to end from offset 0 and the row holds them
@@ -2629,9 +2630,9 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode(0 if warm else "error")
         try:
-            for b, w, rc, rr in mbs:
-                losses, cr, rr_, pc, pr = dpo.micro_step(module, b, None, None, run)
-                (losses.sum() * w).backward()
+            for mb in mbs:
+                out = dpo.micro_step(module, mb, run)
+                (out.losses.sum() * mb.weight).backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert len(mbs) > 1
