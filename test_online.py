@@ -1,0 +1,335 @@
+"""
+Generation and the scripts built on it: generate against naive loops (greedy, sampling, the KV
+cache), sample.py (sample, compare, the demo) and online.py (sample, judge, train, in rounds) end to
+end.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+import dpo
+import model as model_module
+import online as online_module
+import prepare as P
+import sample as sample_module
+from dpo import train
+from testlib import (assert_one_error, cli, make_data, our_tiny, read_metrics, sample_cfg,
+                     tiny_args, tiny_cfg, tokens)
+
+
+# -----------------------------------------------------------------------------
+# generation against naive loops: greedy, sampling, eos, the KV cache
+
+
+def naive_greedy(m, idx, n):
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = m(idx[:, -m.config.block_size:])[:, -1].argmax(-1)
+        idx = torch.cat([idx, nxt[:, None]], 1)
+    return idx
+
+
+def test_generate_greedy_and_eos():
+    m = our_tiny(block_size=16)  # generating past 16 tokens exercises the context crop
+    idx = tokens(2, 10)
+    ref = naive_greedy(m, idx, 12)
+    assert torch.equal(m.generate(idx, 12, temperature=0, eos_token_id=None), ref)
+    # eos = a token row 0 produces; each row stops there and is padded with eos afterwards
+    eos = ref[0, 13].item()
+    out = m.generate(idx, 12, temperature=0, eos_token_id=eos)
+    expected, ends = [], []
+    for row in ref[:, 10:].tolist():
+        end = row.index(eos) + 1 if eos in row else len(row)
+        expected.append(row[:end] + [eos] * (len(row) - end))
+        ends.append(end)
+    assert out.shape == (2, 10 + max(ends))  # stops once every row has ended
+    assert out[:, 10:].tolist() == [r[:max(ends)] for r in expected]
+    assert torch.equal(out[:, :10], idx)
+
+
+def test_generate_sampling():
+    m = our_tiny()
+    idx = tokens(2, 5)
+    top1 = m.generate(idx, 6, temperature=0.7, top_k=1, eos_token_id=None)
+    assert torch.equal(top1, naive_greedy(m, idx, 6))  # top_k=1 sampling is greedy
+    a = m.generate(idx, 6, top_k=50, generator=torch.Generator().manual_seed(0), eos_token_id=None)
+    b = m.generate(idx, 6, top_k=50, generator=torch.Generator().manual_seed(0), eos_token_id=None)
+    assert torch.equal(a, b) and a.shape == (2, 11)
+    assert not m.training
+
+
+
+def test_kv_cache_decode_matches_full_forward():
+    """the prompt into a KVCache, then one token at a time: the logits of one causal forward"""
+    m = our_tiny()
+    idx = tokens(2, 12)
+    cache = model_module.KVCache(m.config.n_layer, 12)
+    with torch.no_grad():
+        full = m(idx)
+        steps = [m(idx[:, :5], cache=cache)]
+        steps += [m(idx[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.pos == 12
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KVCache holds 12 positions, 13 were asked for"):
+        m(idx[:, :1], cache=cache)
+
+
+def naive_generate(m, prompts, n, temperature, top_k, eos, g):
+    """today's algorithm, one row at a time: each step the row's own tokens (its last block_size) run in full"""
+    rows, done = [list(p) for p in prompts], [False] * len(prompts)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = torch.stack([m(torch.tensor([r[-m.config.block_size:]]))[0, -1] for r in rows]).float()  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                logits[logits < torch.topk(logits, top_k).values[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)[:, 0]
+        for i, t in enumerate(nxt.tolist()):
+            rows[i].append(eos if done[i] else t)
+            done[i] = done[i] or t == eos
+        if all(done):
+            break
+    return [r[len(p):] for r, p in zip(rows, prompts)]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 20)])
+def test_generate_kv_cache_matches_uncached(temperature, top_k):
+    # prompt + 14 new tokens > 16 for the longer rows: the window slides there
+    m = our_tiny(block_size=16)
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (3, 9, 1, 6)]
+    T = max(map(len, prompts))
+    # right-aligned, any padding token
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    pad = torch.tensor([T - len(p) for p in prompts])
+    # eos: a token row 0 makes
+    for eos in (None, naive_generate(m, prompts, 3, 0.0, None, None, None)[0][2]):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        ref = naive_generate(m, prompts, 14, temperature, top_k, eos, g2)
+        out = m.generate(idx, 14, temperature, top_k, eos_token_id=eos, generator=g1, pad_left=pad)
+        assert out[:, T:].tolist() == ref and torch.equal(out[:, :T], idx)
+    # no padding: the same as today's batched call
+    same = torch.tensor([prompts[1][:5], prompts[3][:5]])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    ref = naive_generate(m, same.tolist(), 8, temperature, top_k, None, g2)
+    assert m.generate(same, 8, temperature, top_k, eos_token_id=None,
+                      generator=g1)[:, 5:].tolist() == ref
+    with pytest.raises(ValueError, match="pad_left"):
+        m.generate(idx, 2, pad_left=torch.tensor([0, 0, T, 0]))
+
+
+# -----------------------------------------------------------------------------
+# sample.py: sample, compare, the demo
+
+
+def test_sample_policy_and_reference_side_by_side(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2)
+    train(cfg)
+    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    # the config travels with the checkpoint
+    assert ck["ref_from"] == "scratch" and ck["config"]["max_iters"] == 2
+    sample_module.sample(sample_cfg(tmp_path, data_dir, init_from=cfg.out_dir, prompts="a|b\\nc",
+                                    max_new_tokens=3, temperature=0.0), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert out.count("--- policy:") == 2 and out.count("--- reference (scratch):") == 2
+    assert "=== 'b\\nc'" in out  # "\n" in --prompts is a newline
+
+
+def test_toy_pipeline_sft_then_dpo_then_compare(tmp_path, capsys):
+    # the demo's stages end to end on a tiny scale: the table is produced and its numbers are sane
+    data_dir = str(tmp_path / "toy")
+    P.prepare(P.parse_args(["--dataset=toy", "--toy_pairs=300", f"--out_dir={data_dir}", "--num_workers=1"]), log=None)
+    model_kw = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, eval_interval=0,
+                    global_batch_size=16, batch_size=16)
+    sft = tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "sft"), loss_type="sft", max_iters=4,
+                   **model_kw)
+    hist = train(sft)
+    assert hist[-1]["rejected_logp"] == 0.0  # sft never runs the rejected responses
+    dpo_cfg = tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "dpo"), init_from=sft.out_dir,
+                       max_iters=3, **model_kw)
+    hist = train(dpo_cfg)
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the SFT model is the reference
+    res = sample_module.compare(sample_cfg(tmp_path, data_dir, init_from=dpo_cfg.out_dir,
+                                           num_samples=2, max_new_tokens=8),
+                                torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "reward, greedy" in out
+    # one JSON line for scripts
+    assert json.loads(out.strip().splitlines()[-1])["init_from"] == dpo_cfg.out_dir
+    for side in ("reference", "policy"):
+        assert -1.0 <= res[side]["greedy"] <= 1.0 and -1.0 <= res[side]["sampled"] <= 1.0
+        assert 0.0 <= res[side]["acc"] <= 1.0
+    assert math.isfinite(res["kl"])
+
+
+def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
+    # the demo's recipe files live beside dpo.py; its data and checkpoints go under the current
+    # folder
+    import prepare as prep
+    seen = []
+    monkeypatch.setattr(prep, "main", lambda argv: seen.append(("prepare", argv)))
+    monkeypatch.setattr(dpo, "train", lambda cfg: seen.append(("train", cfg)))
+    monkeypatch.setattr(sample_module, "compare", lambda cfg, device: seen.append(("compare", cfg)))
+    monkeypatch.chdir(tmp_path)
+    sample_module.demo()
+    assert [k for k, _ in seen] == ["prepare", "train", "train", "compare"]
+    sft, dpo_cfg, cmp = (c for k, c in seen[1:])
+    assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft"
+    assert dpo_cfg.loss_type == "sigmoid" and dpo_cfg.init_from == "out/toy_sft"
+    assert cmp.init_from == "out/toy_dpo" and cmp.data_dir == "data/toy"
+
+
+def test_sample_py_says_what_it_needs_that_a_model_is_untrained_and_its_progress(tmp_path, capsys):
+    r = cli("sample.py", "--mode=compare")
+    assert_one_error(r.returncode, r.stderr,
+                     r"--init_from=scratch records no reference model to compare against: "
+                                             r"pass a DPO checkpoint, e\.g\. --config=config/toy_dpo\.py --init_from=")
+    with pytest.raises(ValueError, match=r"--top_k=-1 .*top_k >= 0"):
+        sample_module.main(["--top_k=-1", "--device=cpu"])
+    data_dir = make_data(tmp_path, n_val=3)
+    sample_module.sample(sample_cfg(tmp_path, data_dir, prompts="hi", max_new_tokens=2),
+                         torch.device("cpu"))
+    assert "init_from=scratch is an untrained random model" in capsys.readouterr().out
+    cfg = tiny_cfg(tmp_path, data_dir, max_iters=1, eval_interval=0)
+    train(cfg)
+    capsys.readouterr()
+    sample_module.compare(sample_cfg(tmp_path, data_dir, init_from=cfg.out_dir, num_samples=2,
+                                     max_new_tokens=4),
+                          torch.device("cpu"))
+    assert re.search(r"compare: 1/3 prompts, \d+s", capsys.readouterr().err)
+
+
+def test_sample_py_offline_tokenizer_error_is_its_own_one_line(tmp_path):
+    # no network (every download goes to a closed local port) and an empty tiktoken cache
+    no_net = "http://127.0.0.1:9"
+    env = {**{k: no_net for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")},
+           "NO_PROXY": "", "no_proxy": "", "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    r = cli("sample.py", "--prompts=hi", "--device=cpu", env=env)
+    assert_one_error(r.returncode, r.stderr,
+                     r"could not load tiktoken's GPT-2 tokenizer .*SHA-1 of its URL")
+    assert "prepare.py" not in r.stderr
+
+
+def test_sample_py_help_and_options_come_from_the_run(tmp_path, capsys):
+    r = cli("sample.py", "--help")
+    assert r.returncode == 0 and not r.stderr
+    assert r.stdout.index("--mode=sample") < r.stdout.index("--num_samples=8") < r.stdout.index("--out_dir=out")
+    assert "default to the run's own with --init_from=RUN" in r.stdout.splitlines()[1]
+    # compare without --data_dir or --seed: the run's own (its data is not the default data/toy)
+    data_dir = make_data(tmp_path, n_val=2)
+    out_dir = str(tmp_path / "run")
+    dpo.main(tiny_args(tmp_path, data_dir, out_dir=out_dir, max_iters=1, eval_interval=0, seed=5))
+    capsys.readouterr()
+    sample_module.main(["--mode=compare", f"--init_from={out_dir}", "--num_samples=1", "--max_new_tokens=2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seed"] == 5
+
+
+# -----------------------------------------------------------------------------
+# online.py: sample, judge and train in rounds, end to end
+
+
+@pytest.fixture(scope="module")
+def toy_sft(tmp_path_factory):
+    """toy data and a tiny model trained with SFT until its samples hold sentiment words (so the toy judge
+    rarely ties)"""
+    root = tmp_path_factory.mktemp("toy_online")
+    data = root / "data"
+    P.prepare(P.parse_args(["--toy_pairs=300", f"--out_dir={data}", "--num_workers=1"]), log=None)
+    train(tiny_cfg(root, str(data), out_dir=str(root / "sft"), loss_type="sft", max_iters=40, eval_interval=0,
+                   learning_rate=1e-2, global_batch_size=16, batch_size=16))
+    return root
+
+
+def online_cfg(tmp_path, toy_sft, **kw):
+    base = dataclasses.asdict(tiny_cfg(tmp_path, str(toy_sft / "data"), init_from=str(toy_sft / "sft"), max_iters=4,
+                                       global_batch_size=4, batch_size=4, eval_interval=0))
+    return online_module.OnlineConfig(**base | dict(rounds=2, prompts_per_round=6, num_samples=2,
+                                                    max_new_tokens=12) | kw)
+
+
+def write_judge(tmp_path, monkeypatch, name, body):
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:score"
+
+
+def check_rounds(cfg, score):
+    """every round's pairs: best over worst by the judge (re-scored here), the shard holds the same tokens, and the
+    checkpoints chain: one step count through the rounds, the SFT model the reference of each"""
+    enc = tiktoken.get_encoding("gpt2")
+    for r in range(cfg.rounds):
+        d = Path(cfg.out_dir) / f"round_{r:03d}"
+        rows = [json.loads(line) for line in open(d / "pairs" / "pairs.jsonl")]
+        shard = P.load_pairs(str(d / "pairs" / "train_000000.bin"))
+        assert len(rows) == len(shard) == cfg.prompts_per_round
+        for i, row in enumerate(rows):
+            strip = lambda s: s.replace("<|endoftext|>", "")
+            assert row["chosen_score"] == score(row["prompt"], strip(row["chosen"])) > \
+                   row["rejected_score"] == score(row["prompt"], strip(row["rejected"]))
+            assert [enc.decode(x.tolist()) for x in shard[i]] == [row["prompt"], row["chosen"],
+                                                                  row["rejected"]]
+        ck = torch.load(d / "ckpt.pt", weights_only=True)
+        assert ck["iter_num"] == (r + 1) * cfg.max_iters // cfg.rounds
+        # not the previous round: the reference stays SFT
+        assert ck["ref_from"] == os.path.abspath(cfg.init_from)
+        its = [m["iter"] for m in read_metrics(str(d)) if "loss" in m]
+        assert its == list(range(r * cfg.max_iters // cfg.rounds, ck["iter_num"]))
+        assert json.loads((d / "round.json").read_text())["pairs"] == cfg.prompts_per_round
+
+
+def test_online_toy_judge_end_to_end_and_resume(tmp_path, toy_sft):
+    cfg = online_cfg(tmp_path, toy_sft)
+    online_module.online(cfg)
+    check_rounds(cfg, lambda p, r: P.toy_reward(r))
+    r0, r1 = (torch.load(tmp_path / "out" / f"round_00{r}" / "ckpt.pt", weights_only=True)["model"] for r in (0, 1))
+    assert any(not torch.equal(r0[k], r1[k]) for k in r0)  # round 1 trained further
+    # stopped in round 1: it is done again from round 0's checkpoint, the same pairs; round 0 is not
+    # touched
+    first = (tmp_path / "out" / "round_001" / "pairs" / "pairs.jsonl").read_text()
+    stamp = os.path.getmtime(tmp_path / "out" / "round_000" / "ckpt.pt")
+    shutil.rmtree(tmp_path / "out" / "round_001")
+    online_module.online(cfg)
+    assert (tmp_path / "out" / "round_001" / "pairs" / "pairs.jsonl").read_text() == first
+    assert os.path.getmtime(tmp_path / "out" / "round_000" / "ckpt.pt") == stamp
+
+
+def test_online_judge_from_module(tmp_path, toy_sft, monkeypatch):
+    spec = write_judge(tmp_path, monkeypatch, "judge_words", "def score(prompt, response):\n"
+                       "    assert prompt.startswith(('Review of', 'My review of', 'Thoughts on')), prompt\n"
+                       "    return float(len(response.split()))\n")
+    cfg = online_cfg(tmp_path, toy_sft, judge=spec, num_samples=3)
+    online_module.online(cfg)
+    check_rounds(cfg, lambda p, r: float(len(r.split())))
+
+
+@pytest.mark.parametrize("body, pattern", [
+    ("def score(prompt, response):\n    raise KeyError('no reward model')\n", r"raised KeyError: 'no reward model'"),
+    ("def score(prompt, response):\n    return float('nan')\n", r"returned nan \(float\)"),
+    ("def score(prompt, response):\n    return 'good'\n", r"returned 'good' \(str\)"),
+])
+def test_online_bad_judge_is_one_clear_error_and_done_rounds_stay(tmp_path, toy_sft, monkeypatch,
+                                                                  body, pattern):
+    # round 0 with the toy judge
+    online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2))
+    r0 = tmp_path / "out" / "round_000"
+    before = {p: p.read_bytes() for p in r0.rglob("*") if p.is_file()}
+    spec = write_judge(tmp_path, monkeypatch, f"judge_bad{len(body)}", body)
+    with pytest.raises(ValueError, match=rf"^judge {spec} {pattern}") as e:
+        online_module.online(online_cfg(tmp_path, toy_sft, judge=spec))
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in r0.rglob("*") if p.is_file()} == before  # round 0 intact
+    assert not (tmp_path / "out" / "round_001").exists()  # nothing half-written for round 1
+    with pytest.raises(ValueError, match="could not load"):
+        online_module.main([f"--judge={spec}x", "--device=cpu"])
