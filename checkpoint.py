@@ -55,7 +55,8 @@ def one_line(error, limit):
 
 def setup(cfg):
     """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE: one process group, nccl on GPUs, gloo on CPU"""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:
         if device.startswith("cuda"):
@@ -184,8 +185,8 @@ def show(value):
 
 def resume_config(out_dir, argv, cls):
     """--init_from=resume: the options from the checkpoint (the shape from its model), changed where
-    the command line or a --config file names one; each change printed, one that breaks the run (its
-    data among them) refused. start() then loads the checkpoint"""
+    the command line or a --config file names one; each change printed, one that breaks the run
+    refused. start() then checks the data and the reference against the checkpoint and loads it"""
     ck, path = read_resumable(out_dir, mmap=True)
     saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
     saved = {k: v for k, v in saved.items() if k not in ("out_dir", "init_from")}  # this command's
@@ -202,10 +203,6 @@ def resume_config(out_dir, argv, cls):
         raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop "
                          f"{them}{where} to continue the run as it was, or start a new run from "
                          f"its weights: --init_from={path} --out_dir=NEW")
-    if ck.get("data_hash") and ck["data_hash"] != data_hash(cfg.data_dir):  # the data, maybe moved
-        raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {path} trained on (from "
-                         f"{ck['config']['data_dir']}): restore it, or start a new run: "
-                         f"--init_from={path} --out_dir=NEW")
     for k, (old, new) in changes.items():
         launch = f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""
         print0(f"resume: {k} {show(old)} -> {show(new)}{launch}")
@@ -214,14 +211,19 @@ def resume_config(out_dir, argv, cls):
 def start(cfg):
     """-> (policy, reference, the checkpoint resumed from or None, meta). meta, saved in every
     checkpoint: the reference's source (absolute, relative to out_dir), hash, seed; the data hash"""
-    if cfg.init_from == "resume":  # resume_config took the options and checked the data
+    if cfg.init_from == "resume":  # resume_config took the options from the checkpoint
         ck, path = read_resumable(cfg.out_dir)
+        h = data_hash(cfg.data_dir)
+        if ck.get("data_hash") not in (None, h):  # the same data may sit under another path
+            raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {path} trained on "
+                             f"(from {ck['config']['data_dir']}): restore it, or start a new run: "
+                             f"--init_from={path} --out_dir=NEW")
         ck, model, ref_model = load_run(path, cfg, ck)
         if "ref_model" in ck:  # TR-DPO: the reference as synced so far (its meta: the first's)
             ref_model.load_state_dict(ck["ref_model"])
         meta = dict(ref_from=ck["ref_from"], ref_hash=ck.get("ref_hash") or weights_hash(ref_model),
                     ref_rel=ck.get("ref_rel"), ref_seed=ck.get("ref_seed", ck["config"]["seed"]),
-                    data_hash=ck.get("data_hash") or data_hash(cfg.data_dir))
+                    data_hash=h)
         return model, ref_model, ck, meta
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     source = checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
