@@ -47,14 +47,12 @@ SPLITS = ("train", "val")
 
 OPTIONS = {  # name: (default, help); the default's type is the option's type
     "dataset": ("toy", "toy (synthetic sentiment task, offline) | hh (download Anthropic HH-RLHF)"),
-    "input": ("", "local .jsonl / .jsonl.gz / .json (array) file(s), comma separated; "
-                  "overrides --dataset"),
+    "input": ("", "local .jsonl / .jsonl.gz / .json (array) file(s), comma separated; overrides --dataset"),
     "format": ("auto", "auto | " + " | ".join(FORMATS)),
     "prompt_key": ("prompt", "field name of the prompt"),
     "chosen_key": ("chosen", "field name of the preferred response"),
     "rejected_key": ("rejected", "field name of the dispreferred response"),
-    "hh_mismatch": ("recover", "recover | skip: hh rows whose rejected does not start with "
-                               "chosen's prompt"),
+    "hh_mismatch": ("recover", "recover | skip: hh rows whose rejected does not start with chosen's prompt"),
     "hh_subsets": ("harmless-base", "comma separated, of: " + ", ".join(HH_SUBSETS)),
     "hh_split": ("train", "train | test | both: which HH files to download"),
     "hh_base_url": (HH_URL, "where the HH files live (file:// works)"),
@@ -125,12 +123,9 @@ TOY_ITEMS = _words(
     "service store shop product tool knife pen desk house apartment city")
 TOY_VAL_ITEMS = TOY_ITEMS[5::6]  # 10 items whose prompts only ever appear in val
 TOY_TEMPLATES = ("Review of the{item}:", "My review of the{item}:", "Thoughts on the{item}:")
-TOY_POSITIVE = _words("good great nice excellent amazing wonderful perfect fantastic lovely best "
-                      "happy fun")
-TOY_NEGATIVE = _words("bad terrible awful poor horrible worst boring ugly sad broken annoying "
-                      "useless")
-TOY_NEUTRAL = _words("the was and very it is a this really quite so but my I think for of with "
-                     "just")
+TOY_POSITIVE = _words("good great nice excellent amazing wonderful perfect fantastic lovely best happy fun")
+TOY_NEGATIVE = _words("bad terrible awful poor horrible worst boring ugly sad broken annoying useless")
+TOY_NEUTRAL = _words("the was and very it is a this really quite so but my I think for of with just")
 _POS, _NEG = {w.strip() for w in TOY_POSITIVE}, {w.strip() for w in TOY_NEGATIVE}
 _TOY_SPLIT = {t.format(item=i): "val" if i in TOY_VAL_ITEMS else "train"  # prompt -> its split
               for t in TOY_TEMPLATES for i in TOY_ITEMS}
@@ -189,12 +184,10 @@ class Pairs:
             try:
                 cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
             except (OSError, ValueError, KeyError):
-                cmd = (f"python prepare.py --out_dir={Path(path).parent} "
-                       "(with the --dataset/--input you used)")
+                cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
             raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
         size, head = os.path.getsize(path), HEADER_INTS * 4  # head: the header's bytes
-        check(size >= head, f"{size} bytes is too small for the {head}-byte header "
-                            "(truncated file?)")
+        check(size >= head, f"{size} bytes is too small for the {head}-byte header (truncated file?)")
         magic, version, n, ntok = (int(x) for x in np.fromfile(path, dtype=np.int32, count=4))
         check(magic == MAGIC, f"bad magic {magic} (expected {MAGIC}): not a prepare.py shard")
         check(version == VERSION, f"version {version}, this reader expects {VERSION}")
@@ -203,8 +196,7 @@ class Pairs:
               f"({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
         L = np.fromfile(path, dtype=np.int32, count=3 * n, offset=head).reshape(n, 3)
         L = self.lengths = L.astype(np.int64)  # (N, 3) prompt, chosen, rejected
-        check((L >= 0).all() and (L[:, 1:] > 0).all(),
-              "has a negative length or an empty response (corrupted)")
+        check((L >= 0).all() and (L[:, 1:] > 0).all(), "has a negative length or an empty response (corrupted)")
         # an empty prompt would have its first response token predicted from the previous pair's
         empty = (L[:, 0] == 0).sum()
         check(not empty, f"{empty} pairs have an empty prompt (prepare.py never writes one)")
@@ -233,8 +225,7 @@ def list_shards(data_dir, split, required=True):
     paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_{'[0-9]' * 6}.bin"))
     if not paths and required:
         raise FileNotFoundError(f"no {split} shards ({split}_*.bin) in {data_dir}; create them with: "
-                                f"python prepare.py --out_dir={data_dir} (toy), or add "
-                                "--dataset=hh / --input=FILE")
+                                f"python prepare.py --out_dir={data_dir} (toy), or add --dataset=hh / --input=FILE")
     return paths
 
 # -----------------------------------------------------------------------------
@@ -258,9 +249,8 @@ def _json_array(f, path):  # a .json file: one array, parsed whole (not streamed
     return rows
 
 def iter_rows(paths, state):
-    """Yield (where, row): row is a JSON Lines line's bytes (the workers parse it) or an object.
-    state.raw and state.done_bytes: how far it read. Input that is not the claimed format at all
-    (not JSON, a broken gzip file, an empty file) is fatal."""
+    """Yield (where, row): row is a JSON Lines line's bytes (the workers parse it) or an object; state: how
+    far it read. Input that is not the claimed format at all (not JSON, a broken gzip, an empty file) is fatal"""
     for path in paths:
         gz = path.endswith(".gz")
         state.raw = raw = open(path, "rb")  # its position is the progress (compressed bytes read)
@@ -399,8 +389,7 @@ def truncate(p, c, r, max_length, max_prompt_length):
     room = max(max_length - len(p), 0)
     return p, c[:room], r[:room], (cut_p, len(c) > room, len(r) > room)
 
-class Tokenized(NamedTuple):
-    """process_batch's result for one batch of rows"""
+class Tokenized(NamedTuple):  # process_batch's result for one batch of rows
     rows: int
     skips: list  # [(where, reason)]
     notes: list  # [(where, note)]
@@ -485,8 +474,7 @@ def tokenized_batches(rows, opts):
             while pending:
                 yield pending.pop(0).result()
         except concurrent.futures.process.BrokenProcessPool:
-            raise PrepareError("a tokenizer process died (out of memory?); "
-                               "try fewer --num_workers") from None
+            raise PrepareError("a tokenizer process died (out of memory?); try fewer --num_workers") from None
 
 class ShardWriter:
     """Shards of one split: tokens stream to a side file, lengths (of one shard) stay in memory"""
@@ -532,8 +520,7 @@ class ShardWriter:
 # the whole run
 
 def download(url, dest, log=print):
-    """Fetch url to dest once (an existing dest is kept) -> str(dest); on any failure nothing is
-    left and OSError says why"""
+    """Fetch url to dest once (an existing dest is kept) -> str(dest); on failure: nothing left, OSError says why"""
     dest = Path(dest)
     if dest.exists():
         if log:
