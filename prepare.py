@@ -117,10 +117,10 @@ def _words(text):  # each of these words, after a space, is one GPT-2 token
     return [" " + w for w in text.split()]
 
 TOY_ITEMS = _words(
-    "movie book phone car hotel restaurant game song album laptop camera shoe chair table coffee pizza "
-    "burger show film park beach museum bike watch bag jacket shirt lamp bed room bar cafe sandwich "
-    "salad soup cake bread wine beer tea guitar piano concert class course teacher doctor app website "
-    "service store shop product tool knife pen desk house apartment city")
+    "movie book phone car hotel restaurant game song album laptop camera shoe chair table coffee "
+    "pizza burger show film park beach museum bike watch bag jacket shirt lamp bed room bar cafe "
+    "sandwich salad soup cake bread wine beer tea guitar piano concert class course teacher doctor "
+    "app website service store shop product tool knife pen desk house apartment city")
 TOY_VAL_ITEMS = TOY_ITEMS[5::6]  # 10 items whose prompts only ever appear in val
 TOY_TEMPLATES = ("Review of the{item}:", "My review of the{item}:", "Thoughts on the{item}:")
 TOY_POSITIVE = _words("good great nice excellent amazing wonderful perfect fantastic lovely best happy fun")
@@ -249,8 +249,8 @@ def _json_array(f, path):  # a .json file: one array, parsed whole (not streamed
     return rows
 
 def iter_rows(paths, state):
-    """Yield (where, row): row is a JSON Lines line's bytes (the workers parse it) or an object; state: how
-    far it read. Input that is not the claimed format at all (not JSON, a broken gzip, an empty file) is fatal"""
+    """Yield (where, row), row: a JSON Lines line's bytes (the workers parse it) or an object.
+    state: how far it read. Not the claimed format at all (not JSON, broken gzip, empty) is fatal"""
     for path in paths:
         gz = path.endswith(".gz")
         state.raw = raw = open(path, "rb")  # its position is the progress (compressed bytes read)
@@ -378,9 +378,10 @@ def gpt2_encoding():
             "Its first use downloads vocab.bpe and encoder.json from "
             "openaipublic.blob.core.windows.net into tiktoken's cache folder ($TIKTOKEN_CACHE_DIR, "
             "default data-gym-cache in the temp folder), which names each file by the SHA-1 of its "
-            "URL, so copying vocab.bpe into a folder is not enough. Fill one on a machine online with: "
-            "TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\", "
-            "then copy DIR here and set TIKTOKEN_CACHE_DIR to it") from None
+            "URL, so copying vocab.bpe into a folder is not enough. Fill one on a machine online "
+            "with: TIKTOKEN_CACHE_DIR=DIR python -c "
+            "\"import tiktoken; tiktoken.get_encoding('gpt2')\", then copy DIR here and set "
+            "TIKTOKEN_CACHE_DIR to it") from None
 
 def truncate(p, c, r, max_length, max_prompt_length):
     """Cut token lists: the prompt loses its start (if the pair is too long), responses their end"""
@@ -520,7 +521,7 @@ class ShardWriter:
 # the whole run
 
 def download(url, dest, log=print):
-    """Fetch url to dest once (an existing dest is kept) -> str(dest); on failure: nothing left, OSError says why"""
+    """Fetch url to dest unless it exists -> str(dest); a failure leaves nothing (OSError: why)"""
     dest = Path(dest)
     if dest.exists():
         if log:
@@ -596,8 +597,8 @@ def staged(out_dir, t0):
         if old.exists() and not out_dir.exists():
             os.replace(old, out_dir)
         if isinstance(e, OSError):  # disk full, read-only folder, ...
-            raise PrepareError(f"could not write {out_dir}: {e.strerror or e}; the previous output, "
-                               "if any, is unchanged") from None
+            raise PrepareError(f"could not write {out_dir}: {e.strerror or e}; the previous "
+                               "output, if any, is unchanged") from None
         raise
     finally:  # nothing else is left
         for d in (stage, old):
@@ -619,10 +620,11 @@ def prepare(cfg, log=print):
     t0 = time.time()
     name, paths = _sources(cfg, log)
     out_dir = Path(cfg.out_dir or f"data/{name}")
-    ours = re.compile(r"meta\.json|(train|val)_\d{6}\.bin|ref_logps_\w+\.pt(\.tmp\d+)?")  # + dpo.py's
+    # out_dir may hold only what prepare.py and dpo.py (its reference caches) write there
+    ours = re.compile(r"meta\.json|(train|val)_\d{6}\.bin|ref_logps_\w+\.pt(\.tmp\d+)?")
     if out_dir.exists() and not all(ours.fullmatch(f) for f in os.listdir(out_dir)):
-        raise PrepareError(f"{out_dir} holds files prepare.py did not write; refusing to replace it "
-                           "(pick another --out_dir)")
+        raise PrepareError(f"{out_dir} holds files prepare.py did not write; refusing to replace "
+                           "it (pick another --out_dir)")
     opts = SimpleNamespace(**vars(cfg), split_mode="toy" if paths is None else "hash")
     state = SimpleNamespace(raw=None, done_bytes=0)  # how far iter_rows has read
     if paths is None:  # toy rows are dicts in the standard format
@@ -637,7 +639,7 @@ def prepare(cfg, log=print):
     with staged(out_dir, t0) as stage:
         writers = {s: ShardWriter(stage, s, cfg.shard_pairs) for s in SPLITS}
         skipped, notes, truncated, nrows = {}, {}, np.zeros(4, dtype=np.int64), 0
-        total = sum(map(os.path.getsize, paths)) if log and paths else 0  # input bytes (0: no progress)
+        total = sum(map(os.path.getsize, paths)) if log and paths else 0  # 0: no progress line
         shown = t0
         for batch in tokenized_batches(itertools.chain([first], rows), opts):
             nrows += batch.rows
@@ -646,9 +648,9 @@ def prepare(cfg, log=print):
             _count(notes, batch.notes)
             for s, (lengths, tokens) in batch.arrays.items():
                 writers[s].add(lengths, tokens)
-            if total and time.time() - shown > 1:  # runs over a second: rows/s, % of input read, ETA
+            if total and time.time() - shown > 1:  # on runs over a second
                 shown = time.time()
-                read = state.done_bytes + (0 if state.raw.closed else state.raw.tell())  # compressed
+                read = state.done_bytes + (0 if state.raw.closed else state.raw.tell())
                 eta = (shown - t0) * (total - read) / max(read, 1)
                 end = "\r" if sys.stderr.isatty() else "\n"
                 print(f"prepare: {nrows:,} rows, {nrows / (shown - t0):,.0f} rows/s, "
@@ -657,9 +659,9 @@ def prepare(cfg, log=print):
             print(file=sys.stderr)
         bad = skipped.get("malformed_json", {"count": 0})
         if bad["count"] > nrows / 2:
-            raise PrepareError(f"{paths[0]}: {bad['count']} of {nrows} lines are not valid JSON "
-                               f"(first at line {bad['first_lines'][0]}): is this really a JSON Lines "
-                               "file?")
+            raise PrepareError(f"{paths[0]}: {bad['count']} of {nrows} lines are not valid "
+                               f"JSON (first at line {bad['first_lines'][0]}): is this really a "
+                               "JSON Lines file?")
         shards = {s: w.close() for s, w in writers.items()}
         pairs = {s: sum(x["pairs"] for x in shards[s]) for s in SPLITS}
         if not pairs["train"]:
