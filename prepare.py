@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.request
 import zlib
@@ -449,9 +450,15 @@ def _batches(rows, size):  # lists of size rows (the last one shorter)
     while batch := list(itertools.islice(rows, size)):
         yield batch
 
-def _ignore_stop_signals():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _start_worker(parent):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM and ends the pool
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
+
+def _exit_without(parent):  # the workers of a parent killed by SIGKILL would wait for work forever
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 def tokenized_batches(rows, opts):
     """process_batch's results in input order, computed here (1 worker) or in a pool of processes"""
@@ -462,10 +469,9 @@ def tokenized_batches(rows, opts):
         for batch in batches:
             yield process_batch(batch, opts)
         return
-    # the workers ignore Ctrl-C and SIGTERM, and the parent ends the pool: a multiprocessing.Pool
-    # could hang on a worker killed while it sends a result
+    # not a multiprocessing.Pool: it could hang on a worker killed while it sends a result
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else None)
-    with concurrent.futures.ProcessPoolExecutor(workers, ctx, _ignore_stop_signals) as ex:
+    with concurrent.futures.ProcessPoolExecutor(workers, ctx, _start_worker, (os.getpid(),)) as ex:
         pending = []  # at most 2 batches per worker in flight, so memory stays flat
         try:
             for batch in batches:

@@ -1012,6 +1012,35 @@ def test_sigterm_while_tokenizing_cleans_up_like_ctrl_c(tmp_path):
     stop_prepare_while_it_tokenizes(tmp_path, signal.SIGTERM, ["parent", "group"])
 
 
+def test_sigkill_while_tokenizing_leaves_no_worker_behind(tmp_path):
+    # SIGKILL cannot be caught: its workers waited for work forever; now they exit within seconds (the staging
+    # folder goes at the next run: test_prepare_removes_the_staging_folder_of_a_run_killed_by_sigkill)
+    import signal
+    import time
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i} " + "word " * 50, "chosen": " yes", "rejected": " no"})
+                           + "\n" for i in range(20000)))
+    p = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), f"--input={src}", "--num_workers=3",
+                          f"--out_dir={tmp_path / 'out'}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # its workers: the processes of its group
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < 30 and not any(
+            f.stat().st_size for f in tmp_path.glob(".out.tmp-*/.*.tokens.tmp")):
+        time.sleep(0.01)
+    assert p.poll() is None, "prepare.py ended before SIGKILL was sent"
+    p.kill()
+    p.wait()
+    for _ in range(100):
+        ps = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout.splitlines()
+        left = [line for line in ps if line.split()[0] == str(p.pid) and not line.split()[1].startswith("Z")]
+        if not left:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"{len(left)} workers still running 10 s after prepare.py was killed")
+
+
 def test_options_errors():
     with pytest.raises(P.PrepareError, match=r"did you mean --max_length\?.*valid keys: .*max_prompt_length"):
         P.parse_args(["--max_lenght=3"])
