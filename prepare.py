@@ -343,7 +343,6 @@ def extract_conversational(row, o):
     k = len(os.path.commonprefix([chosen, rejected]))  # the messages both share are the prompt
     need(k > 0, "no_shared_prompt")
     need(k < len(chosen) and k < len(rejected), "empty_text")
-    # they part at a reply
     need(chosen[k][0] == "assistant" and rejected[k][0] == "assistant", "prompt_mismatch")
     # a response: its first reply's text (after "Assistant:"), then any later turns
     chosen_text = " " + chosen[k][1] + _render(chosen[k + 1:])
@@ -428,7 +427,7 @@ def process_batch(batch, o):
         c = enc.encode_ordinary(chosen)
         r = enc.encode_ordinary(rejected)
         p, c, r, cut = truncate(p, c + [EOT], r + [EOT], o.max_length, o.max_prompt_length)
-        if not (p and c and r):  # (not p never happens: max_prompt_length >= 1)
+        if not (p and c and r):  # (p is never empty: its text is not blank)
             late.append((where, "empty_after_truncation"))
         elif c == r:
             late.append((where, "identical_after_truncation"))
