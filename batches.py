@@ -120,6 +120,7 @@ class Batch:
     tgt: torch.Tensor  # (N,) the response tokens
     seq: torch.Tensor  # (N,) 2k for pair k's chosen, 2k+1 for its rejected
     tail: torch.Tensor  # (N,) bool: past the pair's shorter response (LD-DPO weighs it ld_alpha)
+    last: torch.Tensor  # (2K,) flat index of each response's last token (a reward model reads it)
     lengths: torch.Tensor  # (2, K) float: response tokens of each pair's chosen and rejected
     pair_ids: np.ndarray  # (K,) dataset indices of the pairs in this micro-batch
     n_tokens: int  # real (non-padding) tokens the model runs on
@@ -142,6 +143,7 @@ class Laid(NamedTuple):
     resp: np.ndarray  # (N,) which of the n are response tokens
     src: np.ndarray  # (N,) for each response token, the flat offset that predicts it
     tail: np.ndarray  # (N,) bool: past the shorter response of its pair
+    last: np.ndarray  # (2K,) each response's last token (an empty one: the prompt's last)
 
 def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
     """segments (kinds[s] of pair pairs[s]) written at flat offsets dst[s] of a (rows, row_len)
@@ -155,7 +157,10 @@ def lay_out(data, pairs, kinds, dst, pred, rows, row_len):
     src = np.where(within[resp] == 0, pred[seg[resp]], at[resp] - 1)
     shorter = data.lengths[pairs, 1:].min(1)  # (S,) the shorter response of each segment's pair
     tail = within[resp] >= shorter[seg[resp]]
-    return Laid(idx.reshape(rows, row_len), at, seg, within, resp, src, tail)
+    n = data.lengths[pairs, kinds]  # (S,) tokens of each segment
+    is_resp = kinds != PROMPT
+    last = np.where(n > 0, dst + n - 1, pred)[is_resp]  # responses in sequence order 2k, 2k+1
+    return Laid(idx.reshape(rows, row_len), at, seg, within, resp, src, tail, last)
 
 def to_batch(laid, ids, seq, L, n_tokens, ctx_sum, **packed):
     """the numpy arrays of a laid-out micro-batch -> a Batch of tensors"""
@@ -164,7 +169,7 @@ def to_batch(laid, ids, seq, L, n_tokens, ctx_sum, **packed):
     packed = {k: t(v.reshape(laid.idx.shape)) for k, v in packed.items()}
     return Batch(idx=t(laid.idx), pos=packed.get("pos"), doc=packed.get("doc"),
                  branch=packed.get("branch"), src=t(laid.src), tgt=t(tgt), seq=t(seq),
-                 tail=t(laid.tail), lengths=t(L[:, 1:].T.astype(np.float32)), pair_ids=ids,
+                 tail=t(laid.tail), last=t(laid.last), lengths=t(L[:, 1:].T.astype(np.float32)), pair_ids=ids,
                  n_tokens=n_tokens, n_resp=len(tgt), ctx_sum=ctx_sum, n_seq=2 * len(ids))
 
 def plain_batch(data, ids, row_len):
@@ -296,7 +301,7 @@ def padded(b, shape, n_seq):
     idx = b.idx if b.pos is not None else _grow(b.idx, EOT, 2 * shape.rows - len(b.idx))
     return replace(b, idx=idx, src=_grow(b.src, 0, extra), tgt=_grow(b.tgt, 0, extra),
                    seq=_grow(b.seq, n_seq - 1, extra), tail=_grow(b.tail, False, extra),
-                   n_seq=n_seq)
+                   last=_grow(b.last, 0, n_seq - len(b.last)), n_seq=n_seq)
 
 def micro_batches(data, ids, shape):
     """one rank's pairs for a step -> micro-batches. fixed: every one (rows, row_len) with n_pred

@@ -41,6 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
+import judged
+import reward
 from batches import (PairData, attention_mask, flex_block_mask, make_shape, micro_batches,
                      on_device, step_pairs, to_device)
 from checkpoint import print0, setup
@@ -51,8 +53,8 @@ from prepare import PrepareError, list_shards
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
               "apo_zero", "apo_down", "discopop", "aot", "aot_pair", "aot_unpaired", "sigmoid_norm",
-              "simpo", "sft", "orpo")
-REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo")  # these never look at a reference model
+              "simpo", "sft", "orpo", "reward")
+REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo", "reward")  # these never look at a reference model
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "simpo", "sft", "orpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
@@ -81,6 +83,7 @@ class Config:
     sft_weight: float = 0.0  # adds this times the chosen NLL per token to any loss (RPO; = sft in the list)
     bco_delta: float = 0.0  # bco_pair's reward shift
     discopop_tau: float = 0.05  # discopop's mixing temperature
+    center_rewards_coefficient: float = 0.0  # loss_type=reward (reward.py): + this * (r_w + r_l)^2
     f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
     f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
     ld_alpha: float = 1.0  # LD-DPO: response tokens past the pair's shorter response count this much
@@ -112,6 +115,10 @@ class Config:
     # eval, logging, checkpoints
     eval_interval: int = 50  # also the checkpoint interval; 0 = neither (a checkpoint still at the end)
     eval_pairs: int = 0  # val pairs per eval, 0 = all
+    eval_judge: str = ""  # toy | module:function | rm:PATH: judge the policy's samples at each eval (judged.py)
+    eval_judge_prompts: int = 64  # the first this many unique val prompts
+    eval_judge_samples: int = 4  # samples per prompt, from the policy and (once) the reference
+    eval_judge_tokens: int = 64  # max new tokens per sample
     log_interval: int = 1
     save_checkpoint: bool = True
     export_hf: bool = False  # at the end also write out_dir/hf (config.json, model.safetensors)
@@ -182,6 +189,8 @@ def check_config(cfg):
         raise ValueError(f"--device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={cfg.device}, but this torch sees no CUDA GPU (try --device=cpu)")
+    reward.check_config(cfg)
+    judged.check_config(cfg)
 
 def parse_config(argv, cls=Config, defaults=None):
     cfg = configurator.parse(argv, cls, defaults)
@@ -203,8 +212,10 @@ class SequenceLogps(nn.Module):
     the transformer, the response positions, the chunked lm_head and the sums are one compiled
     graph. one module: DDP and FSDP see one forward"""
 
-    def __init__(self, gpt, compile=False, chunk=4096, flex=False, ld_alpha=1.0, wpo=False):
+    def __init__(self, gpt, compile=False, chunk=4096, flex=False, ld_alpha=1.0, wpo=False,
+                 scalar=False):
         super().__init__()
+        self.scalar = scalar  # a reward model: its scalar head at each response's last token
         self.gpt = gpt
         self.chunk = chunk
         self.flex = flex
@@ -212,10 +223,10 @@ class SequenceLogps(nn.Module):
         self.wpo = wpo
         self.logps = torch.compile(self._logps) if compile else self._logps
 
-    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail):
-        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq, tail)
+    def forward(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail, last):
+        return self.logps(idx, pos, doc, branch, src, tgt, seq, n_seq, tail, last)
 
-    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail):
+    def _logps(self, idx, pos, doc, branch, src, tgt, seq, n_seq, tail, last):
         if doc is None:
             mask = None  # plain rows: causal
         elif self.flex:
@@ -223,6 +234,8 @@ class SequenceLogps(nn.Module):
         else:
             mask = attention_mask(doc, branch)
         h = self.gpt.hidden(idx, pos=pos, attn_mask=mask).flatten(0, 1)
+        if self.scalar:  # loss_type=reward: (n_seq,) rewards stand in for the sums
+            return SequenceSums(reward.scores(self.gpt, h, last), None)
         h = h[src]  # (N, C) the positions that predict response tokens
         out = self.gpt.token_logprobs(h, tgt, chunk_size=self.chunk, sum_sq=self.wpo)
         logp = out[0] if self.wpo else out  # (N,) float32
@@ -245,7 +258,7 @@ class PairLogps(NamedTuple):
 def batch_logps(module, b):
     """the response log-probs of a micro-batch that is on the device"""
     K = len(b.pair_ids)
-    out = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq, b.tail)
+    out = module(b.idx, b.pos, b.doc, b.branch, b.src, b.tgt, b.seq, b.n_seq, b.tail, b.last)
     logps = out.logps[:2 * K]
     weights = None
     if out.wpo is not None:
@@ -297,7 +310,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
              reference_free=False, chosen_lengths=None, rejected_lengths=None, gamma=0.5,
              sft_weight=0.0, bco_delta=0.0, discopop_tau=0.05, loss_weights=None,
-             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, pair_weights=None):
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, pair_weights=None,
+             center_rewards_coefficient=0.0):
     """
     Pairwise preference loss on (B,) log-probs SUMMED over the response tokens -> LossOut: the
     losses and the rewards beta * rho, detached, as TRL's DPOTrainer (simpo and orpo: beta times
@@ -308,6 +322,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     gamma: simpo's margin in reward units, as TRL's CPOTrainer(simpo_gamma).
     sft_weight: adds sft_weight * (-s_w / n_w) (RPO). bco_delta: bco_pair's reward shift.
     pair_weights: None, or (B,) factors of each pair's loss (WPO's weights).
+    reward: the inputs are a reward model's rewards r_w, r_l (reward.py), also the rewards reported.
     """
     types = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
@@ -394,18 +409,22 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
             loss = -s_w / n_w
         elif t == "orpo":  # ORPO, Hong et al. 2024: chosen NLL + lambda (= beta) * odds-ratio loss
             loss = -s_w / n_w - beta * F.logsigmoid(_log_odds(s_w / n_w) - _log_odds(s_l / n_l))
+        elif t == "reward":  # Bradley-Terry on a reward model's r_w, r_l, as TRL's RewardTrainer
+            loss = -F.logsigmoid(s_w - s_l) + center_rewards_coefficient * (s_w + s_l) ** 2
         losses = losses + weight * loss
     if pair_weights is not None:
         losses = losses * pair_weights
 
     # simpo and orpo (alone or together) report their own reward: per-token average log-probs
+    if types == ["reward"]:
+        return LossOut(losses, s_w.detach(), s_l.detach())
     own_reward = set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}
     chosen_rewards, rejected_rewards = (s_w / n_w, s_l / n_l) if own_reward else (rho_w, rho_l)
     return LossOut(losses, (beta * chosen_rewards).detach(), (beta * rejected_rewards).detach())
 
 def loss_kwargs(cfg):
     keys = ("beta", "loss_type", "label_smoothing", "gamma", "sft_weight", "bco_delta",
-            "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef")
+            "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "center_rewards_coefficient")
     kwargs = {k: getattr(cfg, k) for k in keys}
     kwargs["loss_weights"] = cfg.loss_weights.split(",") if cfg.loss_weights else None
     return kwargs
@@ -611,6 +630,7 @@ class Trainer:
     start: int  # the first step
     sft: bool  # chosen responses only: no rejected, no reference
     log: object  # log(record): metrics.jsonl and wandb
+    judged: object = None  # --eval_judge: judged.JudgedEval, run at each eval
 
 def setup_training(cfg, stack):
     run = setup(cfg)
@@ -619,6 +639,8 @@ def setup_training(cfg, stack):
 
     # the policy, its reference, the checkpoint resumed from, and the reference's identity
     model, ref_model, ck, meta = checkpoint.start(cfg)
+    if cfg.loss_type == "reward":  # a reward model: the trunk and a scalar head (reward.py)
+        model = reward.with_head(model, cfg.seed)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 
@@ -634,13 +656,14 @@ def setup_training(cfg, stack):
     fixed = run.compile or run.flex
     run.shape = make_shape(cfg, datasets, fixed=fixed, multiple=128 if run.flex else 64)
     ref = Reference(run, ref_model, meta, datasets)
+    judge_eval = judged.JudgedEval(cfg, run, ref_model, val_data) if cfg.eval_judge else None
     del ref_model  # cached: only its tables stay
     if cfg.sync_ref_model:  # TR-DPO: the reference's weights are saved with the run (live views)
         meta = {**meta, "ref_model": ref.model.gpt.state_dict()}
     model.train()
 
     module = SequenceLogps(model, compile=run.compile, chunk=cfg.logprob_chunk, flex=run.flex,
-                           ld_alpha=cfg.ld_alpha, wpo=cfg.use_weighting)
+                           ld_alpha=cfg.ld_alpha, wpo=cfg.use_weighting, scalar=cfg.loss_type == "reward")
     if cfg.fsdp:  # a shard group per block and one for the rest: weights gathered block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights in forward and backward; gradients reduced in float32 (bf16 sums lose bits)
@@ -678,7 +701,7 @@ def setup_training(cfg, stack):
            f"reference {meta['ref_from']}")
     return Trainer(cfg=cfg, run=run, model=model, module=module, optimizer=optimizer, ref=ref,
                    train_data=train_data, val_data=val_data, meta=meta, resumed=ck, start=start,
-                   sft=sft, log=log)
+                   sft=sft, log=log, judged=judge_eval)
 
 
 # -----------------------------------------------------------------------------
@@ -706,7 +729,10 @@ def eval_and_save(t, it):
         ev = evaluate(t.module, t.val_data, t.ref, t.run, n_pairs)
         shown = ("loss", "chosen_logp") if t.sft else ev
         print0(f"eval {it}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in shown))
-        t.log({"iter": it, **{f"val/{k}": v for k, v in ev.items()}})
+        rec = {"iter": it, **{f"val/{k}": v for k, v in ev.items()}}
+        if t.judged:  # the policy's samples on fixed val prompts, judged (judged.py)
+            rec |= t.judged(t.model)
+        t.log(rec)
     interval = cfg.eval_interval and it % cfg.eval_interval == 0 and it > 0
     if cfg.save_checkpoint and (interval or last):
         checkpoint.save(cfg, t.model, t.optimizer, it, t.meta)

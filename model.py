@@ -28,6 +28,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # GPT-2 has biases in Linear and LayerNorm
+    reward_head: bool = False  # a reward model (reward.py): a scalar head `score` beside lm_head
 
 # -----------------------------------------------------------------------------
 # the model
@@ -216,6 +217,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        if config.reward_head:  # HF's GPT2ForSequenceClassification names it score too
+            self.score = nn.Linear(config.n_embd, 1, bias=False)
         # GPT-2 init: N(0, 0.02), residual projections scaled down by 1/sqrt(2 * n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():

@@ -17,10 +17,7 @@ metrics.jsonl and round.json (written last: the round is done). Any dpo.py optio
 Left out: generating inside the training loop, pairwise judges, torchrun, a moving reference.
 """
 import dataclasses
-import importlib
 import json
-import math
-import numbers
 import os
 import shutil
 import sys
@@ -33,7 +30,8 @@ import torch
 
 import checkpoint
 import dpo
-from prepare import EOT, PrepareError, ShardWriter, gpt2_encoding, list_shards, toy_reward
+from judges import load_judge, score
+from prepare import EOT, PrepareError, ShardWriter, gpt2_encoding, list_shards
 
 
 @dataclass
@@ -42,42 +40,16 @@ class OnlineConfig(dpo.Config):
     rounds: int = 4  # max_iters is split evenly over them
     prompts_per_round: int = 1600  # = pairs per round; prompts are drawn from data_dir's train split
     num_samples: int = 2  # k responses per prompt: the best is chosen, the worst rejected
-    judge: str = "toy"  # toy: prepare.toy_reward(response) | module:function, (prompt text, response text) -> float
+    judge: str = "toy"  # toy | module:function, (prompt text, response text) -> float | rm:PATH (judges.py)
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0  # 0 = all tokens
     generate_batch: int = 64  # rows per generate call (a call runs until its longest row ends: small wastes less)
 
 
-def load_judge(spec):
-    if spec == "toy":
-        return lambda prompt, response: toy_reward(response)
-    module, _, name = spec.partition(":")
-    try:
-        judge = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"--judge={spec}: could not load it ({e}); expected toy or "
-                         f"module:function (module on sys.path)") from None
-    if not callable(judge):
-        raise ValueError(f"--judge={spec} is not a function")
-    return judge
-
-
-def score(judge, spec, prompt, response):
-    try:
-        s = judge(prompt, response)
-    except Exception as e:  # the judge is the user's code: any failure is one clear line
-        raise ValueError(f"judge {spec} raised {type(e).__name__}: {e} "
-                         f"(prompt {prompt!r}, response {response!r})") from None
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
-        raise ValueError(f"judge {spec} returned {s!r} ({type(s).__name__}) for prompt {prompt!r}, "
-                         f"response {response!r}: expected a finite float")
-    return float(s)
-
-
 def sample_pairs(policy, prompts, cfg, r, device):
     """round r's pairs: (prompt, chosen, rejected) token lists, scores; prompts in a seeded order"""
-    enc, judge, k = gpt2_encoding(), load_judge(cfg.judge), cfg.num_samples
+    enc, judge, k = gpt2_encoding(), load_judge(cfg.judge, device), cfg.num_samples
     g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + r)  # reruns: same pairs
     order = np.random.default_rng([cfg.seed, r]).permutation(len(prompts))
     pairs, scores, tried = [], [], 0
@@ -93,11 +65,12 @@ def sample_pairs(policy, prompts, cfg, r, device):
         pad = torch.tensor([T - len(p) for p in batch for _ in range(k)], device=device)
         out = policy.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                               generator=g, pad_left=pad)
-        for i, p in enumerate(batch):
-            text = enc.decode(p)
-            resp = [row[T:].tolist() for row in out[i * k:(i + 1) * k]]
-            resp = [x[:x.index(EOT) + 1] if EOT in x else x for x in resp]  # with EOT, as prepare
-            s = [score(judge, cfg.judge, text, enc.decode([t for t in x if t != EOT])) for x in resp]
+        rows = [row[T:].tolist() for row in out]
+        rows = [x[:x.index(EOT) + 1] if EOT in x else x for x in rows]  # with EOT, as prepare
+        texts = [enc.decode(p) for p in batch for _ in range(k)]
+        batch_scores = score(judge, cfg.judge, texts, [enc.decode([t for t in x if t != EOT]) for x in rows])
+        for i, p in enumerate(batch):  # one judge call per generate call: an rm: judge runs batched
+            resp, s = rows[i * k:(i + 1) * k], batch_scores[i * k:(i + 1) * k]
             scores += s
             best, worst = int(np.argmax(s)), int(np.argmin(s))
             if s[best] > s[worst] and resp[best] != resp[worst]:

@@ -11,7 +11,6 @@ data_dir, ...); with --init_from=RUN (one of our checkpoints) they default to th
 data_dir for compare, its seed), except where it computes (device, dtype, ...).
 """
 import json
-import math
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import dpo
+import judged
 from prepare import EOT, PrepareError, gpt2_encoding, list_shards, toy_reward
 
 # the demo works from any folder
@@ -95,7 +95,8 @@ def response(row, prompt_len, keep_eot=False):
 def compare(cfg, device):
     """the toy task's before/after table on held-out prompts: ground-truth reward of the reference's
     (SFT) and the policy's (DPO) generations, a KL estimate between them, and preference accuracy on
-    the held-out pairs"""
+    the held-out pairs. each model samples from a generator of its own (the reference's numbers never
+    move with the policy); standard errors are clustered by prompt (judged.clustered_sem)"""
     policy, reference, ref_from = load_pair_of_models(cfg, device)
     if reference is None:
         raise ValueError(f"--init_from={cfg.init_from} records no reference model to compare against: "
@@ -104,7 +105,8 @@ def compare(cfg, device):
     val = dpo.PairData(cfg.data_dir, "val", policy.config.block_size, truncate=True)
     # the unique prompts, in order
     prompts = list(dict.fromkeys(tuple(val[i][0].tolist()) for i in range(len(val))))
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    gens = {"reference": judged.generator(device, cfg.seed, judged.REFERENCE_STREAM),
+            "policy": judged.generator(device, cfg.seed, judged.POLICY_STREAM)}
     res = {name: {"greedy": [], "sampled": []} for name in ("reference", "policy")}
     kl, t0 = [], time.time()
     for n, p in enumerate(prompts):
@@ -113,7 +115,7 @@ def compare(cfg, device):
             greedy = m.generate(idx, cfg.max_new_tokens, temperature=0.0)
             res[name]["greedy"].append(toy_reward(enc.decode(response(greedy[0], len(p)))))
             samples = m.generate(idx.repeat(cfg.num_samples, 1), cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_k=cfg.top_k or None, generator=g)
+                                 temperature=cfg.temperature, top_k=cfg.top_k or None, generator=gens[name])
             toks = [response(s, len(p), keep_eot=True) for s in samples]
             res[name]["sampled"] += [toy_reward(enc.decode([t for t in s if t != EOT]))
                                      for s in toks]
@@ -133,21 +135,24 @@ def compare(cfg, device):
     for name in res:
         res[name]["acc"] = float(np.mean(margins[name] > 0))
     implicit_acc = float(np.mean(margins["policy"] - margins["reference"] > 0))
-    sampled = [f"{mean(res[n]['sampled']):+.3f} ± {sem(res[n]['sampled']):.3f}" for n in res]
+    clusters = np.repeat(np.arange(len(prompts)), cfg.num_samples)  # each sample's prompt
+    sems = {n: judged.clustered_sem(res[n]["sampled"], clusters) for n in res}
+    kl_sem = judged.clustered_sem(kl, clusters)
+    sampled = [f"{mean(res[n]['sampled']):+.3f} ± {sems[n]:.3f}" for n in res]
     rows = [("reward, greedy", *(f"{mean(res[n]['greedy']):+.3f}" for n in res)),
             (f"reward, sampled (T={cfg.temperature})", *sampled),
             ("log p(chosen) > log p(rejected)", *(f"{res[n]['acc']:.3f}" for n in res)),
             ("implicit reward accuracy", "", f"{implicit_acc:.3f}"),
-            ("KL(policy || reference), nats", "", f"{mean(kl):.2f}")]
-    print(f"\nheld-out prompts: {len(prompts)}, {cfg.num_samples} samples each; "
+            ("KL(policy || reference), nats", "", f"{mean(kl):.2f} ± {kl_sem:.2f}")]
+    print(f"\nheld-out prompts: {len(prompts)}, {cfg.num_samples} samples each (± clustered by prompt); "
           f"reference = {ref_from}, policy = {cfg.init_from}")
     print(f"{'':34s} {'reference (SFT)':>18s} {'policy (DPO)':>18s}")
     for r in rows:
         print(f"{r[0]:34s} {r[1]:>18s} {r[2]:>18s}")
     summary = {n: {k: (mean(v) if isinstance(v, list) else v) for k, v in d.items()}
                for n, d in res.items()}
-    summary = summary | {"sampled_sem": {n: sem(res[n]["sampled"]) for n in res}, "kl": mean(kl),
-                         "implicit_acc": implicit_acc}
+    summary = summary | {"sampled_sem": sems, "kl": mean(kl), "kl_sem": kl_sem, "implicit_acc": implicit_acc,
+                         "prompts": len(prompts)}
     # one JSON line for scripts
     print(json.dumps({"init_from": cfg.init_from, "ref_from": ref_from, "seed": cfg.seed, **summary}))
     return summary
@@ -155,11 +160,6 @@ def compare(cfg, device):
 
 def mean(xs):
     return float(np.mean(xs))
-
-
-def sem(xs):
-    """the standard error of the mean"""
-    return float(np.std(xs) / math.sqrt(len(xs)))
 
 
 def demo():

@@ -79,6 +79,8 @@ def ref_losses(loss_type, pc, pr, rc, rr, lc, lr, beta, ls, gamma, delta, tau):
         elif loss_type == "orpo":
             odds = lambda a: math.exp(a) / (1 - math.exp(a))
             v = -pc[i] / lc[i] - beta * logsig(math.log(odds(pc[i] / lc[i]) / odds(pr[i] / lr[i])))
+        elif loss_type == "reward":  # the inputs are a reward model's rewards r_w, r_l
+            v = -logsig(pc[i] - pr[i])
         else:
             raise AssertionError(loss_type)
         out.append(v)
@@ -146,7 +148,9 @@ def test_matches_formula(loss_type, beta, ls):
     for got, w in zip(losses.tolist(), want):
         assert got == pytest.approx(w, rel=1e-9, abs=1e-12), (loss_type, got, w)
     pc, pr, rc, rr, lc, lr = plain
-    if loss_type in ("simpo", "orpo"):  # their own reward: beta * per-token average policy log-prob
+    if loss_type == "reward":  # a reward model's own rewards, as they came
+        want_c, want_r = pc, pr
+    elif loss_type in ("simpo", "orpo"):  # their own reward: beta * per-token average policy log-prob
         want_c = [beta * pc[i] / lc[i] for i in range(9)]
         want_r = [beta * pr[i] / lr[i] for i in range(9)]
     else:
@@ -235,8 +239,8 @@ def test_unknown_loss_type():
         dpo_loss(pc, pr, None, None, loss_type="kto")
     msg = str(err.value)
     assert "'kto'" in msg and all(name in msg for name in LOSS_TYPES)
-    # 17 losses + the aot_unpaired alias
-    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 18
+    # 17 losses + the aot_unpaired alias + a reward model's (reward.py)
+    assert isinstance(LOSS_TYPES, tuple) and len(set(LOSS_TYPES)) == 19
 
 
 def test_only_one_reference_is_an_error():
@@ -412,3 +416,24 @@ def test_orpo_is_reference_free():
     a = dpo_loss(pc, pr, rc, rr, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
     b = dpo_loss(pc, pr, None, None, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_reward_model_loss_is_trls_bradley_terry_with_centering():
+    # TRL's RewardTrainer: mean(-log sigma(r_w - r_l)) + c * mean((r_w + r_l)^2), here per pair (the caller
+    # takes the mean); a reward model's rewards go in where log-probs go, references and beta play no part
+    rng = random.Random(11)
+    rw = [rng.uniform(-6, 6) for _ in range(7)]
+    rl = [rng.uniform(-6, 6) for _ in range(7)]
+    t = lambda v: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+    for c in (0.0, 0.01, 0.5):
+        a, b = t(rw), t(rl)
+        losses, cr, rjr = dpo_loss(a, b, torch.zeros(7, dtype=torch.float64), torch.ones(7, dtype=torch.float64),
+                                   beta=0.3, loss_type="reward", center_rewards_coefficient=c)
+        want = [-logsig(x - y) + c * (x + y) ** 2 for x, y in zip(rw, rl)]
+        assert losses.tolist() == pytest.approx(want, rel=1e-12)
+        assert cr.tolist() == rw and rjr.tolist() == rl
+        losses.mean().backward()
+        grad_w = [(-sig(-(x - y)) + 2 * c * (x + y)) / 7 for x, y in zip(rw, rl)]
+        grad_l = [(sig(-(x - y)) + 2 * c * (x + y)) / 7 for x, y in zip(rw, rl)]
+        assert a.grad.tolist() == pytest.approx(grad_w, rel=1e-10)
+        assert b.grad.tolist() == pytest.approx(grad_l, rel=1e-10)

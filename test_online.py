@@ -333,3 +333,26 @@ def test_online_bad_judge_is_one_clear_error_and_done_rounds_stay(tmp_path, toy_
     assert not (tmp_path / "out" / "round_001").exists()  # nothing half-written for round 1
     with pytest.raises(ValueError, match="could not load"):
         online_module.main([f"--judge={spec}x", "--device=cpu"])
+
+
+def test_online_with_a_reward_model_judge_runs_two_rounds(tmp_path, toy_sft):
+    # a reward model trained on the toy pairs (from the SFT model) judges online DPO's samples, batched
+    rm = tiny_cfg(tmp_path, str(toy_sft / "data"), out_dir=str(tmp_path / "rm"), init_from=str(toy_sft / "sft"),
+                  loss_type="reward", max_iters=4, eval_interval=0)
+    train(rm)
+    spec = f"rm:{rm.out_dir}"
+    cfg = online_cfg(tmp_path, toy_sft, judge=spec)
+    records = online_module.online(cfg)
+    assert [r["round"] for r in records] == [0, 1]
+    judge = __import__("judges").load_judge(spec)
+    for r in range(cfg.rounds):  # best over worst by the judge, re-scored here one pair at a time
+        d = Path(cfg.out_dir) / f"round_{r:03d}"
+        rows = [json.loads(line) for line in open(d / "pairs" / "pairs.jsonl")]
+        assert len(rows) == cfg.prompts_per_round
+        for row in rows:
+            strip = lambda s: s.replace("<|endoftext|>", "")
+            assert row["chosen_score"] > row["rejected_score"]
+            for side in ("chosen", "rejected"):
+                again = judge([row["prompt"]], [strip(row[side])])[0]
+                assert row[f"{side}_score"] == pytest.approx(again, abs=1e-5)
+        assert torch.load(d / "ckpt.pt", weights_only=True)["iter_num"] == (r + 1) * cfg.max_iters // cfg.rounds
