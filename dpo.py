@@ -1,26 +1,18 @@
 """
 Direct Preference Optimization (DPO) for GPT-2, top to bottom: config -> micro-batches ->
-response log-probs -> the loss -> the reference -> the training loop. batches.py is the data side.
+response log-probs -> the loss -> the reference -> the training loop (batches.py: the data side).
 
 The offline toy run (CPU, a few minutes; `python sample.py --mode=demo` runs all four):
     python prepare.py                                  # writes data/toy/
     python dpo.py --config=config/toy_sft.py           # SFT  -> out/toy_sft
     python dpo.py --config=config/toy_dpo.py           # DPO  -> out/toy_dpo (reference: SFT)
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
-Real data and real GPT-2 weights:
+Real data and real GPT-2 weights, on one GPU, 8 (DDP) or sharded (FSDP):
     python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh
-    python dpo.py --config=config/hh_gpt2.py                                   # one GPU
-    torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py # DDP
-    torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py \
-        --init_from=gpt2-xl --fsdp=true                                        # FSDP
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \
-        --master_port=29500 dpo.py ...                                         # two machines
-Options: python dpo.py --help; --key=value on the command line, --config=FILE reads
-`key = value` lines first.
-
-Left out on purpose: generation while training (online DPO is online.py), LoRA, tensor and
-pipeline parallelism, a dataset library (prepare.py writes token shards once), schedules beyond
-warmup + cosine.
+    python dpo.py --config=config/hh_gpt2.py
+    torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py
+    torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py --fsdp=true
+Options: python dpo.py --help; --key=value, or --config=FILE with `key = value` lines.
 """
 import contextlib
 import copy
