@@ -9,6 +9,7 @@ truncation, the train/val split, skipped rows and the shard layout: README.md, "
 """
 
 import concurrent.futures
+import contextlib
 import difflib
 import functools
 import gzip
@@ -22,11 +23,13 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.request
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -37,6 +40,7 @@ HUMAN, ASSIST = "\n\nHuman:", "\n\nAssistant:"
 ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 FORMATS = ("hh", "standard", "implicit", "conversational")
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
 SPLITS = ("train", "val")
 
 # -----------------------------------------------------------------------------
@@ -52,7 +56,7 @@ OPTIONS = {  # name: (default, help); the default's type is the option's type
     "hh_mismatch": ("recover", "recover | skip: hh rows whose rejected does not start with chosen's prompt"),
     "hh_subsets": ("harmless-base", "comma separated, of: " + ", ".join(HH_SUBSETS)),
     "hh_split": ("train", "train | test | both: which HH files to download"),
-    "hh_base_url": ("https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main", "where the HH files live (file:// works)"),
+    "hh_base_url": (HH_URL, "where the HH files live (file:// works)"),
     "download_dir": ("data/downloads/hh-rlhf", "cache for downloaded files"),
     "out_dir": ("", "output folder (default data/<dataset or input file name>)"),
     "max_length": (512, "max tokens of prompt + response"),
@@ -72,7 +76,8 @@ def parse_args(argv):
     cfg = SimpleNamespace(**{k: d for k, (d, _) in OPTIONS.items()})
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\noptions:\n" + "\n".join(f"  {f'--{k}={d}':<32} {h}" for k, (d, h) in OPTIONS.items()))
+            options = [f"  {f'--{k}={d}':<32} {h}" for k, (d, h) in OPTIONS.items()]
+            print(__doc__ + "\noptions:\n" + "\n".join(options))
             sys.exit(0)
         key, eq, val = arg[2:].partition("=")
         if not arg.startswith("--") or key not in OPTIONS:
@@ -80,63 +85,73 @@ def parse_args(argv):
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise PrepareError(f"unknown option {arg!r}{hint}; valid keys: " + ", ".join(OPTIONS))
         default = OPTIONS[key][0]
-        need(eq or isinstance(default, int), f"--{key} needs a value: --{key}=...", PrepareError)
+        if not eq and not isinstance(default, int):  # a bare --flag means 1
+            raise PrepareError(f"--{key} needs a value: --{key}=...")
         try:
             setattr(cfg, key, type(default)(val) if eq else 1)
         except ValueError:
             raise PrepareError(f"--{key} expects {type(default).__name__}, got {val!r}") from None
     return cfg
 
-class Skip(Exception):
-    """A bad row: skipped, and counted under its reason."""
-
-def need(ok, what, error=Skip):
-    if not ok:
-        raise error(what)
-
 def validate(cfg):
-    for ok, msg in [
-            (cfg.format in ("auto",) + FORMATS, f"--format must be auto or one of {FORMATS}, got {cfg.format!r}"),
-            (cfg.hh_mismatch in ("recover", "skip"), "--hh_mismatch must be recover or skip"),
-            (cfg.hh_split in ("train", "test", "both"), "--hh_split must be train, test or both"),
-            (cfg.input or cfg.dataset in ("toy", "hh"), f"--dataset must be toy or hh (or give --input), got {cfg.dataset!r}"),
-            (1 <= cfg.max_prompt_length <= cfg.max_length, "need 1 <= --max_prompt_length <= --max_length"),
-            (0 <= cfg.val_fraction < 1, "--val_fraction must be in [0, 1)"),
-            (min(cfg.shard_pairs, cfg.batch_rows, cfg.toy_pairs) >= 1, "--shard_pairs, --batch_rows, --toy_pairs must be >= 1"),
-            (cfg.shard_pairs * 2 * cfg.max_length < 2**31, "a shard's token count must fit int32: lower --shard_pairs")]:
-        need(ok, msg, PrepareError)
+    if cfg.format not in ("auto",) + FORMATS:
+        raise PrepareError(f"--format must be auto or one of {FORMATS}, got {cfg.format!r}")
+    if cfg.hh_mismatch not in ("recover", "skip"):
+        raise PrepareError("--hh_mismatch must be recover or skip")
+    if cfg.hh_split not in ("train", "test", "both"):
+        raise PrepareError("--hh_split must be train, test or both")
+    if not cfg.input and cfg.dataset not in ("toy", "hh"):
+        raise PrepareError(f"--dataset must be toy or hh (or give --input), got {cfg.dataset!r}")
+    if not 1 <= cfg.max_prompt_length <= cfg.max_length:
+        raise PrepareError("need 1 <= --max_prompt_length <= --max_length")
+    if not 0 <= cfg.val_fraction < 1:
+        raise PrepareError("--val_fraction must be in [0, 1)")
+    if min(cfg.shard_pairs, cfg.batch_rows, cfg.toy_pairs) < 1:
+        raise PrepareError("--shard_pairs, --batch_rows, --toy_pairs must be >= 1")
+    if cfg.shard_pairs * 2 * cfg.max_length >= 2**31:
+        raise PrepareError("a shard's token count must fit int32: lower --shard_pairs")
 
 # -----------------------------------------------------------------------------
-# toy task: controlled sentiment with a known reward (like the DPO paper's IMDb task); each word is one GPT-2 token
+# toy task: controlled sentiment with a known reward (like the DPO paper's IMDb task)
 
-TOY_ITEMS = [" " + w for w in (
-    "movie book phone car hotel restaurant game song album laptop camera shoe chair table coffee pizza "
-    "burger show film park beach museum bike watch bag jacket shirt lamp bed room bar cafe sandwich salad "
-    "soup cake bread wine beer tea guitar piano concert class course teacher doctor app website service "
-    "store shop product tool knife pen desk house apartment city").split()]
+def _words(text):  # each of these words, after a space, is one GPT-2 token
+    return [" " + w for w in text.split()]
+
+TOY_ITEMS = _words(
+    "movie book phone car hotel restaurant game song album laptop camera shoe chair table coffee "
+    "pizza burger show film park beach museum bike watch bag jacket shirt lamp bed room bar cafe "
+    "sandwich salad soup cake bread wine beer tea guitar piano concert class course teacher doctor "
+    "app website service store shop product tool knife pen desk house apartment city")
 TOY_VAL_ITEMS = TOY_ITEMS[5::6]  # 10 items whose prompts only ever appear in val
 TOY_TEMPLATES = ("Review of the{item}:", "My review of the{item}:", "Thoughts on the{item}:")
-TOY_POSITIVE = [" " + w for w in "good great nice excellent amazing wonderful perfect fantastic lovely best happy fun".split()]
-TOY_NEGATIVE = [" " + w for w in "bad terrible awful poor horrible worst boring ugly sad broken annoying useless".split()]
-TOY_NEUTRAL = [" " + w for w in "the was and very it is a this really quite so but my I think for of with just".split()]
+TOY_POSITIVE = _words("good great nice excellent amazing wonderful perfect fantastic lovely best happy fun")
+TOY_NEGATIVE = _words("bad terrible awful poor horrible worst boring ugly sad broken annoying useless")
+TOY_NEUTRAL = _words("the was and very it is a this really quite so but my I think for of with just")
 _POS, _NEG = {w.strip() for w in TOY_POSITIVE}, {w.strip() for w in TOY_NEGATIVE}
-_TOY_SPLIT = {t.format(item=i): "val" if i in TOY_VAL_ITEMS else "train" for t in TOY_TEMPLATES for i in TOY_ITEMS}
+_TOY_SPLIT = {t.format(item=i): "val" if i in TOY_VAL_ITEMS else "train"  # prompt -> its split
+              for t in TOY_TEMPLATES for i in TOY_ITEMS}
 
 def toy_reward(text):
-    """Ground-truth reward: (#positive - #negative words) / #words, in [-1, 1]. Text after <|endoftext|> is ignored."""
+    """(#positive - #negative words) / #words in [-1, 1], of the text before any <|endoftext|>"""
     words = re.findall(r"[a-z']+", text.split("<|endoftext|>")[0].lower())
     return (sum(w in _POS for w in words) - sum(w in _NEG for w in words)) / max(len(words), 1)
 
 def _toy_response(rng, item):
-    mood, n = rng.random(), rng.randint(6, 10)  # P(positive word) = 0.45 * mood, P(negative) = 0.45 * (1 - mood)
+    mood = rng.random()  # P(positive word) = 0.45 * mood, P(negative word) = 0.45 * (1 - mood)
+    n = rng.randint(6, 10)
     words = [item] if rng.random() < 0.5 else []  # often starts with the item
     while len(words) < n:
         u = rng.random()
-        words.append(rng.choice(TOY_POSITIVE if u < 0.45 * mood else TOY_NEGATIVE if u < 0.45 else TOY_NEUTRAL + [item]))
+        if u < 0.45 * mood:
+            words.append(rng.choice(TOY_POSITIVE))
+        elif u < 0.45:
+            words.append(rng.choice(TOY_NEGATIVE))
+        else:
+            words.append(rng.choice(TOY_NEUTRAL + [item]))
     return "".join(words) + " ."
 
 def make_toy_pairs(n, seed):
-    """n toy pairs {prompt, chosen, rejected}: two samples of the base generator, chosen = higher toy_reward."""
+    """n toy pairs {prompt, chosen, rejected}: two responses, chosen has the higher toy_reward"""
     rng, pairs = random.Random(seed), []
     for _ in range(n):
         item = rng.choice(TOY_ITEMS)
@@ -165,32 +180,36 @@ class Pairs:
     def __init__(self, path):
         path = self.path = str(path)
         def check(ok, msg):
-            if not ok:
-                try:
-                    cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
-                except (OSError, ValueError, KeyError):
-                    cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
-                raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
-        size = os.path.getsize(path)
-        check(size >= HEADER_INTS * 4, f"{size} bytes is too small for the {HEADER_INTS * 4}-byte header (truncated file?)")
+            if ok:
+                return
+            try:
+                cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
+            except (OSError, ValueError, KeyError):
+                cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
+            raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
+        size, head = os.path.getsize(path), HEADER_INTS * 4  # head: the header's bytes
+        check(size >= head, f"{size} bytes is too small for the {head}-byte header (truncated file?)")
         magic, version, n, ntok = (int(x) for x in np.fromfile(path, dtype=np.int32, count=4))
         check(magic == MAGIC, f"bad magic {magic} (expected {MAGIC}): not a prepare.py shard")
         check(version == VERSION, f"version {version}, this reader expects {VERSION}")
-        expected = HEADER_INTS * 4 + n * 12 + ntok * 2
-        check(n >= 0 and ntok >= 0 and size == expected,
-              f"file is {size} bytes but its header ({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
-        L = self.lengths = np.fromfile(path, dtype=np.int32, count=3 * n, offset=HEADER_INTS * 4).reshape(n, 3).astype(np.int64)
+        expected = head + n * 12 + ntok * 2
+        check(n >= 0 and ntok >= 0 and size == expected, f"file is {size} bytes but its header "
+              f"({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
+        L = np.fromfile(path, dtype=np.int32, count=3 * n, offset=head).reshape(n, 3)
+        L = self.lengths = L.astype(np.int64)  # (N, 3) prompt, chosen, rejected
         check((L >= 0).all() and (L[:, 1:] > 0).all(), "has a negative length or an empty response (corrupted)")
-        # an empty prompt would have its first response token predicted from the previous pair's tokens
-        check((L[:, 0] > 0).all(), f"{int((L[:, 0] == 0).sum())} pairs have an empty prompt (prepare.py never writes one)")
+        # an empty prompt would have its first response token predicted from the previous pair's
+        empty = (L[:, 0] == 0).sum()
+        check(not empty, f"{empty} pairs have an empty prompt (prepare.py never writes one)")
         check(L.sum() == ntok, f"lengths sum to {L.sum()} tokens, the header says {ntok} (corrupted)")
-        self.offsets = np.cumsum(L.sum(axis=1)) - L.sum(axis=1)  # (N,) start of each pair in .tokens
-        self.tokens = (np.memmap(path, dtype=np.uint16, mode="r", offset=expected - 2 * ntok, shape=(ntok,))
-                       if ntok else np.zeros(0, dtype=np.uint16))
+        self.offsets = np.cumsum(L.sum(axis=1)) - L.sum(axis=1)  # (N,) each pair's start in .tokens
+        self.tokens = np.zeros(0, dtype=np.uint16)
+        if ntok:
+            self.tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=head + n * 12)
 
     @functools.cached_property
     def max_token(self):
-        """The largest token id (-1 if none), read once when asked: the trainer checks it against its vocab."""
+        """The largest token id (-1 if none), read when first asked (the trainer checks it)"""
         return int(self.tokens.max()) if len(self.tokens) else -1
 
     def __len__(self):
@@ -198,39 +217,53 @@ class Pairs:
 
     def __getitem__(self, i):  # (an index out of range raises IndexError here)
         o, (p, c, r) = int(self.offsets[i]), self.lengths[i]
-        return self.tokens[o:o + p], self.tokens[o + p:o + p + c], self.tokens[o + p + c:o + p + c + r]
+        tokens = self.tokens[o:o + p + c + r]
+        return tokens[:p], tokens[p:p + c], tokens[p + c:]
 
 load_pairs = Pairs
 
 def list_shards(data_dir, split, required=True):
-    paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
+    paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_{'[0-9]' * 6}.bin"))
     if not paths and required:
         raise FileNotFoundError(f"no {split} shards ({split}_*.bin) in {data_dir}; create them with: "
                                 f"python prepare.py --out_dir={data_dir} (toy), or add --dataset=hh / --input=FILE")
     return paths
 
 # -----------------------------------------------------------------------------
-# input: files -> rows (read lazily) -> (prompt, chosen, rejected, note) text; a bad row raises Skip(reason)
+# input: files -> rows (read lazily) -> (prompt, chosen, rejected, note); a bad row raises Skip
+
+class Skip(Exception):
+    """A bad row: skipped, and counted under its reason."""
+
+def need(ok, reason):
+    if not ok:
+        raise Skip(reason)
+
+def _json_array(f, path):  # a .json file: one array, parsed whole (not streamed)
+    try:
+        rows = json.load(f)
+    except ValueError as e:
+        raise PrepareError(f"{path}:{getattr(e, 'lineno', '?')}: not a valid JSON array ({e}); "
+                           "a file of one JSON object per line should be named .jsonl") from None
+    if not isinstance(rows, list):
+        raise PrepareError(f"{path}:1: expected a JSON array of objects, got {type(rows).__name__}")
+    return rows
 
 def iter_rows(paths, state):
-    """Yield (where, row), row = a jsonl line's bytes (parsed in the workers) or a parsed object; state: progress.
-    Input that is not the claimed format at all (not JSON, a broken gzip file, an empty file) is fatal."""
+    """Yield (where, row), row: a JSON Lines line's bytes (the workers parse it) or an object.
+    state: how far it read. Not the claimed format at all (not JSON, broken gzip, empty) is fatal"""
     for path in paths:
-        gz, is_array, n, rows = path.endswith(".gz"), path.removesuffix(".gz").endswith(".json"), 0, 0
+        gz = path.endswith(".gz")
         state.raw = raw = open(path, "rb")  # its position is the progress (compressed bytes read)
         f = gzip.GzipFile(fileobj=raw) if gz else raw
+        n = rows = 0
         try:
-            if is_array:  # a JSON array is parsed whole (not streamed)
-                try:
-                    f = json.load(f)
-                except ValueError as e:
-                    raise PrepareError(f"{path}:{getattr(e, 'lineno', '?')}: not a valid JSON array ({e}); "
-                                       "a file of one JSON object per line should be named .jsonl") from None
-                need(isinstance(f, list), f"{path}:1: expected a JSON array of objects, got {type(f).__name__}", PrepareError)
+            if path.removesuffix(".gz").endswith(".json"):
+                f = _json_array(f, path)
             for n, row in enumerate(f, 1):
                 if isinstance(row, bytes) and not row.strip():
                     continue
-                if isinstance(row, bytes) and not rows:  # the first row must be JSON, else this is not JSON Lines
+                if isinstance(row, bytes) and not rows:  # the first row tells if it is JSON Lines
                     try:
                         row = json.loads(row)
                     except ValueError as e:
@@ -243,7 +276,8 @@ def iter_rows(paths, state):
                                "re-download or re-create it") from None
         finally:
             raw.close()
-        need(rows, f"{path}:1: empty file (no rows); expected one JSON object per line", PrepareError)
+        if not rows:
+            raise PrepareError(f"{path}:1: empty file (no rows); expected one JSON object per line")
         state.done_bytes += os.path.getsize(path)
 
 def _text(row, key):
@@ -264,7 +298,7 @@ def extract_hh(row, o):
     need(chosen.strip() and rejected.strip(), "empty_text")
     k, note = chosen.rfind(ASSIST), None
     need(k >= 0, "no_assistant_turn")
-    while not rejected.startswith(chosen[:k + len(ASSIST)]):  # diverged before chosen's last turn: try an earlier one
+    while not rejected.startswith(chosen[:k + len(ASSIST)]):  # they part before chosen's last turn
         k, note = chosen.rfind(ASSIST, 0, k), "prompt_mismatch_recovered"
         need(o.hh_mismatch == "recover" and k >= 0, "prompt_mismatch")
     n = k + len(ASSIST)
@@ -274,51 +308,62 @@ def extract_implicit(row, o):
     chosen, rejected = _text(row, o.chosen_key), _text(row, o.rejected_key)
     need(chosen != rejected, "identical")
     common = os.path.commonprefix([chosen, rejected])
+    n, shorter = len(common), min(len(chosen), len(rejected))
     if ASSIST in common:
         n = common.rfind(ASSIST) + len(ASSIST)
     else:  # back up to whitespace that starts both responses
-        n = len(common)
-        while n > 0 and not (n < min(len(chosen), len(rejected)) and chosen[n].isspace() and rejected[n].isspace()):
+        while n > 0 and not (n < shorter and chosen[n].isspace() and rejected[n].isspace()):
             n -= 1
     need(n > 0, "no_shared_prompt")
     return _checked(chosen[:n], chosen[n:], rejected[n:])
 
-def _messages(value, is_prompt=False):
+def _messages(value, is_prompt=False):  # -> [(role, content)]
     if is_prompt and isinstance(value, str):  # a bare prompt string is one user message
         value = [{"role": "user", "content": value}]
-    need(isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES
-                                         and isinstance(m.get("content"), str) for m in value), "wrong_type")
+    need(isinstance(value, list), "wrong_type")
+    for m in value:
+        need(isinstance(m, dict) and m.get("role") in ROLES, "wrong_type")
+        need(isinstance(m.get("content"), str), "wrong_type")
     return [(m["role"], m["content"]) for m in value]
+
+def _render(messages):  # HH's layout: "\n\nHuman: ...\n\nAssistant: ..."
+    return "".join(f"\n\n{ROLES[role]}: {content}" for role, content in messages)
 
 def extract_conversational(row, o):
     need(o.chosen_key in row and o.rejected_key in row, "missing_field")
     chosen, rejected = _messages(row[o.chosen_key]), _messages(row[o.rejected_key])
     if o.prompt_key in row:  # the prompt may or may not be repeated inside chosen/rejected
         prompt = _messages(row[o.prompt_key], is_prompt=True)
-        chosen, rejected = (ms if ms[:len(prompt)] == prompt else prompt + ms for ms in (chosen, rejected))
+        if chosen[:len(prompt)] != prompt:
+            chosen = prompt + chosen
+        if rejected[:len(prompt)] != prompt:
+            rejected = prompt + rejected
     need(chosen and rejected, "empty_text")
     need(chosen != rejected, "identical")
     k = len(os.path.commonprefix([chosen, rejected]))  # the messages both share are the prompt
     need(k > 0, "no_shared_prompt")
     need(k < len(chosen) and k < len(rejected), "empty_text")
-    need(chosen[k][0] == "assistant" and rejected[k][0] == "assistant", "prompt_mismatch")  # they diverge at a reply
-    render = lambda ms: "".join(f"\n\n{ROLES[role]}: {content}" for role, content in ms)
-    response = lambda ms: " " + ms[0][1] + render(ms[1:])
-    return _checked(render(chosen[:k]) + ASSIST, response(chosen[k:]), response(rejected[k:]))
+    need(chosen[k][0] == "assistant" and rejected[k][0] == "assistant", "prompt_mismatch")
+    # a response: its first reply's text (after "Assistant:"), then any later turns
+    chosen_text = " " + chosen[k][1] + _render(chosen[k + 1:])
+    rejected_text = " " + rejected[k][1] + _render(rejected[k + 1:])
+    return _checked(_render(chosen[:k]) + ASSIST, chosen_text, rejected_text)
 
-EXTRACT = dict(hh=extract_hh, standard=extract_standard, implicit=extract_implicit, conversational=extract_conversational)
+EXTRACT = {"hh": extract_hh, "standard": extract_standard, "implicit": extract_implicit,
+           "conversational": extract_conversational}
 
 def detect_format(row, o, where):
-    chosen, rejected = (row.get(o.chosen_key), row.get(o.rejected_key)) if isinstance(row, dict) else (None, None)
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        return "conversational"
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        if isinstance(row.get(o.prompt_key), str):
-            return "standard"
-        return "hh" if HUMAN in chosen and ASSIST in chosen else "implicit"
+    if isinstance(row, dict):
+        chosen, rejected = row.get(o.chosen_key), row.get(o.rejected_key)
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            return "conversational"
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            if isinstance(row.get(o.prompt_key), str):
+                return "standard"
+            return "hh" if HUMAN in chosen and ASSIST in chosen else "implicit"
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise PrepareError(f"{where}: unknown format (row has {keys}); expected chosen/rejected strings or message lists: "
-                       "pass --format and --prompt_key/--chosen_key/--rejected_key")
+    raise PrepareError(f"{where}: unknown format (row has {keys}); expected chosen/rejected strings or "
+                       "message lists: pass --format and --prompt_key/--chosen_key/--rejected_key")
 
 # -----------------------------------------------------------------------------
 # tokenizing (batches of rows, in worker processes or inline) and writing shards
@@ -329,24 +374,35 @@ def gpt2_encoding():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests / urllib errors, depending on the tiktoken version
         raise PrepareError(
-            f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}: {str(e)[:200]}). Its first use downloads "
-            "vocab.bpe and encoder.json from openaipublic.blob.core.windows.net into tiktoken's cache folder "
-            "($TIKTOKEN_CACHE_DIR, default data-gym-cache in the temp folder), which names each file by the SHA-1 of "
-            "its URL, so copying vocab.bpe into a folder is not enough. Fill one on a machine online with: "
-            "TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\", then copy DIR "
-            "here and set TIKTOKEN_CACHE_DIR to it") from None
+            f"could not load tiktoken's GPT-2 tokenizer ({type(e).__name__}: {str(e)[:200]}). "
+            "Its first use downloads vocab.bpe and encoder.json from "
+            "openaipublic.blob.core.windows.net into tiktoken's cache folder ($TIKTOKEN_CACHE_DIR, "
+            "default data-gym-cache in the temp folder), which names each file by the SHA-1 of its "
+            "URL, so copying vocab.bpe into a folder is not enough. Fill one on a machine online "
+            "with: TIKTOKEN_CACHE_DIR=DIR python -c "
+            "\"import tiktoken; tiktoken.get_encoding('gpt2')\", then copy DIR here and set "
+            "TIKTOKEN_CACHE_DIR to it") from None
 
 def truncate(p, c, r, max_length, max_prompt_length):
-    """Cut token lists: the prompt loses its start (only if the pair is too long), then responses their end."""
+    """Cut token lists: the prompt loses its start (if the pair is too long), responses their end"""
     cut_p = len(p) + max(len(c), len(r)) > max_length and len(p) > max_prompt_length
     p = p[-max_prompt_length:] if cut_p else p
     room = max(max_length - len(p), 0)
     return p, c[:room], r[:room], (cut_p, len(c) > room, len(r) > room)
 
+class Tokenized(NamedTuple):  # process_batch's result for one batch of rows
+    rows: int
+    skips: list  # [(where, reason)]
+    notes: list  # [(where, note)]
+    arrays: dict  # split -> (lengths (k, 3) int32, tokens uint16)
+    cuts: np.ndarray  # (4,) pairs truncated, prompts cut, chosen cut, rejected cut
+
 def process_batch(batch, o):
-    """rows -> (#rows, skips, notes, {split: (lengths (k, 3) int32, tokens uint16)}, truncation counts)"""
-    enc, out = gpt2_encoding(), {s: ([], []) for s in SPLITS}  # split -> (lengths, tokens)
-    skips, late, notes, cuts = [], [], [], np.zeros(4, dtype=np.int64)  # late: skips after tokenizing, listed last
+    """[(where, row)] -> Tokenized"""
+    enc = gpt2_encoding()
+    lengths, tokens = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
+    skips, notes, cuts = [], [], np.zeros(4, dtype=np.int64)
+    late = []  # rows skipped after tokenizing, listed after the others
     for where, row in batch:
         try:
             if isinstance(row, bytes):
@@ -364,31 +420,57 @@ def process_batch(batch, o):
         if o.split_mode == "toy" and prompt in _TOY_SPLIT:
             split = _TOY_SPLIT[prompt]
         else:  # by a hash of the prompt, so no prompt is in both splits
-            h = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
-            split = "val" if h / 2**64 < o.val_fraction else "train"
-        p, c, r = (enc.encode_ordinary(t) for t in (prompt, chosen, rejected))  # "<|endoftext|>" in text is plain text
+            h = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
+            split = "val" if int.from_bytes(h, "little") / 2**64 < o.val_fraction else "train"
+        # encode_ordinary: "<|endoftext|>" inside a text is plain text, not EOT
+        p = enc.encode_ordinary(prompt)
+        c = enc.encode_ordinary(chosen)
+        r = enc.encode_ordinary(rejected)
         p, c, r, cut = truncate(p, c + [EOT], r + [EOT], o.max_length, o.max_prompt_length)
-        if not (p and c and r):  # (p is never empty: its text is not blank, and max_prompt_length >= 1)
+        if not (p and c and r):  # (p is never empty: its text is not blank)
             late.append((where, "empty_after_truncation"))
         elif c == r:
             late.append((where, "identical_after_truncation"))
         else:
-            out[split][0].append((len(p), len(c), len(r)))
-            out[split][1].extend(p + c + r)
+            lengths[split].append((len(p), len(c), len(r)))
+            tokens[split].extend(p + c + r)
             cuts += (any(cut), *cut)
-    arrays = {s: (np.array(l, dtype=np.int32).reshape(-1, 3), np.fromiter(t, np.uint16, len(t))) for s, (l, t) in out.items()}
-    return len(batch), skips + late, notes, arrays, cuts
+    arrays = {}
+    for s in SPLITS:
+        arrays[s] = (np.array(lengths[s], np.int32).reshape(-1, 3), np.array(tokens[s], np.uint16))
+    return Tokenized(len(batch), skips + late, notes, arrays, cuts)
 
-def tokenized_batches(rows, opts):  # process_batch results in input order, computed here (1 worker) or in a pool
-    workers = opts.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    batches = iter(lambda: list(itertools.islice(rows, opts.batch_rows)), [])  # lists of batch_rows rows, until []
-    gpt2_encoding()  # load once here (a clear error offline); forked workers inherit tiktoken's cache
+def _cores():  # the cores this process may use
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+def _batches(rows, size):  # lists of size rows (the last one shorter)
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+def _start_worker(parent):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM and ends the pool
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
+
+def _exit_without(parent):  # the workers of a parent killed by SIGKILL would wait for work forever
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+def tokenized_batches(rows, opts):
+    """process_batch's results in input order, computed here (1 worker) or in a pool of processes"""
+    workers = opts.num_workers or _cores()
+    batches = _batches(rows, opts.batch_rows)
+    gpt2_encoding()  # loaded here once (a clear error offline); forked workers inherit it
     if workers == 1:
-        yield from (process_batch(batch, opts) for batch in batches)
+        for batch in batches:
+            yield process_batch(batch, opts)
         return
-    # the workers ignore Ctrl-C: the parent ends the pool (a multiprocessing.Pool could hang on a worker killed mid-send)
+    # not a multiprocessing.Pool: it could hang on a worker killed while it sends a result
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else None)
-    with concurrent.futures.ProcessPoolExecutor(workers, ctx, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as ex:
+    with concurrent.futures.ProcessPoolExecutor(workers, ctx, _start_worker, (os.getpid(),)) as ex:
         pending = []  # at most 2 batches per worker in flight, so memory stays flat
         try:
             for batch in batches:
@@ -401,23 +483,27 @@ def tokenized_batches(rows, opts):  # process_batch results in input order, comp
             raise PrepareError("a tokenizer process died (out of memory?); try fewer --num_workers") from None
 
 class ShardWriter:
-    """Shards of one split: tokens stream to a side file, lengths stay in memory (bounded by shard_pairs)."""
+    """Shards of one split: tokens stream to a side file, lengths (of one shard) stay in memory"""
 
     def __init__(self, folder, split, shard_pairs):
-        self.folder, self.split, self.shard_pairs, self.shards, self.side = folder, split, shard_pairs, [], folder / f".{split}.tokens.tmp"
+        self.folder, self.split, self.shard_pairs = folder, split, shard_pairs
+        self.shards = []  # [{file, pairs, tokens}]
+        self.side = folder / f".{split}.tokens.tmp"
         self._start()
 
     def _start(self):
-        self.lengths, self.pairs, self.ntok, self.tokfile = [], 0, 0, open(self.side, "wb")
+        self.lengths, self.pairs, self.ntok = [], 0, 0
+        self.tokfile = open(self.side, "wb")
 
     def add(self, lengths, tokens):  # (k, 3) int32, (sum of lengths,) uint16
-        ends, i = np.cumsum(lengths.sum(axis=1)), 0
-        while i < len(lengths):
-            j = min(len(lengths), i + self.shard_pairs - self.pairs)  # up to the end of this shard
-            lo, hi = (ends[i - 1] if i else 0), ends[j - 1]
-            self.lengths.append(lengths[i:j])
-            tokens[lo:hi].tofile(self.tokfile)
-            self.pairs, self.ntok, i = self.pairs + j - i, self.ntok + int(hi - lo), j
+        while len(lengths):
+            k = min(len(lengths), self.shard_pairs - self.pairs)  # up to the end of this shard
+            ntok = int(lengths[:k].sum())
+            self.lengths.append(lengths[:k])
+            tokens[:ntok].tofile(self.tokfile)
+            self.pairs += k
+            self.ntok += ntok
+            lengths, tokens = lengths[k:], tokens[ntok:]
             if self.pairs == self.shard_pairs:
                 self.close()
                 self._start()
@@ -426,7 +512,8 @@ class ShardWriter:
         self.tokfile.close()
         if self.pairs:
             name = f"{self.split}_{len(self.shards):06d}.bin"
-            header = np.array([MAGIC, VERSION, self.pairs, self.ntok] + [0] * (HEADER_INTS - 4), dtype=np.int32)
+            header = np.zeros(HEADER_INTS, dtype=np.int32)
+            header[:4] = (MAGIC, VERSION, self.pairs, self.ntok)
             with open(self.folder / name, "wb") as f, open(self.side, "rb") as t:
                 header.tofile(f)
                 np.concatenate(self.lengths).astype(np.int32).tofile(f)
@@ -439,13 +526,14 @@ class ShardWriter:
 # the whole run
 
 def download(url, dest, log=print):
-    """Fetch url to dest once (an existing dest is kept) -> str(dest); on any failure: nothing left, OSError says why"""
+    """Fetch url to dest unless it exists -> str(dest); a failure leaves nothing (OSError: why)"""
     dest = Path(dest)
     if dest.exists():
-        log(f"using {dest} (delete it to download again)")
+        if log:
+            log(f"using {dest} (delete it to download again)")
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: concurrent ranks never share one
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # ranks may download at once
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total, done, t0, shown = int(r.headers.get("Content-Length") or 0), 0, time.time(), 0
@@ -454,11 +542,14 @@ def download(url, dest, log=print):
                 done += len(chunk)
                 if time.time() - shown > 0.5 or done == total:  # progress on stderr, twice a second
                     shown = time.time()
-                    size = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB {100 * done / total:5.1f}%" if total else f"{done / 1e6:.1f} MB"
-                    print(f"\rdownloading {url}: {size} {done / 1e6 / max(shown - t0, 1e-9):.1f} MB/s", end="",
-                          file=sys.stderr, flush=True)
+                    size = f"{done / 1e6:.1f} MB"
+                    if total:
+                        size = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB {100 * done / total:5.1f}%"
+                    speed = done / 1e6 / max(shown - t0, 1e-9)
+                    print(f"\rdownloading {url}: {size} {speed:.1f} MB/s", end="", file=sys.stderr,
+                          flush=True)
         print(file=sys.stderr)
-        if total and done != total:  # a connection that closed early must not leave a "complete" file behind
+        if total and done != total:  # a connection that closed early leaves no "complete" file
             raise OSError(f"incomplete, got {done} of {total} bytes")
         os.replace(tmp, dest)
     except OSError as e:  # URLError, HTTPError, timeouts, disk full
@@ -471,97 +562,48 @@ def _sources(cfg, log):  # -> (name, input paths or None for toy)
     if cfg.input:
         paths = cfg.input.split(",")
         for p in paths:
-            need(os.path.isfile(p), f"{p}: no such file (--input)", PrepareError)
+            if not os.path.isfile(p):
+                raise PrepareError(f"{p}: no such file (--input)")
         return Path(paths[0]).name.split(".")[0], paths
     if cfg.dataset == "toy":
         return "toy", None
-    subsets, splits = cfg.hh_subsets.split(","), ["train", "test"] if cfg.hh_split == "both" else [cfg.hh_split]
-    for s in subsets:
-        need(s in HH_SUBSETS, f"unknown HH subset {s!r}; choose from {', '.join(HH_SUBSETS)}", PrepareError)
+    splits = ["train", "test"] if cfg.hh_split == "both" else [cfg.hh_split]
+    for s in cfg.hh_subsets.split(","):
+        if s not in HH_SUBSETS:
+            raise PrepareError(f"unknown HH subset {s!r}; choose from {', '.join(HH_SUBSETS)}")
+    files = [f"{s}/{split}.jsonl.gz" for s in cfg.hh_subsets.split(",") for split in splits]
     try:
-        return "hh", [download(f"{cfg.hh_base_url}/{s}/{sp}.jsonl.gz", Path(cfg.download_dir) / s / f"{sp}.jsonl.gz", log)
-                      for s in subsets for sp in splits]
+        paths = [download(f"{cfg.hh_base_url}/{f}", Path(cfg.download_dir) / f, log) for f in files]
     except OSError as e:
         raise PrepareError(f"{e} (set --hh_base_url, or pass a local file with --input)") from None
+    return "hh", paths
 
-def _count(tally, items):  # per reason: how many, and the first 5 source lines
-    for where, reason in items:
-        e = tally.setdefault(reason, {"count": 0, "first_lines": []})
-        e["count"] += 1
-        e["first_lines"] += [where] if len(e["first_lines"]) < 5 else []
-
-def prepare(cfg, log=print):
-    """Run the whole pipeline for cfg -> the meta dict (also meta.json); log prints the summary (None: silent)"""
-    validate(cfg)
-    t0 = time.time()
-    name, paths = _sources(cfg, log or (lambda *a: None))
-    out_dir = Path(cfg.out_dir or f"data/{name}")
-    ours = re.compile(r"meta\.json|(train|val)_\d{6}\.bin|ref_logps_\w+\.pt(\.tmp\d+)?")  # + dpo.py's ref caches
-    need(not out_dir.exists() or all(ours.fullmatch(f) for f in os.listdir(out_dir)),
-         f"{out_dir} holds files prepare.py did not write; refusing to replace it (pick another --out_dir)", PrepareError)
-    opts = SimpleNamespace(**vars(cfg), split_mode="toy" if paths is None else "hash")
-    state = SimpleNamespace(raw=None, done_bytes=0)
-    if paths is None:  # toy rows are already dicts in the standard format
-        opts.format, opts.prompt_key, opts.chosen_key, opts.rejected_key = "standard", "prompt", "chosen", "rejected"
-    rows = iter(enumerate(make_toy_pairs(cfg.toy_pairs, cfg.seed), 1)) if paths is None else iter_rows(paths, state)
-    first = next(rows)  # iter_rows raises on an empty file
-    if opts.format == "auto":
-        opts.format = detect_format(first[1], opts, f"{paths[0]}:{first[0]}")
-
-    for d in out_dir.parent.glob(".*.tmp-*-*"):  # the staging folder of a run killed by SIGKILL goes with its process
+@contextlib.contextmanager
+def staged(out_dir, t0):
+    """Yield a hidden sibling folder (same filesystem) to write in; one rename makes it out_dir.
+    An error, Ctrl-C or SIGTERM removes it, and the previous output stays."""
+    for d in out_dir.parent.glob(".*.tmp-*-*"):  # staging of a run killed by SIGKILL goes too
         try:
             os.kill(int(d.name.split("-")[-2]), 0)  # signal 0 only checks that the process exists
         except ProcessLookupError:
             shutil.rmtree(d, ignore_errors=True)
-        except (PermissionError, ValueError):  # another user's process, running; or not a name of ours
+        except (PermissionError, ValueError):  # another user's running process, or not ours
             pass
-    # all output goes to a hidden sibling folder (same filesystem) that replaces out_dir in one rename at the end
-    made = [d for d in [out_dir.parent, *out_dir.parent.parents] if not d.exists()]  # removed again on failure
-    stage, old = (out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{t0}" for kind in ("tmp", "old"))
+    made = [d for d in [out_dir.parent, *out_dir.parent.parents] if not d.exists()]  # go on failure
+    stage = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{t0}"
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{t0}"
     try:
         stage.mkdir(parents=True)
-        writers = {s: ShardWriter(stage, s, cfg.shard_pairs) for s in SPLITS}
-        skipped, notes, trunc, nrows, shown = {}, {}, np.zeros(4, dtype=np.int64), 0, t0
-        total = sum(map(os.path.getsize, paths)) if log and paths else 0
-        for n, skips, nts, arrays, cuts in tokenized_batches(itertools.chain([first], rows), opts):
-            nrows, trunc = nrows + n, trunc + cuts
-            _count(skipped, skips)
-            _count(notes, nts)
-            for s, (lengths, tokens) in arrays.items():
-                writers[s].add(lengths, tokens)
-            if total and time.time() - shown > 1:  # progress on runs over a second: rows/s, % of input read, ETA
-                shown, el = time.time(), time.time() - t0
-                pos = state.done_bytes + (0 if state.raw.closed else state.raw.tell())  # compressed bytes read
-                print(f"prepare: {nrows:,} rows, {nrows / el:,.0f} rows/s, {100 * pos / total:.0f}%, eta "
-                      f"{el * (total - pos) / max(pos, 1):.0f}s ", end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr)
-        if shown > t0 and sys.stderr.isatty():
-            print(file=sys.stderr)
-        bad = skipped.get("malformed_json", {"count": 0})
-        if bad["count"] > nrows / 2:
-            raise PrepareError(f"{paths[0]}: {bad['count']} of {nrows} lines are not valid JSON (first at line "
-                               f"{bad['first_lines'][0]}): is this really a JSON Lines file?")
-        shards = {s: w.close() for s, w in writers.items()}
-        pairs = {s: sum(x["pairs"] for x in v) for s, v in shards.items()}
-        need(pairs["train"], f"{','.join(paths or ['toy'])}: no train pairs left from {nrows} rows "
-                             f"(skipped: {json.dumps(skipped)})", PrepareError)
-        command = " ".join(["python prepare.py"] + [f"--{k}={getattr(cfg, k)}" for k, (d, _) in OPTIONS.items()
-                                                    if getattr(cfg, k) != d])
-        meta = {"tokenizer": "gpt2", "eot_token": EOT, "magic": MAGIC, "version": VERSION, "dataset": name,
-                "source": paths or "toy", "format": opts.format, "command": command, "options": vars(cfg),
-                "rows_read": nrows, "pairs": pairs, "tokens": {s: sum(x["tokens"] for x in v) for s, v in shards.items()},
-                "shards": shards, "skipped": skipped, "notes": notes,
-                "truncated": dict(zip(("pairs", "prompts", "chosen", "rejected"), map(int, trunc))),
-                "seconds": round(time.time() - t0, 3), **({"toy_val_items": TOY_VAL_ITEMS} if paths is None else {})}
-        (stage / "meta.json").write_text(json.dumps(meta, indent=1))
+        yield stage
         if out_dir.exists():
-            os.replace(out_dir, old)  # the previous output steps aside only for the instant of the swap
+            os.replace(out_dir, old)  # the previous output steps aside only for the swap
         os.replace(stage, out_dir)
-    except BaseException as e:  # an error or Ctrl-C: the previous output stays (or goes back)
+    except BaseException as e:
         if old.exists() and not out_dir.exists():
             os.replace(old, out_dir)
         if isinstance(e, OSError):  # disk full, read-only folder, ...
-            raise PrepareError(f"could not write {out_dir}: {e.strerror or e}; the previous output, if any, is "
-                               "unchanged") from None
+            raise PrepareError(f"could not write {out_dir}: {e.strerror or e}; the previous "
+                               "output, if any, is unchanged") from None
         raise
     finally:  # nothing else is left
         for d in (stage, old):
@@ -569,22 +611,103 @@ def prepare(cfg, log=print):
         for d in made:  # deepest first; only a failed run leaves them empty
             if d.exists() and not os.listdir(d):
                 d.rmdir()
+
+def _count(tally, items):  # per reason: how many, and the first 5 source lines
+    for where, reason in items:
+        entry = tally.setdefault(reason, {"count": 0, "first_lines": []})
+        entry["count"] += 1
+        if len(entry["first_lines"]) < 5:
+            entry["first_lines"].append(where)
+
+def prepare(cfg, log=print):
+    """The whole run -> the meta dict (also in meta.json); log prints the summary (None: silent)"""
+    validate(cfg)
+    t0 = time.time()
+    name, paths = _sources(cfg, log)
+    out_dir = Path(cfg.out_dir or f"data/{name}")
+    # out_dir may hold only what prepare.py and dpo.py (its reference caches) write there
+    ours = re.compile(r"meta\.json|(train|val)_\d{6}\.bin|ref_logps_\w+\.pt(\.tmp\d+)?")
+    if out_dir.exists() and not all(ours.fullmatch(f) for f in os.listdir(out_dir)):
+        raise PrepareError(f"{out_dir} holds files prepare.py did not write; refusing to replace "
+                           "it (pick another --out_dir)")
+    opts = SimpleNamespace(**vars(cfg), split_mode="toy" if paths is None else "hash")
+    state = SimpleNamespace(raw=None, done_bytes=0)  # how far iter_rows has read
+    if paths is None:  # toy rows are dicts in the standard format
+        opts.format, opts.prompt_key = "standard", "prompt"
+        opts.chosen_key, opts.rejected_key = "chosen", "rejected"
+        rows = iter(enumerate(make_toy_pairs(cfg.toy_pairs, cfg.seed), 1))
+    else:
+        rows = iter_rows(paths, state)
+    first = next(rows)  # iter_rows raises on an empty file
+    if opts.format == "auto":
+        opts.format = detect_format(first[1], opts, f"{paths[0]}:{first[0]}")
+    with staged(out_dir, t0) as stage:
+        writers = {s: ShardWriter(stage, s, cfg.shard_pairs) for s in SPLITS}
+        skipped, notes, truncated, nrows = {}, {}, np.zeros(4, dtype=np.int64), 0
+        total = sum(map(os.path.getsize, paths)) if log and paths else 0  # 0: no progress line
+        shown = t0
+        for batch in tokenized_batches(itertools.chain([first], rows), opts):
+            nrows += batch.rows
+            truncated += batch.cuts
+            _count(skipped, batch.skips)
+            _count(notes, batch.notes)
+            for s, (lengths, tokens) in batch.arrays.items():
+                writers[s].add(lengths, tokens)
+            if total and time.time() - shown > 1:  # on runs over a second
+                shown = time.time()
+                read = state.done_bytes + (0 if state.raw.closed else state.raw.tell())
+                eta = (shown - t0) * (total - read) / max(read, 1)
+                end = "\r" if sys.stderr.isatty() else "\n"
+                print(f"prepare: {nrows:,} rows, {nrows / (shown - t0):,.0f} rows/s, "
+                      f"{100 * read / total:.0f}%, eta {eta:.0f}s ", end=end, file=sys.stderr)
+        if shown > t0 and sys.stderr.isatty():
+            print(file=sys.stderr)
+        bad = skipped.get("malformed_json", {"count": 0})
+        if bad["count"] > nrows / 2:
+            raise PrepareError(f"{paths[0]}: {bad['count']} of {nrows} lines are not valid "
+                               f"JSON (first at line {bad['first_lines'][0]}): is this really a "
+                               "JSON Lines file?")
+        shards = {s: w.close() for s, w in writers.items()}
+        pairs = {s: sum(x["pairs"] for x in shards[s]) for s in SPLITS}
+        if not pairs["train"]:
+            raise PrepareError(f"{','.join(paths or ['toy'])}: no train pairs left from {nrows} "
+                               f"rows (skipped: {json.dumps(skipped)})")
+        changed = [f"--{k}={getattr(cfg, k)}" for k, (d, _) in OPTIONS.items() if getattr(cfg, k) != d]
+        meta = {"tokenizer": "gpt2", "eot_token": EOT, "magic": MAGIC, "version": VERSION,
+                "dataset": name, "source": paths or "toy", "format": opts.format,
+                "command": " ".join(["python prepare.py"] + changed), "options": vars(cfg),
+                "rows_read": nrows, "pairs": pairs,
+                "tokens": {s: sum(x["tokens"] for x in shards[s]) for s in SPLITS},
+                "shards": shards, "skipped": skipped, "notes": notes,
+                "truncated": dict(zip(("pairs", "prompts", "chosen", "rejected"), map(int, truncated))),
+                "seconds": round(time.time() - t0, 3)}
+        if paths is None:
+            meta["toy_val_items"] = TOY_VAL_ITEMS
+        (stage / "meta.json").write_text(json.dumps(meta, indent=1))
     if log:
         log(summary(meta, out_dir))
     return meta
 
+def _first_lines(tally_entry):  # "3, 7, 9, ..." (the ... when there are more)
+    more = ", ..." if tally_entry["count"] > len(tally_entry["first_lines"]) else ""
+    return ", ".join(map(str, tally_entry["first_lines"])) + more
+
 def summary(meta, out_dir):
-    sk, t, p, n = meta["skipped"], meta["truncated"], meta["pairs"], meta["tokens"]
-    at = lambda v: ", ".join(map(str, v["first_lines"])) + (", ..." if v["count"] > len(v["first_lines"]) else "")
-    return "\n".join(
-        [f"prepare: {out_dir} ({meta['format']}, gpt2 tokens) in {meta['seconds']:.1f}s",
-         f"  rows read   {meta['rows_read']:,}",
-         f"  written     train {p['train']:,} pairs ({n['train']:,} tokens), val {p['val']:,} pairs ({n['val']:,} tokens)",
-         f"  skipped     {sum(v['count'] for v in sk.values()):,}"]
-        + [f"    {r:<28} {v['count']:>7,}  (lines {at(v)})" for r, v in sk.items()]
-        + [f"  note: {r} {v['count']:,} (lines {at(v)})" for r, v in meta["notes"].items()]
-        + [f"  truncated   {t['pairs']:,} pairs (prompts {t['prompts']:,}, chosen {t['chosen']:,}, rejected {t['rejected']:,})"]
-        + (["  warning: no val pairs (raise --val_fraction?)"] if not p["val"] else []))
+    skipped, t, p, n = meta["skipped"], meta["truncated"], meta["pairs"], meta["tokens"]
+    lines = [f"prepare: {out_dir} ({meta['format']}, gpt2 tokens) in {meta['seconds']:.1f}s",
+             f"  rows read   {meta['rows_read']:,}",
+             f"  written     train {p['train']:,} pairs ({n['train']:,} tokens), "
+             f"val {p['val']:,} pairs ({n['val']:,} tokens)",
+             f"  skipped     {sum(v['count'] for v in skipped.values()):,}"]
+    for reason, v in skipped.items():
+        lines.append(f"    {reason:<28} {v['count']:>7,}  (lines {_first_lines(v)})")
+    for note, v in meta["notes"].items():
+        lines.append(f"  note: {note} {v['count']:,} (lines {_first_lines(v)})")
+    lines.append(f"  truncated   {t['pairs']:,} pairs (prompts {t['prompts']:,}, "
+                 f"chosen {t['chosen']:,}, rejected {t['rejected']:,})")
+    if not p["val"]:
+        lines.append("  warning: no val pairs (raise --val_fraction?)")
+    return "\n".join(lines)
 
 def main(argv):
     try:
@@ -593,8 +716,10 @@ def main(argv):
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("prepare.py: interrupted; nothing was written (the previous output, if any, is unchanged)", file=sys.stderr)
+        print("prepare.py: interrupted; nothing was written (the previous output, if any, "
+              "is unchanged)", file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill or a scheduler: as Ctrl-C
     main(sys.argv[1:])

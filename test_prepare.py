@@ -484,42 +484,98 @@ def test_unwritable_output_is_one_line_and_keeps_previous_output(tmp_path, monke
         assert sorted(f.name for f in tmp_path.iterdir()) == ["in.jsonl", "out"], name
 
 
-def test_ctrl_c_while_tokenizing_exits_at_once_and_keeps_previous_output(tmp_path):
-    # Ctrl-C reaches the whole foreground process group; a worker killed while sending its result
-    # left the parent waiting for the rest of the message forever (about 3 tries in 10). Here: 4
-    # tries, SIGINT to the group while the workers tokenize (6 of them, big batches: more results in
-    # flight) -> exit within seconds, one line
+def stop_prepare_while_it_tokenizes(tmp_path, sig, targets):
+    # prepare.py with 6 workers and big batches (more results in flight) on input that keeps them
+    # busy far longer than the test waits (a 10,000-row file read 12 times); sig goes to each of
+    # targets ("group": a Ctrl-C or a scheduler, "parent": kill PID) once the workers' results are
+    # being written (into a hidden sibling of out)
     import signal
     import time
     _, out = run(tmp_path, HH_ROWS)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     big = tmp_path / "big.jsonl"
     text = " ".join(f"word{i % 97} and more" for i in range(60))
-    big.write_text("".join(json.dumps({"prompt": f"Question {i}: {text}", "chosen": f" yes {i} {text}",
-                                       "rejected": f" no {text}"}) + "\n" for i in range(25000)))
-    cmd = [sys.executable, str(ROOT / "prepare.py"), f"--input={big}", f"--out_dir={out}",
+    big.write_text("".join(json.dumps({"prompt": f"Question {i}: {text}",
+                                       "chosen": f" yes {i} {text}",
+                                       "rejected": f" no {text}"}) + "\n" for i in range(10000)))
+    cmd = [sys.executable, str(ROOT / "prepare.py"), "--input=" + ",".join([str(big)] * 12),
+           f"--out_dir={out}",
            "--num_workers=6", "--batch_rows=500"]
     rng = random.Random(0)
-    for attempt in range(4):
+    for attempt, target in enumerate(targets):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
-        # tokenizing has started once results are being written (into a hidden sibling of out)
         t0 = time.time()
         while p.poll() is None and time.time() - t0 < 30 and not any(
                 f.is_file() and f.stat().st_size for d in tmp_path.glob(".out*") for f in d.glob(".*")):
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))
-        os.killpg(p.pid, signal.SIGINT)
+        ended = p.poll() is not None
+        assert not ended, f"try {attempt}: prepare.py ended before {sig.name}: {p.communicate()}"
+        if target == "group":
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
         try:
             _, err = p.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
-            pytest.fail(f"try {attempt}: prepare.py still running 10 s after Ctrl-C")
+            pytest.fail(f"try {attempt}: prepare.py still running 10 s after {sig.name}")
         assert p.returncode == 130 and "Traceback" not in err, err
-        assert err.strip().splitlines()[-1].startswith("prepare.py: interrupted; nothing was written"), err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("prepare.py: interrupted; nothing was written"), err
         assert {f.name: f.read_bytes() for f in out.iterdir()} == before
         assert sorted(f.name for f in tmp_path.iterdir()) == ["big.jsonl", "in.jsonl", "out"]
+
+
+def test_ctrl_c_while_tokenizing_exits_at_once_and_keeps_previous_output(tmp_path):
+    # Ctrl-C reaches the whole foreground process group; a worker killed while sending its result
+    # left the parent waiting for the rest of the message forever (about 3 tries in 10). Here: 4
+    # tries, SIGINT to the group while the workers tokenize -> exit within seconds, one line
+    import signal
+    stop_prepare_while_it_tokenizes(tmp_path, signal.SIGINT, ["group"] * 4)
+
+
+def test_sigterm_while_tokenizing_cleans_up_like_ctrl_c(tmp_path):
+    # SIGTERM (kill PID, or a scheduler to the whole group) left the hidden staging folder
+    # data/.NAME.tmp-PID-... until the next run; now it ends like Ctrl-C: one line, exit status 130,
+    # nothing staged left, the previous output untouched (SIGKILL cannot be caught: the next run
+    # removes its staging, tested below)
+    import signal
+    stop_prepare_while_it_tokenizes(tmp_path, signal.SIGTERM, ["parent", "group"])
+
+
+def test_sigkill_while_tokenizing_leaves_no_worker_behind(tmp_path):
+    # SIGKILL cannot be caught: its workers waited for work forever; now they exit within seconds
+    # (the staging folder goes at the next run:
+    # test_prepare_removes_the_staging_folder_of_a_run_killed_by_sigkill)
+    import signal
+    import time
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i} " + "word " * 50, "chosen": " yes",
+                                       "rejected": " no"})
+                           + "\n" for i in range(20000)))
+    p = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), f"--input={src}", "--num_workers=3",
+                          f"--out_dir={tmp_path / 'out'}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # its workers: the processes of its group
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < 30 and not any(
+            f.stat().st_size for f in tmp_path.glob(".out.tmp-*/.*.tokens.tmp")):
+        time.sleep(0.01)
+    assert p.poll() is None, "prepare.py ended before SIGKILL was sent"
+    p.kill()
+    p.wait()
+    for _ in range(100):
+        ps = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True)
+        rows = [line.split() for line in ps.stdout.splitlines()]
+        left = [r for r in rows if r[0] == str(p.pid) and not r[1].startswith("Z")]
+        if not left:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"{len(left)} workers still running 10 s after prepare.py was killed")
 
 
 def test_prepare_removes_the_staging_folder_of_a_run_killed_by_sigkill(tmp_path):
