@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
-from batches import (PairData, attention_mask, flex_block_mask, make_shape, micro_batches,
-                     on_device, step_pairs, to_device)
+from batches import PairData, make_shape, micro_batches, on_device, step_pairs, to_device
 from checkpoint import print0, setup
+from model import attention_mask, flex_block_mask
 from prepare import PrepareError, list_shards
 
 # -----------------------------------------------------------------------------

@@ -98,6 +98,47 @@ def _flex_attention(q):
     return _compiled_flex if q.is_cuda else flex_attention
 
 
+# -----------------------------------------------------------------------------
+# the attention mask of packed rows (batches.py), built on the device from doc (which pair, -1:
+# padding) and branch (0 prompt, 1 chosen, 2 rejected)
+
+def attention_mask(doc, branch):
+    """(R, 1, T, T) bool, True = may attend: causal, same pair, never chosen <-> rejected.
+    padding (doc -1) attends causally to other padding: no row is empty (no NaN from softmax)"""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    same_pair = doc[:, :, None] == doc[:, None, :]
+    key_is_prompt = branch[:, None, :] == 0
+    same_branch = branch[:, :, None] == branch[:, None, :]
+    return (causal & same_pair & (key_is_prompt | same_branch))[:, None]
+
+def flex_block_mask(doc, branch, block=128):
+    """the same mask as a FlexAttention BlockMask, built by tensor ops inside the compiled forward
+    (no host sync, nothing compiled per call): a (query block, key block) tile where nothing may
+    attend is skipped, one where everything may runs without mask_mod"""
+    from torch.nn.attention.flex_attention import BlockMask
+    R, T = doc.shape  # T: a multiple of block (batches.make_shape)
+    tiles = attention_mask(doc, branch).view(R, T // block, block, T // block, block)
+    some = tiles.any(4).any(2)  # (R, T/block, T/block)
+    every = tiles.all(4).all(2)
+
+    def kv_blocks(tile):  # per query block: how many key blocks, and which (those first)
+        order = torch.argsort(tile.to(torch.int8), dim=-1, descending=True, stable=True)
+        return tile.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    def mask_mod(b, h, q, k):
+        causal = k <= q
+        same_pair = doc[b, q] == doc[b, k]
+        key_is_prompt = branch[b, k] == 0
+        same_branch = branch[b, k] == branch[b, q]
+        return causal & same_pair & (key_is_prompt | same_branch)
+
+    partial_count, partial = kv_blocks(some & ~every)
+    full_count, full = kv_blocks(every)
+    return BlockMask.from_kv_blocks(partial_count, partial, full_count, full, BLOCK_SIZE=block,
+                                    mask_mod=mask_mod)
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
