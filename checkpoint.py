@@ -187,10 +187,10 @@ def show(value):
     """an option's value as the command line writes it"""
     return str(value).lower() if isinstance(value, bool) else value
 
-def resume_config(out_dir, argv, cls):
+def resume_config(out_dir, argv, cls, check):
     """--init_from=resume: the options from the checkpoint (the shape from its model), changed where
-    the command line or a --config file names one; each change printed, one that breaks the run
-    refused. start() then checks the data and the reference against the checkpoint and loads it"""
+    the command line or a --config file names one; each change printed once check(cfg) passed, one
+    that breaks the run refused. start() then checks the data and the reference and loads it"""
     ck, path = read_resumable(out_dir, mmap=True)
     saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
     saved = {k: v for k, v in saved.items() if k not in ("out_dir", "init_from")}  # this command's
@@ -210,6 +210,7 @@ def resume_config(out_dir, argv, cls):
         raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop "
                          f"{them}{where} to continue the run as it was, or start a new run from "
                          f"its weights: --init_from={path} --out_dir=NEW")
+    check(cfg)
     for k, (old, new) in changes.items():
         launch = f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""
         print0(f"resume: {k} {show(old)} -> {show(new)}{launch}")

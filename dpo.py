@@ -216,7 +216,7 @@ def check_config(cfg):
 def parse_config(argv, cls=Config, defaults=None):
     cfg = configurator.parse(argv, cls, defaults)
     if cfg.init_from == "resume" and cls is Config:  # the checkpoint's options, changed where named
-        cfg = checkpoint.resume_config(cfg.out_dir, argv, cls)
+        return checkpoint.resume_config(cfg.out_dir, argv, cls, check_config)
     check_config(cfg)
     return cfg
 

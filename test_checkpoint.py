@@ -250,6 +250,10 @@ def test_a_resume_says_its_step_and_one_that_trains_nothing_says_so(tmp_path, ca
         work = ("resumed", "saved", "iter", "eval", "reference")
         assert not [l for l in out if l.startswith(work)]
     assert (Path(ck).read_bytes(), Path(out_dir, "metrics.jsonl").read_bytes()) == before
+    # a bad value is the one line: no "resume: beta 0.1 -> nan" before it
+    with pytest.raises(SystemExit):
+        dpo.main(resume + ["--max_iters=4", "--beta=nan"])
+    assert capsys.readouterr() == ("", "error: --beta=nan: expected a finite number\n")
 
 
 def test_a_stopped_run_prints_the_callers_continue_command(tmp_path, capsys, monkeypatch):
