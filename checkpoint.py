@@ -107,8 +107,12 @@ def data_block_size(data_dir):
 
 def data_hash(data_dir):
     """the identity of the pairs, all shard bytes: a resume may find its data under another path"""
+    return files_hash(list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False))
+
+def files_hash(paths):
+    """a hash of the files' names and bytes"""
     h = hashlib.sha256()
-    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False):
+    for path in paths:
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -183,10 +187,10 @@ def show(value):
     """an option's value as the command line writes it"""
     return str(value).lower() if isinstance(value, bool) else value
 
-def resume_config(out_dir, argv, cls):
+def resume_config(out_dir, argv, cls, check):
     """--init_from=resume: the options from the checkpoint (the shape from its model), changed where
-    the command line or a --config file names one; each change printed, one that breaks the run
-    refused. start() then checks the data and the reference against the checkpoint and loads it"""
+    the command line or a --config file names one; each change printed once check(cfg) passed, one
+    that breaks the run refused. start() then checks the data and the reference and loads it"""
     ck, path = read_resumable(out_dir, mmap=True)
     saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
     saved = {k: v for k, v in saved.items() if k not in ("out_dir", "init_from")}  # this command's
@@ -194,6 +198,9 @@ def resume_config(out_dir, argv, cls):
     # {option: (the run's value, this launch's)}; an option this version no longer has is no change
     changes = {k: (old, getattr(cfg, k)) for k, old in saved.items() if getattr(cfg, k, old) != old}
     breaking = {k: change for k, change in changes.items() if k in FIXED}
+    if breaking and list_shards(cfg.data_dir, "train", required=False):  # named with the rest (start checks it)
+        if ck.get("data_hash") not in (None, data_hash(cfg.data_dir)):
+            breaking["data_dir"] = (ck["config"]["data_dir"], f"{cfg.data_dir} (other data)")
     if breaking:
         asked = ", ".join(f"--{k}={show(new)}" for k, (old, new) in breaking.items())
         had = ", ".join(f"{k}={show(old)}" for k, (old, new) in breaking.items())
@@ -203,6 +210,7 @@ def resume_config(out_dir, argv, cls):
         raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop "
                          f"{them}{where} to continue the run as it was, or start a new run from "
                          f"its weights: --init_from={path} --out_dir=NEW")
+    check(cfg)
     for k, (old, new) in changes.items():
         launch = f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""
         print0(f"resume: {k} {show(old)} -> {show(new)}{launch}")
@@ -387,14 +395,16 @@ def finish(cfg, model, step):
     print0(f"{result}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
 
 class Stop:
-    """SIGINT / SIGTERM (a cluster preempts the job): finish the step, save, exit; twice: quit"""
+    """SIGINT / SIGTERM (a cluster preempts the job): finish the step, save, exit; twice: quit.
+    before the first step (during = what runs) either one quits at once"""
 
     def __init__(self):
         self.asked = False
+        self.during = "setup"
         self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, signum, frame):
-        if self.asked:
+        if self.asked or self.during:
             raise KeyboardInterrupt
         self.asked = True
         if is_rank0():  # os.write: a print here can re-enter a print the step is in
