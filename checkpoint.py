@@ -21,6 +21,7 @@ import torch.distributed as dist
 import configurator
 from model import GPT, GPTConfig
 from prepare import list_shards, load_pairs
+from weights import is_hub_repo
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 # the options a resume refuses to change: they would break the run
@@ -85,13 +86,13 @@ def load_model(source, cfg):
         block_size = cfg.block_size or data_block_size(cfg.data_dir)
         return GPT(GPTConfig(block_size=block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    gpt2_name = source.startswith("gpt2") and not os.path.exists(source)
-    if gpt2_name or os.path.isfile(os.path.join(source, "config.json")):
+    hub_name = (source.startswith("gpt2") or is_hub_repo(source)) and not os.path.exists(source)
+    if hub_name or os.path.isfile(os.path.join(source, "config.json")):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
     path = checkpoint_path(source)
     if path is None:
-        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], "
-                                f"a Hugging Face folder with config.json, or a checkpoint file / "
+        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a hub repo "
+                                f"user/name, a Hugging Face folder with config.json, or a checkpoint file / "
                                 f"folder with ckpt.pt; found none")
     return model_from_checkpoint(read_checkpoint(path), cfg, path)
 
