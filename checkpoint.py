@@ -378,8 +378,12 @@ def lock(out_dir):
 def finish(cfg, model, step):
     """the end of a run: the Hugging Face export if asked, and where the result is"""
     hf = os.path.join(cfg.out_dir, "hf")
-    if is_rank0() and cfg.export_hf:
-        model.save_pretrained(hf)
+    if cfg.export_hf:  # every rank: FSDP gathers the full weights from the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+        weights = get_model_state_dict(model, options=options)
+        if is_rank0():
+            model.save_pretrained(hf, weights)
     result = f"finished step {step}, no checkpoint (--save_checkpoint=false)"
     if cfg.save_checkpoint:
         result = f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')} (step {step})"

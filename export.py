@@ -37,6 +37,8 @@ def export(cfg) -> list:
     if cfg.init_from in ("scratch", "resume"):
         raise ValueError(f"--init_from={cfg.init_from}: export takes a trained model, "
                          f"e.g. its run folder --init_from=out/toy_dpo")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out_dir={cfg.out_dir} is a file: expected a folder (made if missing)")
     # a config.json beside a run's ckpt.pt would make the folder load as the export, not the run
     if os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir={cfg.out_dir} holds a run (ckpt.pt): export into a folder "

@@ -371,9 +371,10 @@ class GPT(nn.Module):
         model.transformer.wte.weight = model.lm_head.weight  # assign=True made two tensors: re-tie
         return model
 
-    def save_pretrained(self, directory) -> list:
+    def save_pretrained(self, directory, state_dict=None) -> list:
         """Write config.json, model.safetensors (float32) and, when the vocabulary holds GPT-2's, its
-        tokenizer files, in Hugging Face's GPT-2 layout -> the file names (export.py, --export_hf)."""
+        tokenizer files, in Hugging Face's GPT-2 layout -> the file names (export.py, --export_hf).
+        state_dict: the full weights to write (FSDP: gathered by the caller), else this model's."""
         if not self.config.bias:
             raise ValueError("Hugging Face GPT-2 always has biases: cannot save a bias=False model in its format")
         texts = {"config.json": json.dumps(hf_config(self.config), indent=2) + "\n"}
@@ -385,7 +386,8 @@ class GPT(nn.Module):
         # every file is written beside its final name, then all are renamed: a failure keeps the old
         tmp = os.path.join(directory, f".tmp{os.getpid()}-")
         try:
-            save_safetensors(to_hf_layout(self.state_dict()), tmp + files[0])
+            weights = self.state_dict() if state_dict is None else state_dict
+            save_safetensors(to_hf_layout(weights), tmp + files[0])
             for name, text in texts.items():
                 with open(tmp + name, "w", encoding="utf-8") as f:
                     f.write(text)

@@ -279,7 +279,8 @@ def test_export_bad_inputs_are_one_line(trained_run, tmp_path, capsys):
              ([f"--init_from={run}", f"--out_dir={run}"], r"holds a run \(ckpt.pt\): export into a"),
              (["--init_from=resume", out], r"--init_from=resume: export takes a trained model"),
              ([f"--init_from={tmp_path / 'nope'}", out], r"nope does not exist"),
-             ([f"--init_from={tmp_path}", out], r"config.json not found and no ckpt.pt")]
+             ([f"--init_from={tmp_path}", out], r"config.json not found and no ckpt.pt"),
+             ([f"--init_from={run}", f"--out_dir={run}/metrics.jsonl"], r"metrics.jsonl is a file: expected a")]
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         for args, pattern in cases:  # main() in-process
