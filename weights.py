@@ -154,8 +154,9 @@ def save_safetensors(tensors: dict, path) -> None:
 # what a name leads to: a folder, a dpo.py run, an official name or a hub repo (downloaded once)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# a hub repo id, user/name; a path that does not exist may look the same, so its error says both
-HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# a hub repo id, user/name, each part starting with a letter or digit (never . or ..: the cache
+# path is made from it); a path that does not exist may look the same, so its error says both
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # the fields of GPTConfig a dpo.py checkpoint's model_config must give (dropout is the loader's)
 RUN_SHAPE = {"block_size": int, "vocab_size": int, "n_layer": int, "n_head": int, "n_embd": int,
              "bias": bool}
