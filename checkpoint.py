@@ -21,6 +21,7 @@ import torch.distributed as dist
 import configurator
 from model import GPT, GPTConfig
 from prepare import list_shards, load_pairs
+from weights import is_hub_repo
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 # the options a resume refuses to change: they would break the run
@@ -85,13 +86,13 @@ def load_model(source, cfg):
         block_size = cfg.block_size or data_block_size(cfg.data_dir)
         return GPT(GPTConfig(block_size=block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    gpt2_name = source.startswith("gpt2") and not os.path.exists(source)
-    if gpt2_name or os.path.isfile(os.path.join(source, "config.json")):
+    hub_name = (source.startswith("gpt2") or is_hub_repo(source)) and not os.path.exists(source)
+    if hub_name or os.path.isfile(os.path.join(source, "config.json")):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
     path = checkpoint_path(source)
     if path is None:
-        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], "
-                                f"a Hugging Face folder with config.json, or a checkpoint file / "
+        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a hub repo "
+                                f"user/name, a Hugging Face folder with config.json, or a checkpoint file / "
                                 f"folder with ckpt.pt; found none")
     return model_from_checkpoint(read_checkpoint(path), cfg, path)
 
@@ -385,8 +386,12 @@ def lock(out_dir):
 def finish(cfg, model, step):
     """the end of a run: the Hugging Face export if asked, and where the result is"""
     hf = os.path.join(cfg.out_dir, "hf")
-    if is_rank0() and cfg.export_hf:
-        model.save_pretrained(hf)
+    if cfg.export_hf:  # every rank: FSDP gathers the full weights from the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+        weights = get_model_state_dict(model, options=options)
+        if is_rank0():
+            model.save_pretrained(hf, weights)
     result = f"finished step {step}, no checkpoint (--save_checkpoint=false)"
     if cfg.save_checkpoint:
         result = f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')} (step {step})"

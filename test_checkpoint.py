@@ -26,6 +26,7 @@ import checkpoint
 import dpo
 import sample as sample_module
 from dpo import train
+from model import GPT
 from testlib import (ROOT, assert_one_error, assert_same_runs, cli, main_error, make_data,
                      random_pairs, read_metrics, run_dpo, sample_cfg, tiny_args, tiny_cfg,
                      torchrun_args, write_shard)
@@ -76,7 +77,9 @@ def test_fsdp_checkpoint_resumes_with_another_world_size(tmp_path):
     data_dir = make_data(tmp_path)
     args = torchrun_args(data_dir, "packed", reference="cached", lr_decay_iters=4)
     full = run_dpo(tmp_path, "full", args)
-    run_dpo(tmp_path, "half", args + ["--max_iters=2", "--fsdp=true"], nproc=2)
+    _, half = run_dpo(tmp_path, "half", args + ["--max_iters=2", "--fsdp=true", "--export_hf=true"], nproc=2)
+    exported = GPT.from_pretrained(f"{tmp_path}/half/hf").state_dict()  # the full weights, gathered
+    assert all(torch.equal(exported[k], half[k]) for k in half)
     for name in ("fsdp1", "plain"):
         shutil.copytree(f"{tmp_path}/half", f"{tmp_path}/{name}")
     assert_same_runs(full, run_dpo(tmp_path, "fsdp1", args + ["--init_from=resume", "--fsdp=true"],
