@@ -21,6 +21,7 @@ import torch.distributed as dist
 import configurator
 from model import GPT, GPTConfig
 from prepare import list_shards, load_pairs
+from weights import is_hub_repo
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 # the options a resume refuses to change: they would break the run
@@ -85,13 +86,13 @@ def load_model(source, cfg):
         block_size = cfg.block_size or data_block_size(cfg.data_dir)
         return GPT(GPTConfig(block_size=block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    gpt2_name = source.startswith("gpt2") and not os.path.exists(source)
-    if gpt2_name or os.path.isfile(os.path.join(source, "config.json")):
+    hub_name = (source.startswith("gpt2") or is_hub_repo(source)) and not os.path.exists(source)
+    if hub_name or os.path.isfile(os.path.join(source, "config.json")):
         return GPT.from_pretrained(source, dropout=cfg.dropout)
     path = checkpoint_path(source)
     if path is None:
-        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], "
-                                f"a Hugging Face folder with config.json, or a checkpoint file / "
+        raise FileNotFoundError(f"init_from={source}: expected scratch, gpt2[-medium|-large|-xl], a hub repo "
+                                f"user/name, a Hugging Face folder with config.json, or a checkpoint file / "
                                 f"folder with ckpt.pt; found none")
     return model_from_checkpoint(read_checkpoint(path), cfg, path)
 
@@ -107,8 +108,12 @@ def data_block_size(data_dir):
 
 def data_hash(data_dir):
     """the identity of the pairs, all shard bytes: a resume may find its data under another path"""
+    return files_hash(list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False))
+
+def files_hash(paths):
+    """a hash of the files' names and bytes"""
     h = hashlib.sha256()
-    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False):
+    for path in paths:
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -183,10 +188,10 @@ def show(value):
     """an option's value as the command line writes it"""
     return str(value).lower() if isinstance(value, bool) else value
 
-def resume_config(out_dir, argv, cls):
+def resume_config(out_dir, argv, cls, check):
     """--init_from=resume: the options from the checkpoint (the shape from its model), changed where
-    the command line or a --config file names one; each change printed, one that breaks the run
-    refused. start() then checks the data and the reference against the checkpoint and loads it"""
+    the command line or a --config file names one; each change printed once check(cfg) passed, one
+    that breaks the run refused. start() then checks the data and the reference and loads it"""
     ck, path = read_resumable(out_dir, mmap=True)
     saved = {**ck["config"], **{k: ck["model_config"][k] for k in SHAPE}}
     saved = {k: v for k, v in saved.items() if k not in ("out_dir", "init_from")}  # this command's
@@ -194,6 +199,9 @@ def resume_config(out_dir, argv, cls):
     # {option: (the run's value, this launch's)}; an option this version no longer has is no change
     changes = {k: (old, getattr(cfg, k)) for k, old in saved.items() if getattr(cfg, k, old) != old}
     breaking = {k: change for k, change in changes.items() if k in FIXED}
+    if breaking and list_shards(cfg.data_dir, "train", required=False):  # named with the rest (start checks it)
+        if ck.get("data_hash") not in (None, data_hash(cfg.data_dir)):
+            breaking["data_dir"] = (ck["config"]["data_dir"], f"{cfg.data_dir} (other data)")
     if breaking:
         asked = ", ".join(f"--{k}={show(new)}" for k, (old, new) in breaking.items())
         had = ", ".join(f"{k}={show(old)}" for k, (old, new) in breaking.items())
@@ -203,6 +211,7 @@ def resume_config(out_dir, argv, cls):
         raise ValueError(f"resume: {asked} would break the run in {path} ({had} there): drop "
                          f"{them}{where} to continue the run as it was, or start a new run from "
                          f"its weights: --init_from={path} --out_dir=NEW")
+    check(cfg)
     for k, (old, new) in changes.items():
         launch = f" (this launch's; --{k}={show(old)} keeps the run's)" if k in MACHINE else ""
         print0(f"resume: {k} {show(old)} -> {show(new)}{launch}")
@@ -377,8 +386,12 @@ def lock(out_dir):
 def finish(cfg, model, step):
     """the end of a run: the Hugging Face export if asked, and where the result is"""
     hf = os.path.join(cfg.out_dir, "hf")
-    if is_rank0() and cfg.export_hf:
-        model.save_pretrained(hf)
+    if cfg.export_hf:  # every rank: FSDP gathers the full weights from the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+        weights = get_model_state_dict(model, options=options)
+        if is_rank0():
+            model.save_pretrained(hf, weights)
     result = f"finished step {step}, no checkpoint (--save_checkpoint=false)"
     if cfg.save_checkpoint:
         result = f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')} (step {step})"
@@ -387,14 +400,16 @@ def finish(cfg, model, step):
     print0(f"{result}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
 
 class Stop:
-    """SIGINT / SIGTERM (a cluster preempts the job): finish the step, save, exit; twice: quit"""
+    """SIGINT / SIGTERM (a cluster preempts the job): finish the step, save, exit; twice: quit.
+    before the first step (during = what runs) either one quits at once"""
 
     def __init__(self):
         self.asked = False
+        self.during = "setup"
         self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, signum, frame):
-        if self.asked:
+        if self.asked or self.during:
             raise KeyboardInterrupt
         self.asked = True
         if is_rank0():  # os.write: a print here can re-enter a print the step is in

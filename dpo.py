@@ -1,26 +1,18 @@
 """
 Direct Preference Optimization (DPO) for GPT-2, top to bottom: config -> micro-batches ->
-response log-probs -> the loss -> the reference -> the training loop. batches.py is the data side.
+response log-probs -> the loss -> the reference -> the training loop (batches.py: the data side).
 
 The offline toy run (CPU, a few minutes; `python sample.py --mode=demo` runs all four):
     python prepare.py                                  # writes data/toy/
     python dpo.py --config=config/toy_sft.py           # SFT  -> out/toy_sft
     python dpo.py --config=config/toy_dpo.py           # DPO  -> out/toy_dpo (reference: SFT)
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
-Real data and real GPT-2 weights:
+Real data and real GPT-2 weights, on one GPU, 8 (DDP) or sharded (FSDP):
     python prepare.py --dataset=hh --hh_subsets=harmless-base,helpful-base --out_dir=data/hh
-    python dpo.py --config=config/hh_gpt2.py                                   # one GPU
-    torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py # DDP
-    torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py \
-        --init_from=gpt2-xl --fsdp=true                                        # FSDP
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \
-        --master_port=29500 dpo.py ...                                         # two machines
-Options: python dpo.py --help; --key=value on the command line, --config=FILE reads
-`key = value` lines first.
-
-Left out on purpose: generation while training (online DPO is online.py), LoRA, tensor and
-pipeline parallelism, a dataset library (prepare.py writes token shards once), schedules beyond
-warmup + cosine.
+    python dpo.py --config=config/hh_gpt2.py
+    torchrun --standalone --nproc_per_node=8 dpo.py --config=config/hh_gpt2.py
+    torchrun --standalone --nproc_per_node=4 dpo.py --config=config/hh_gpt2.py --fsdp=true
+Options: python dpo.py --help; --key=value, or --config=FILE with `key = value` lines.
 """
 import contextlib
 import copy
@@ -29,7 +21,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -43,9 +35,9 @@ import checkpoint
 import configurator
 import judged
 import reward
-from batches import (PairData, attention_mask, flex_block_mask, make_shape, micro_batches,
-                     on_device, step_pairs, to_device)
+from batches import PairData, make_shape, micro_batches, on_device, step_pairs, to_device
 from checkpoint import print0, setup
+from model import attention_mask, flex_block_mask
 from prepare import PrepareError, list_shards
 
 # -----------------------------------------------------------------------------
@@ -134,14 +126,32 @@ class Config:
 CHOICES = dict(layout=("packed", "plain"), reference=("cached", "model"),
                dtype=("auto", "float32", "bfloat16"), compile=("auto", "true", "false"))
 POSITIVE = ("global_batch_size", "batch_size", "log_interval", "n_layer", "n_head", "n_embd",
-            "logprob_chunk", "beta", "ref_model_sync_steps")
+            "logprob_chunk", "beta", "ref_model_sync_steps", "discopop_tau")
 NON_NEGATIVE = ("block_size", "max_iters", "eval_interval", "eval_pairs", "warmup_iters",
                 "lr_decay_iters", "pack_len", "pack_rows", "learning_rate", "min_lr", "grad_clip",
-                "weight_decay", "dropout")
+                "weight_decay", "dropout", "sft_weight")
 NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+
+def needs_reference(cfg):
+    return not set(cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES)
+
+def loss_terms(cfg):
+    """[(loss type, weight)]: the terms the loss sums; --sft_weight adds sft (RPO)"""
+    types = cfg.loss_type.split(",")
+    weights = [1.0] * len(types)
+    if cfg.loss_weights:
+        weights = [float(w) for w in cfg.loss_weights.split(",")]
+    terms = list(zip(types, weights))
+    if cfg.sft_weight:
+        terms.append(("sft", cfg.sft_weight))
+    return terms
 
 def check_config(cfg):
     """every value checked before any work, as one line naming the option"""
+    for field in fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.type is float and not math.isfinite(value):
+            raise ValueError(f"--{field.name}={value}: expected a finite number")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key}={getattr(cfg, key)}: expected one of {' | '.join(allowed)}")
@@ -160,6 +170,9 @@ def check_config(cfg):
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be >= 0")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_head={cfg.n_head} must divide --n_embd={cfg.n_embd}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ValueError(f"--{key}={getattr(cfg, key)}: must be in [0, 1)")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
     weights = cfg.loss_weights.split(",") if cfg.loss_weights else []
@@ -167,20 +180,29 @@ def check_config(cfg):
     if weights and (len(weights) != len(types) or not numbers):
         raise ValueError(f"--loss_weights={cfg.loss_weights}: expected {len(types)} comma-separated "
                          f"numbers, one per --loss_type entry")
+    terms = dict(loss_terms(cfg))
+    if not all(math.isfinite(w) and w >= 0 for w in terms.values()):
+        raise ValueError(f"--loss_weights={cfg.loss_weights}: each weight must be finite and >= 0")
+    if len(terms) < len(loss_terms(cfg)):  # each term is logged by its name
+        raise ValueError(f"--loss_type={cfg.loss_type} (with --sft_weight={cfg.sft_weight}): a loss type "
+                         f"twice; give each type once, weighted by --loss_weights")
+    if not any(terms.values()):
+        raise ValueError(f"--loss_weights={cfg.loss_weights}: all zero, the run would learn nothing")
     no_f = sorted(set(types) - set(F_DIVERGENCE_LOSSES))
     if cfg.f_divergence_type != "reverse_kl" and no_f:
         raise ValueError(f"--f_divergence_type={cfg.f_divergence_type} works with --loss_type "
                          f"{' | '.join(F_DIVERGENCE_LOSSES)} only (as TRL), not {','.join(no_f)}")
     sft_alone = set(types) == {"sft"} and not cfg.sft_weight
-    if not 0 <= cfg.ld_alpha <= 1 or (cfg.ld_alpha < 1 and sft_alone):
-        raise ValueError(f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1], and weighs tokens past a "
-                         f"pair's shorter response (not with sft alone)")
+    if not 0 <= cfg.ld_alpha <= 1:
+        raise ValueError(f"--ld_alpha={cfg.ld_alpha}: must be in [0, 1]")
+    if cfg.ld_alpha < 1 and sft_alone:
+        raise ValueError(f"--ld_alpha={cfg.ld_alpha}: not with sft alone (ld_alpha weighs the tokens "
+                         f"past a pair's shorter response; sft reads the chosen response only)")
     aot = sorted({"aot", "aot_pair", "aot_unpaired"} & set(types))
     if cfg.use_weighting and aot:
         raise ValueError(f"--use_weighting=true: not with --loss_type {','.join(aot)} (it sorts the "
                          f"batch: weights would land on other pairs)")
-    reference_free = set(types) <= set(REFERENCE_FREE_LOSSES)
-    if cfg.sync_ref_model and (cfg.reference != "model" or reference_free):
+    if cfg.sync_ref_model and (cfg.reference != "model" or not needs_reference(cfg)):
         raise ValueError("--sync_ref_model=true needs --reference=model (cached log-probs would go "
                          "stale) and a loss type with a reference")
     if not 0 <= cfg.ref_model_mixup_alpha <= 1:
@@ -195,7 +217,7 @@ def check_config(cfg):
 def parse_config(argv, cls=Config, defaults=None):
     cfg = configurator.parse(argv, cls, defaults)
     if cfg.init_from == "resume" and cls is Config:  # the checkpoint's options, changed where named
-        cfg = checkpoint.resume_config(cfg.out_dir, argv, cls)
+        return checkpoint.resume_config(cfg.out_dir, argv, cls, check_config)
     check_config(cfg)
     return cfg
 
@@ -415,9 +437,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     if pair_weights is not None:
         losses = losses * pair_weights
 
-    # simpo and orpo (alone or together) report their own reward: per-token average log-probs
-    if types == ["reward"]:
+    if types == ["reward"]:  # a reward model's own rewards, as they came
         return LossOut(losses, s_w.detach(), s_l.detach())
+    # simpo and orpo (alone or together) report their own reward: per-token average log-probs
     own_reward = set(types) <= set(REFERENCE_FREE_LOSSES) and set(types) & {"simpo", "orpo"}
     chosen_rewards, rejected_rewards = (s_w / n_w, s_l / n_l) if own_reward else (rho_w, rho_l)
     return LossOut(losses, (beta * chosen_rewards).detach(), (beta * rejected_rewards).detach())
@@ -443,7 +465,7 @@ class Reference:
         self.tables = None
         self.model = None
         cfg = run.cfg
-        if set(cfg.loss_type.split(",")) <= set(REFERENCE_FREE_LOSSES):
+        if not needs_reference(cfg):
             return
         if cfg.reference == "cached":
             ref_model.to(run.device)
@@ -476,9 +498,10 @@ class Reference:
 def reference_logps(ref_model, meta, data, run):
     """(N,) chosen and (N,) rejected reference log-probs of every pair of `data`, computed once
     (ranks split the pairs) and cached beside the shards, under the hashes of the reference's
-    weights and of the data (the run's meta)"""
+    weights and of this split's shards (online rounds share their val split)"""
     ld = f"_ld{run.cfg.ld_alpha}" if run.cfg.ld_alpha != 1 else ""  # LD-DPO's sums differ
-    name = f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{meta['data_hash']}_{data.block_size}.pt"
+    shards = checkpoint.files_hash([s.path for s in data.shards])
+    name = f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{shards}_{data.block_size}.pt"
     path = os.path.join(data.data_dir, name)
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
@@ -531,25 +554,28 @@ def peak_flops(device):
     return next((flops for key, flops in GPU_PEAK if key in name), None)
 
 class StepStats(NamedTuple):
-    averages: dict  # Metrics.KEYS -> mean over the pairs
+    averages: dict  # Metrics.keys -> mean over the pairs
     tokens: float
     flops: float
     stop: bool  # a stop signal reached some rank
     grad_norm: float
 
 class Metrics:
-    """sums over pairs, kept on the device, and the host's counts; all-reduced, then averaged"""
+    """sums over pairs, kept on the device, and the host's counts; all-reduced, then averaged.
+    a loss of several terms also sums each term: "loss/sigmoid", "loss/sft", ..."""
     KEYS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
             "rejected_logp")
 
-    def __init__(self, device):
-        self.t = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+    def __init__(self, device, cfg):
+        terms = [f"loss/{t}" for t, _ in loss_terms(cfg)]
+        self.keys = self.KEYS + tuple(terms if len(terms) > 1 else [])
+        self.t = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
         self.host = np.zeros(3)  # pairs, tokens, flops
 
-    def add(self, loss, logps, tokens=0, flops=0.0):
+    def add(self, loss, logps, terms, tokens=0, flops=0.0):
         cr, rr = loss.chosen_rewards, loss.rejected_rewards
         sums = [loss.losses.sum(), (cr > rr).float().sum(), (cr - rr).sum(), cr.sum(), rr.sum(),
-                logps.chosen.sum(), logps.rejected.sum()]
+                logps.chosen.sum(), logps.rejected.sum()] + [term.sum() for term in terms]
         self.t += torch.stack(sums).detach().double()
         self.host += (len(loss.losses), tokens, flops)
 
@@ -562,9 +588,9 @@ class Metrics:
         if norm is None:
             norm = t[:1]  # a stand-in, so the copy has one shape
         values = torch.cat([t, norm.double().view(1)]).tolist()
-        n = len(self.KEYS)
+        n = len(self.keys)
         pairs, tokens, flops, stop, norm = values[n:]
-        averages = {k: v / max(pairs, 1) for k, v in zip(self.KEYS, values[:n])}
+        averages = {k: v / max(pairs, 1) for k, v in zip(self.keys, values[:n])}
         return StepStats(averages, tokens, flops, stop > 0, norm)
 
 class MicroBatch(NamedTuple):
@@ -589,24 +615,36 @@ def load(data, ids, ref, run, split):
         out.append(MicroBatch(b, float(i < len(mbs)), ref_chosen, ref_rejected))
     return out
 
+class Step(NamedTuple):
+    loss: LossOut
+    logps: PairLogps
+    terms: list  # a loss of several terms: each term's (K,) losses, unweighted (logged only)
+
 def micro_step(module, mb, run):
-    """one micro-batch's forward and loss -> (LossOut, PairLogps)"""
+    """one micro-batch's forward and loss -> Step"""
     b = mb.batch
     with run.ctx:
         logps = batch_logps(module, b)
-    loss = dpo_loss(logps.chosen, logps.rejected, mb.ref_chosen, mb.ref_rejected,
-                    chosen_lengths=b.lengths[0], rejected_lengths=b.lengths[1],
-                    pair_weights=logps.weights, **loss_kwargs(run.cfg))
-    return loss, logps
+    args = (logps.chosen, logps.rejected, mb.ref_chosen, mb.ref_rejected)
+    kwargs = dict(chosen_lengths=b.lengths[0], rejected_lengths=b.lengths[1], pair_weights=logps.weights,
+                  **loss_kwargs(run.cfg))
+    loss = dpo_loss(*args, **kwargs)
+    terms = []
+    if len(loss_terms(run.cfg)) > 1:  # each term alone, for the log
+        with torch.no_grad():
+            for t, _ in loss_terms(run.cfg):
+                one = {**kwargs, "loss_type": t, "loss_weights": None, "sft_weight": 0.0}
+                terms.append(dpo_loss(*args, **one).losses)
+    return Step(loss, logps, terms)
 
 @torch.no_grad()
 def evaluate(module, data, ref, run, n_pairs):
     module.eval()
-    m = Metrics(run.device)
+    m = Metrics(run.device, run.cfg)
     for mb in load(data, np.arange(run.rank, n_pairs, run.world), ref, run, "val"):
-        loss, logps = micro_step(module, mb, run)
+        step = micro_step(module, mb, run)
         if mb.weight:
-            m.add(loss, logps)
+            m.add(*step)
     module.train()
     return m.result(run.world).averages
 
@@ -632,13 +670,25 @@ class Trainer:
     log: object  # log(record): metrics.jsonl and wandb
     judged: object = None  # --eval_judge: judged.JudgedEval, run at each eval
 
-def setup_training(cfg, stack):
+def setup_training(cfg, stack, stop):
+    """-> Trainer, or None when a resumed run is already at --max_iters"""
     run = setup(cfg)
     stack.enter_context(checkpoint.lock(cfg.out_dir))  # makes out_dir
     list_shards(cfg.data_dir, "train")  # no data: say so before loading (or downloading) weights
 
     # the policy, its reference, the checkpoint resumed from, and the reference's identity
     model, ref_model, ck, meta = checkpoint.start(cfg)
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    if ck and (ck["iter_num"] > cfg.max_iters or ck["iter_num"] == cfg.max_iters and not ck.get("stopped")):
+        print0(f"nothing to train: {ckpt} is at step {ck['iter_num']} and --max_iters={cfg.max_iters}; "
+               f"it stays as it was (a higher --max_iters trains on)")
+        return None
+    if ck:
+        print0(f"resumed at step {ck['iter_num']} from {ckpt}")
+    elif cfg.init_from == "scratch" and needs_reference(cfg):
+        print0("note: --init_from=scratch: the policy and its reference are the same random model, so "
+               "this DPO learns nothing useful; start from an SFT model (--config=config/toy_sft.py, then "
+               "--config=config/toy_dpo.py) or --init_from=gpt2")
     if cfg.loss_type == "reward":  # a reward model: the trunk and a scalar head (reward.py)
         model = reward.with_head(model, cfg.seed)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -655,8 +705,10 @@ def setup_training(cfg, stack):
     datasets = [d for d in (train_data, val_data) if d]
     fixed = run.compile or run.flex
     run.shape = make_shape(cfg, datasets, fixed=fixed, multiple=128 if run.flex else 64)
+    stop.during = "the reference pass"
     ref = Reference(run, ref_model, meta, datasets)
     judge_eval = judged.JudgedEval(cfg, run, ref_model, val_data) if cfg.eval_judge else None
+    stop.during = "setup"
     del ref_model  # cached: only its tables stay
     if cfg.sync_ref_model:  # TR-DPO: the reference's weights are saved with the run (live views)
         meta = {**meta, "ref_model": ref.model.gpt.state_dict()}
@@ -707,13 +759,28 @@ def setup_training(cfg, stack):
 # -----------------------------------------------------------------------------
 # training
 
-def train(cfg):
-    """one training run; returns the per-step metric dicts (all-reduced, the same on every rank)"""
+def train(cfg, continue_with=None):
+    """one training run; returns the per-step metric dicts (all-reduced, the same on every rank).
+    continue_with: the command that continues a stopped run (default: dpo.py's resume)"""
+    again = continue_with or f"python dpo.py --init_from=resume --out_dir={cfg.out_dir}"
     with contextlib.ExitStack() as stack:  # the out_dir lock goes when a run fails, even in setup
-        trainer = setup_training(cfg, stack)
-        stop = checkpoint.Stop()
+        stop = checkpoint.Stop()  # a signal in setup interrupts at once: no step to finish
         stack.callback(stop.restore)
-        return training_loop(trainer, stop)
+        try:
+            trainer = setup_training(cfg, stack, stop)
+            stop.during = None  # from here a signal finishes the step, saves and stops
+            if trainer is None:
+                return []
+            return training_loop(trainer, stop, again)
+        except KeyboardInterrupt:  # in setup, or a second signal in a step
+            ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+            # before the first step only a resumed run's checkpoint is this run's
+            resumable = os.path.exists(ckpt) and (cfg.init_from == "resume" or not stop.during)
+            saved = f"the last checkpoint is {ckpt}" if resumable else "nothing saved"
+            rerun = f"continue with: {again}" if resumable or continue_with else "rerun the same command"
+            if checkpoint.is_rank0():  # on a line of its own, after the terminal's ^C
+                print(f"\ninterrupted during {stop.during or 'a step'}: {saved}; {rerun}", file=sys.stderr)
+            raise checkpoint.Interrupted() from None
 
 def step_batches(t, it):
     """this rank's micro-batches of step it, on the device"""
@@ -737,7 +804,7 @@ def eval_and_save(t, it):
     if cfg.save_checkpoint and (interval or last):
         checkpoint.save(cfg, t.model, t.optimizer, it, t.meta)
 
-def training_loop(t, stop):
+def training_loop(t, stop, again):
     cfg, run, model, module, optimizer = t.cfg, t.run, t.model, t.module, t.optimizer
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     peak = peak_flops(run.device)
@@ -757,19 +824,19 @@ def training_loop(t, stop):
             g["lr"] = lr
         mbs = nxt if nxt else step_batches(t, it)
         nxt = None
-        m = Metrics(run.device)
+        m = Metrics(run.device, cfg)
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1  # gradients are reduced across ranks in the last backward only
             if isinstance(module, DDP):
                 module.require_backward_grad_sync = last
             elif cfg.fsdp:
                 module.set_requires_gradient_sync(last)
-            loss, logps = micro_step(module, mb, run)
+            step = micro_step(module, mb, run)
             # each pair weighs 1/global_batch; ddp and fsdp average over ranks, hence the factor world
-            (loss.losses.sum() * mb.weight * run.world / cfg.global_batch_size).backward()
+            (step.loss.losses.sum() * mb.weight * run.world / cfg.global_batch_size).backward()
             if mb.weight:
                 b = mb.batch
-                m.add(loss, logps, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
+                m.add(*step, b.n_tokens, model.flops(b.n_tokens, b.n_resp, b.ctx_sum))
         # TR-DPO syncs after steps tau, 2 tau, ... (as TRL)
         sync = cfg.sync_ref_model and (it + 1) % cfg.ref_model_sync_steps == 0
         if cfg.prefetch and it + 1 < cfg.max_iters and not sync:  # a sync changes the reference
@@ -787,7 +854,9 @@ def training_loop(t, stop):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if sync:
-            t.ref.sync(model, cfg.ref_model_mixup_alpha)
+            alpha = cfg.ref_model_mixup_alpha
+            t.ref.sync(model, alpha)
+            print0(f"iter {it}: TR-DPO reference synced: {alpha} * policy + {1 - alpha:g} * reference")
 
         # ---- everything that follows is diagnostics, logging and the stop signal
         dt = time.time() - t0  # to the step's sync: its optimizer update overlaps the next step
@@ -809,8 +878,7 @@ def training_loop(t, stop):
                    f"{rec['pairs_per_s']:.1f} pairs/s{mfu_text}, eta {eta:.0f}s")
         if stats.stop:  # every rank stops after the same step, saved before step it + 1's eval
             checkpoint.save(cfg, model, optimizer, it + 1, t.meta | {"stopped": True})
-            print0(f"stopped after step {it}: saved {ckpt}; continue with: python dpo.py "
-                   f"--init_from=resume --out_dir={cfg.out_dir}")
+            print0(f"stopped after step {it}: saved {ckpt}; continue with: {again}")
             raise checkpoint.Interrupted()
     checkpoint.finish(cfg, model, max(t.start, cfg.max_iters))
     return history

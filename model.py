@@ -1,9 +1,9 @@
 """
 GPT-2 in one file; weights.py reads and writes Hugging Face's weight files for it.
 
-    model = GPT.from_pretrained("gpt2")         # downloaded once into ~/.cache/nanodpo
-    model = GPT.from_pretrained("path/to/dir")  # config.json + model.safetensors
-    model.save_pretrained("out/dpo")            # loadable by transformers.GPT2LMHeadModel
+    model = GPT.from_pretrained("gpt2")         # downloaded once into ~/.cache/nanodpo (or "user/repo")
+    model = GPT.from_pretrained("path/to/dir")  # config.json + model.safetensors, or a run's ckpt.pt
+    model.save_pretrained("out/dpo/hf")         # loadable by transformers' AutoModelForCausalLM, AutoTokenizer
 """
 import json
 import math
@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from weights import (PRETRAINED, download_weights, from_hf_layout, hf_config, load_safetensors,
-                     load_torch_bin, read_hf_config, save_safetensors, to_hf_layout)
+from weights import (GPT2_VOCAB, find_weights, from_hf_layout, gpt2_tokenizer_files, hf_config,
+                     save_safetensors, to_hf_layout)
 
 
 @dataclass
@@ -97,6 +97,47 @@ def _flex_attention(q):
     if q.is_cuda and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex if q.is_cuda else flex_attention
+
+
+# -----------------------------------------------------------------------------
+# the attention mask of packed rows (batches.py), built on the device from doc (which pair, -1:
+# padding) and branch (0 prompt, 1 chosen, 2 rejected)
+
+def attention_mask(doc, branch):
+    """(R, 1, T, T) bool, True = may attend: causal, same pair, never chosen <-> rejected.
+    padding (doc -1) attends causally to other padding: no row is empty (no NaN from softmax)"""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    same_pair = doc[:, :, None] == doc[:, None, :]
+    key_is_prompt = branch[:, None, :] == 0
+    same_branch = branch[:, :, None] == branch[:, None, :]
+    return (causal & same_pair & (key_is_prompt | same_branch))[:, None]
+
+def flex_block_mask(doc, branch, block=128):
+    """the same mask as a FlexAttention BlockMask, built by tensor ops inside the compiled forward
+    (no host sync, nothing compiled per call): a (query block, key block) tile where nothing may
+    attend is skipped, one where everything may runs without mask_mod"""
+    from torch.nn.attention.flex_attention import BlockMask
+    R, T = doc.shape  # T: a multiple of block (batches.make_shape)
+    tiles = attention_mask(doc, branch).view(R, T // block, block, T // block, block)
+    some = tiles.any(4).any(2)  # (R, T/block, T/block)
+    every = tiles.all(4).all(2)
+
+    def kv_blocks(tile):  # per query block: how many key blocks, and which (those first)
+        order = torch.argsort(tile.to(torch.int8), dim=-1, descending=True, stable=True)
+        return tile.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    def mask_mod(b, h, q, k):
+        causal = k <= q
+        same_pair = doc[b, q] == doc[b, k]
+        key_is_prompt = branch[b, k] == 0
+        same_branch = branch[b, k] == branch[b, q]
+        return causal & same_pair & (key_is_prompt | same_branch)
+
+    partial_count, partial = kv_blocks(some & ~every)
+    full_count, full = kv_blocks(every)
+    return BlockMask.from_kv_blocks(partial_count, partial, full_count, full, BLOCK_SIZE=block,
+                                    mask_mod=mask_mod)
 
 
 class MLP(nn.Module):
@@ -356,48 +397,49 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, base_url=None, dropout=0.0) -> "GPT":
-        """'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded once from the Hugging Face
-        hub, or $NANODPO_HF_BASE_URL, into $NANODPO_CACHE), or a folder with config.json and
-        model.safetensors / pytorch_model.bin."""
-        name = str(name_or_path)
-        if os.path.isdir(name):
-            config = GPTConfig(**read_hf_config(os.path.join(name, "config.json")), dropout=dropout)
-            files = ("model.safetensors", "pytorch_model.bin")
-            found = [f for f in files if os.path.isfile(os.path.join(name, f))]
-            if not found:
-                raise FileNotFoundError(f"{name}: no weights file, expected model.safetensors or "
-                                        f"pytorch_model.bin (a sharded checkpoint must be re-saved as one file)")
-            path = os.path.join(name, found[0])
-        elif name in PRETRAINED:
-            config = GPTConfig(**PRETRAINED[name], dropout=dropout)
-            path = download_weights(name, cache_dir, base_url)
-        else:
-            hint = f"expected one of {', '.join(PRETRAINED)}, or a folder with config.json and model.safetensors"
-            if os.sep in name or name.startswith((".", "~")):
-                raise FileNotFoundError(f"model folder {name} does not exist ({hint})")
-            raise ValueError(f"unknown model name {name!r}: {hint}")
-        sd = load_torch_bin(path) if path.endswith(".bin") else load_safetensors(path)
+        """'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a hub repo 'user/name' in GPT-2's layout
+        (downloaded once from the Hugging Face hub, or $NANODPO_HF_BASE_URL, into $NANODPO_CACHE); a
+        folder with config.json and model.safetensors / pytorch_model.bin; or a dpo.py run (its folder
+        or ckpt.pt). weights.find_weights reads them."""
+        found = find_weights(str(name_or_path), cache_dir, base_url)
         with torch.device("meta"):  # no init work: all is checked, then real tensors are attached
-            model = cls(config)
-        sd = from_hf_layout(sd, model.state_dict(), path)
-        model.load_state_dict(sd, strict=True, assign=True)
+            model = cls(GPTConfig(**found.config, dropout=dropout))
+        sd = found.tensors
+        if not found.ours:  # Hugging Face's names and Conv1D layout, checked tensor by tensor
+            sd = from_hf_layout(sd, model.state_dict(), found.path)
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:  # a run's tensors that do not fit its model_config
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"{found.path}: its weights do not match its model config ({why})") from None
         model.transformer.wte.weight = model.lm_head.weight  # assign=True made two tensors: re-tie
         return model
 
-    def save_pretrained(self, directory) -> None:
-        """Write config.json and model.safetensors (float32) in Hugging Face's GPT-2 layout."""
+    def save_pretrained(self, directory, state_dict=None) -> list:
+        """Write config.json, model.safetensors (float32) and, when the vocabulary holds GPT-2's, its
+        tokenizer files, in Hugging Face's GPT-2 layout -> the file names (export.py, --export_hf).
+        state_dict: the full weights to write (FSDP: gathered by the caller), else this model's."""
         if not self.config.bias:
             raise ValueError("Hugging Face GPT-2 always has biases: cannot save a bias=False model in its format")
+        texts = {"config.json": json.dumps(hf_config(self.config), indent=2) + "\n"}
+        if self.config.vocab_size >= GPT2_VOCAB:  # tiktoken's data: read before any file is written
+            texts.update(gpt2_tokenizer_files(self.config.block_size))
+        files = ["model.safetensors", *texts]
+        made = not os.path.isdir(directory)
         os.makedirs(directory, exist_ok=True)
-        # both files are written beside their final names, then renamed: a failure keeps the old
-        files = ("model.safetensors", "config.json")
+        # every file is written beside its final name, then all are renamed: a failure keeps the old
         tmp = os.path.join(directory, f".tmp{os.getpid()}-")
         try:
-            save_safetensors(to_hf_layout(self.state_dict()), tmp + files[0])
-            with open(tmp + files[1], "w") as f:
-                f.write(json.dumps(hf_config(self.config), indent=2) + "\n")
+            weights = self.state_dict() if state_dict is None else state_dict
+            save_safetensors(to_hf_layout(weights), tmp + files[0])
+            for name, text in texts.items():
+                with open(tmp + name, "w", encoding="utf-8") as f:
+                    f.write(text)
             for f in files:
                 os.replace(tmp + f, os.path.join(directory, f))
-        finally:  # after a failure, whatever was written
+        finally:  # after a failure (or Ctrl-C), whatever was written, and the folder if it is new
             for f in [f for f in files if os.path.exists(tmp + f)]:
                 os.remove(tmp + f)
+            if made and not os.listdir(directory):
+                os.rmdir(directory)
+        return files

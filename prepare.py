@@ -11,14 +11,12 @@ truncation, the train/val split, skipped rows and the shard layout: README.md, "
 import concurrent.futures
 import contextlib
 import difflib
-import functools
 import gzip
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
-import random
 import re
 import shutil
 import signal
@@ -34,7 +32,10 @@ from typing import NamedTuple
 import numpy as np
 import tiktoken
 
-MAGIC, VERSION, HEADER_INTS = 20241127, 1, 256
+# the readers of shards and of the toy task import them from here too
+from shards import MAGIC, VERSION, Pairs, ShardError, ShardWriter, list_shards, load_pairs  # noqa: F401
+from toy import TOY_SPLIT, TOY_VAL_ITEMS, make_toy_pairs, toy_prompts, toy_reward  # noqa: F401
+
 EOT = 50256  # <|endoftext|> in GPT-2 BPE
 HUMAN, ASSIST = "\n\nHuman:", "\n\nAssistant:"
 ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -110,124 +111,6 @@ def validate(cfg):
         raise PrepareError("--shard_pairs, --batch_rows, --toy_pairs must be >= 1")
     if cfg.shard_pairs * 2 * cfg.max_length >= 2**31:
         raise PrepareError("a shard's token count must fit int32: lower --shard_pairs")
-
-# -----------------------------------------------------------------------------
-# toy task: controlled sentiment with a known reward (like the DPO paper's IMDb task)
-
-def _words(text):  # each of these words, after a space, is one GPT-2 token
-    return [" " + w for w in text.split()]
-
-TOY_ITEMS = _words(
-    "movie book phone car hotel restaurant game song album laptop camera shoe chair table coffee "
-    "pizza burger show film park beach museum bike watch bag jacket shirt lamp bed room bar cafe "
-    "sandwich salad soup cake bread wine beer tea guitar piano concert class course teacher doctor "
-    "app website service store shop product tool knife pen desk house apartment city")
-TOY_VAL_ITEMS = TOY_ITEMS[5::6]  # 10 items whose prompts only ever appear in val
-TOY_TEMPLATES = ("Review of the{item}:", "My review of the{item}:", "Thoughts on the{item}:")
-TOY_POSITIVE = _words("good great nice excellent amazing wonderful perfect fantastic lovely best happy fun")
-TOY_NEGATIVE = _words("bad terrible awful poor horrible worst boring ugly sad broken annoying useless")
-TOY_NEUTRAL = _words("the was and very it is a this really quite so but my I think for of with just")
-_POS, _NEG = {w.strip() for w in TOY_POSITIVE}, {w.strip() for w in TOY_NEGATIVE}
-_TOY_SPLIT = {t.format(item=i): "val" if i in TOY_VAL_ITEMS else "train"  # prompt -> its split
-              for t in TOY_TEMPLATES for i in TOY_ITEMS}
-
-def toy_reward(text):
-    """(#positive - #negative words) / #words in [-1, 1], of the text before any <|endoftext|>"""
-    words = re.findall(r"[a-z']+", text.split("<|endoftext|>")[0].lower())
-    return (sum(w in _POS for w in words) - sum(w in _NEG for w in words)) / max(len(words), 1)
-
-def _toy_response(rng, item):
-    mood = rng.random()  # P(positive word) = 0.45 * mood, P(negative word) = 0.45 * (1 - mood)
-    n = rng.randint(6, 10)
-    words = [item] if rng.random() < 0.5 else []  # often starts with the item
-    while len(words) < n:
-        u = rng.random()
-        if u < 0.45 * mood:
-            words.append(rng.choice(TOY_POSITIVE))
-        elif u < 0.45:
-            words.append(rng.choice(TOY_NEGATIVE))
-        else:
-            words.append(rng.choice(TOY_NEUTRAL + [item]))
-    return "".join(words) + " ."
-
-def make_toy_pairs(n, seed):
-    """n toy pairs {prompt, chosen, rejected}: two responses, chosen has the higher toy_reward"""
-    rng, pairs = random.Random(seed), []
-    for _ in range(n):
-        item = rng.choice(TOY_ITEMS)
-        prompt = rng.choice(TOY_TEMPLATES).format(item=item)
-        a, b = _toy_response(rng, item), _toy_response(rng, item)
-        while toy_reward(a) == toy_reward(b):  # ties carry no preference: resample
-            b = _toy_response(rng, item)
-        chosen, rejected = sorted((a, b), key=toy_reward, reverse=True)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return pairs
-
-def toy_prompts(split, seed=0):
-    """All toy prompts of a split ("train" or "val"), in a seed-shuffled order (for evaluation)."""
-    prompts = sorted(p for p, s in _TOY_SPLIT.items() if s == split)
-    return random.Random(seed).sample(prompts, len(prompts))
-
-# -----------------------------------------------------------------------------
-# reading shards (the trainer's side)
-
-class ShardError(ValueError):
-    pass
-
-class Pairs:
-    """One memory-mapped shard: pairs[i] -> (prompt, chosen, rejected) uint16 views into .tokens."""
-
-    def __init__(self, path):
-        path = self.path = str(path)
-        def check(ok, msg):
-            if ok:
-                return
-            try:
-                cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
-            except (OSError, ValueError, KeyError):
-                cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
-            raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
-        size, head = os.path.getsize(path), HEADER_INTS * 4  # head: the header's bytes
-        check(size >= head, f"{size} bytes is too small for the {head}-byte header (truncated file?)")
-        magic, version, n, ntok = (int(x) for x in np.fromfile(path, dtype=np.int32, count=4))
-        check(magic == MAGIC, f"bad magic {magic} (expected {MAGIC}): not a prepare.py shard")
-        check(version == VERSION, f"version {version}, this reader expects {VERSION}")
-        expected = head + n * 12 + ntok * 2
-        check(n >= 0 and ntok >= 0 and size == expected, f"file is {size} bytes but its header "
-              f"({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
-        L = np.fromfile(path, dtype=np.int32, count=3 * n, offset=head).reshape(n, 3)
-        L = self.lengths = L.astype(np.int64)  # (N, 3) prompt, chosen, rejected
-        check((L >= 0).all() and (L[:, 1:] > 0).all(), "has a negative length or an empty response (corrupted)")
-        # an empty prompt would have its first response token predicted from the previous pair's
-        empty = (L[:, 0] == 0).sum()
-        check(not empty, f"{empty} pairs have an empty prompt (prepare.py never writes one)")
-        check(L.sum() == ntok, f"lengths sum to {L.sum()} tokens, the header says {ntok} (corrupted)")
-        self.offsets = np.cumsum(L.sum(axis=1)) - L.sum(axis=1)  # (N,) each pair's start in .tokens
-        self.tokens = np.zeros(0, dtype=np.uint16)
-        if ntok:
-            self.tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=head + n * 12)
-
-    @functools.cached_property
-    def max_token(self):
-        """The largest token id (-1 if none), read when first asked (the trainer checks it)"""
-        return int(self.tokens.max()) if len(self.tokens) else -1
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __getitem__(self, i):  # (an index out of range raises IndexError here)
-        o, (p, c, r) = int(self.offsets[i]), self.lengths[i]
-        tokens = self.tokens[o:o + p + c + r]
-        return tokens[:p], tokens[p:p + c], tokens[p + c:]
-
-load_pairs = Pairs
-
-def list_shards(data_dir, split, required=True):
-    paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_{'[0-9]' * 6}.bin"))
-    if not paths and required:
-        raise FileNotFoundError(f"no {split} shards ({split}_*.bin) in {data_dir}; create them with: "
-                                f"python prepare.py --out_dir={data_dir} (toy), or add --dataset=hh / --input=FILE")
-    return paths
 
 # -----------------------------------------------------------------------------
 # input: files -> rows (read lazily) -> (prompt, chosen, rejected, note); a bad row raises Skip
@@ -417,8 +300,8 @@ def process_batch(batch, o):
             continue
         if note:
             notes.append((where, note))
-        if o.split_mode == "toy" and prompt in _TOY_SPLIT:
-            split = _TOY_SPLIT[prompt]
+        if o.split_mode == "toy" and prompt in TOY_SPLIT:
+            split = TOY_SPLIT[prompt]
         else:  # by a hash of the prompt, so no prompt is in both splits
             h = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
             split = "val" if int.from_bytes(h, "little") / 2**64 < o.val_fraction else "train"
@@ -481,46 +364,6 @@ def tokenized_batches(rows, opts):
                 yield pending.pop(0).result()
         except concurrent.futures.process.BrokenProcessPool:
             raise PrepareError("a tokenizer process died (out of memory?); try fewer --num_workers") from None
-
-class ShardWriter:
-    """Shards of one split: tokens stream to a side file, lengths (of one shard) stay in memory"""
-
-    def __init__(self, folder, split, shard_pairs):
-        self.folder, self.split, self.shard_pairs = folder, split, shard_pairs
-        self.shards = []  # [{file, pairs, tokens}]
-        self.side = folder / f".{split}.tokens.tmp"
-        self._start()
-
-    def _start(self):
-        self.lengths, self.pairs, self.ntok = [], 0, 0
-        self.tokfile = open(self.side, "wb")
-
-    def add(self, lengths, tokens):  # (k, 3) int32, (sum of lengths,) uint16
-        while len(lengths):
-            k = min(len(lengths), self.shard_pairs - self.pairs)  # up to the end of this shard
-            ntok = int(lengths[:k].sum())
-            self.lengths.append(lengths[:k])
-            tokens[:ntok].tofile(self.tokfile)
-            self.pairs += k
-            self.ntok += ntok
-            lengths, tokens = lengths[k:], tokens[ntok:]
-            if self.pairs == self.shard_pairs:
-                self.close()
-                self._start()
-
-    def close(self):  # -> [{file, pairs, tokens}] of the shards written so far
-        self.tokfile.close()
-        if self.pairs:
-            name = f"{self.split}_{len(self.shards):06d}.bin"
-            header = np.zeros(HEADER_INTS, dtype=np.int32)
-            header[:4] = (MAGIC, VERSION, self.pairs, self.ntok)
-            with open(self.folder / name, "wb") as f, open(self.side, "rb") as t:
-                header.tofile(f)
-                np.concatenate(self.lengths).astype(np.int32).tofile(f)
-                shutil.copyfileobj(t, f, 1 << 20)
-            self.shards.append({"file": name, "pairs": self.pairs, "tokens": self.ntok})
-        self.side.unlink()
-        return self.shards
 
 # -----------------------------------------------------------------------------
 # the whole run

@@ -26,6 +26,7 @@ import checkpoint
 import dpo
 import sample as sample_module
 from dpo import train
+from model import GPT
 from testlib import (ROOT, assert_one_error, assert_same_runs, cli, main_error, make_data,
                      random_pairs, read_metrics, run_dpo, sample_cfg, tiny_args, tiny_cfg,
                      torchrun_args, write_shard)
@@ -76,7 +77,9 @@ def test_fsdp_checkpoint_resumes_with_another_world_size(tmp_path):
     data_dir = make_data(tmp_path)
     args = torchrun_args(data_dir, "packed", reference="cached", lr_decay_iters=4)
     full = run_dpo(tmp_path, "full", args)
-    run_dpo(tmp_path, "half", args + ["--max_iters=2", "--fsdp=true"], nproc=2)
+    _, half = run_dpo(tmp_path, "half", args + ["--max_iters=2", "--fsdp=true", "--export_hf=true"], nproc=2)
+    exported = GPT.from_pretrained(f"{tmp_path}/half/hf").state_dict()  # the full weights, gathered
+    assert all(torch.equal(exported[k], half[k]) for k in half)
     for name in ("fsdp1", "plain"):
         shutil.copytree(f"{tmp_path}/half", f"{tmp_path}/{name}")
     assert_same_runs(full, run_dpo(tmp_path, "fsdp1", args + ["--init_from=resume", "--fsdp=true"],
@@ -207,6 +210,11 @@ def test_resume_prints_what_the_command_line_changes_and_refuses_what_would_brea
     main_error(capsys, resume + [f"--data_dir={other}"],
                rf"resume: {re.escape(other)} holds other data than the run in "
                rf"{re.escape(str(ck))} trained on \(from {re.escape(data_dir)}\)")
+    # every breaking option named at once, the data too
+    main_error(capsys, resume + ["--seed=7", f"--data_dir={other}", "--n_layer=2"],
+               rf"resume: --seed=7, --n_layer=2, --data_dir={re.escape(other)} \(other data\) "
+               rf"would break the run in {re.escape(str(ck))} \(seed=1337, n_layer=1, "
+               rf"data_dir={re.escape(data_dir)} there\)")
     assert ck.read_bytes() == before and sorted(os.listdir(out_dir)) == [".lock", "ckpt.pt", "metrics.jsonl"]
     moved = str(tmp_path / "moved")
     shutil.copytree(data_dir, moved)
@@ -222,6 +230,84 @@ def test_resume_prints_what_the_command_line_changes_and_refuses_what_would_brea
     write_shard(Path(moved) / "val_000000.bin", random_pairs(8, 300, 9))
     main_error(capsys, resume + ["--max_iters=4"],
                rf"resume: {re.escape(moved)} holds other data than the run in ")
+
+
+def test_a_resume_says_its_step_and_one_that_trains_nothing_says_so(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    out_dir = str(tmp_path / "run")
+    ck = os.path.join(out_dir, "ckpt.pt")
+    resume = ["--init_from=resume", f"--out_dir={out_dir}"]
+    dpo.main(run_args(tmp_path, data_dir, out_dir, max_iters=2))
+    capsys.readouterr()
+    dpo.main(resume + ["--max_iters=3"])
+    assert f"resumed at step 2 from {ck}\n" in capsys.readouterr().out
+    before = (Path(ck).read_bytes(), Path(out_dir, "metrics.jsonl").read_bytes())
+    # a finished run resumed with a new learning rate, or a max_iters at or below its step: exit 0
+    # (online.py resumes a round that finished before its round.json was written)
+    for args in (["--learning_rate=5e-3"], ["--max_iters=1"], []):
+        dpo.main(resume + args)
+        out = capsys.readouterr().out.strip().splitlines()
+        n = 1 if args == ["--max_iters=1"] else 3
+        assert out[-1] == (f"nothing to train: {ck} is at step 3 and --max_iters={n}; it stays "
+                           f"as it was (a higher --max_iters trains on)"), out
+        work = ("resumed", "saved", "iter", "eval", "reference")
+        assert not [l for l in out if l.startswith(work)]
+    assert (Path(ck).read_bytes(), Path(out_dir, "metrics.jsonl").read_bytes()) == before
+    # a bad value is the one line: no "resume: beta 0.1 -> nan" before it
+    with pytest.raises(SystemExit):
+        dpo.main(resume + ["--max_iters=4", "--beta=nan"])
+    assert capsys.readouterr() == ("", "error: --beta=nan: expected a finite number\n")
+
+
+def test_a_stopped_run_prints_the_callers_continue_command(tmp_path, capsys, monkeypatch):
+    # online.py passes its own command line: the stop line tells the user to rerun online.py
+    data_dir = make_data(tmp_path)
+    get_lr = dpo.get_lr
+
+    def signal_in_step_1(it, cfg):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_lr(it, cfg)
+
+    monkeypatch.setattr(dpo, "get_lr", signal_in_step_1)
+    cfg = tiny_cfg(tmp_path, data_dir)
+    with pytest.raises(checkpoint.Interrupted):
+        train(cfg, continue_with="python online.py --out_dir=runs/x")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == (f"stopped after step 1: saved {cfg.out_dir}/ckpt.pt; continue with: "
+                       f"python online.py --out_dir=runs/x")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_in_the_reference_pass_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    # Ctrl-C or SIGTERM before the first step: no step to finish, so it ends at once with one line
+    # (on its own line, after the terminal's ^C), no traceback, no file of this run left
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_shard(data_dir / "train_000000.bin", random_pairs(4000, 300, 0))
+    out_dir = tmp_path / "run"
+    # a reference pass of seconds
+    slow = dict(batch_size=1, n_layer=2, n_embd=64, max_iters=1, eval_interval=0)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        rc, out, err = interrupt(run_args(tmp_path, str(data_dir), str(out_dir), **slow),
+                                 "reference log-probs train: 16/", sig)
+        line = "interrupted during the reference pass: nothing saved; rerun the same command"
+        assert rc == 130 and err.startswith("\n") and err.strip().splitlines() == [line], err[-3000:]
+        assert os.listdir(data_dir) == ["train_000000.bin"] and not out_dir.exists()
+    # a resume: its checkpoint and log stay as they were, and the line says how to continue
+    faster = {**slow, "batch_size": 16}
+    r = cli("dpo.py", *run_args(tmp_path, str(data_dir), str(out_dir), **faster))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for cache in data_dir.glob("ref_logps_*"):
+        cache.unlink()
+    before = [(out_dir / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")]
+    resume = ["--init_from=resume", f"--out_dir={out_dir}", "--batch_size=1", "--max_iters=2"]
+    rc, out, err = interrupt(resume, "reference log-probs train: 16/", signal.SIGINT)
+    line = (f"interrupted during the reference pass: the last checkpoint is {out_dir}/ckpt.pt; "
+            f"continue with: python dpo.py --init_from=resume --out_dir={out_dir}")
+    assert rc == 130 and err.strip().splitlines() == [line], err[-3000:]
+    assert [(out_dir / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")] == before
+    assert os.listdir(data_dir) == ["train_000000.bin"]
 
 
 def test_a_replaced_reference_is_refused_and_a_moved_run_finds_its_own(tmp_path, monkeypatch, capsys):
@@ -498,6 +584,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_and_a_second_signal_qui
             p.kill()
     assert (p.returncode == 130 and "Traceback" not in err
             and "stopped after" not in out), err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted during a step: nothing saved; rerun the same command"
     assert not (tmp_path / "out" / "ckpt.pt").exists()
     # the refused trainer never touched the log
     iters = [r["iter"] for r in read_metrics(tmp_path / "out")]

@@ -130,8 +130,8 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path):
         torch.cuda.set_sync_debug_mode(0 if warm else "error")
         try:
             for mb in mbs:
-                loss, logps = dpo.micro_step(module, mb, run)
-                (loss.losses.sum() * mb.weight).backward()
+                step = dpo.micro_step(module, mb, run)
+                (step.loss.losses.sum() * mb.weight).backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert len(mbs) > 1

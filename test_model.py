@@ -6,19 +6,27 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import warnings
 
 import pytest
 import safetensors.torch as safetensors_torch  # test-only references (requirements-dev.txt)
+import tiktoken
 import torch
 import torch.nn.functional as F
 import transformers
 
 import checkpoint
+import export as export_module
 import model as model_module
+import weights
 from dpo import train
 from model import GPT, GPTConfig
-from testlib import TINY, make_data, our_tiny, packed_inputs, tiny_cfg, tiny_model, tokens
+from prepare import PrepareError
+from testlib import (ROOT, TINY, assert_one_error, cli, make_data, our_tiny, packed_inputs, tiny_cfg,
+                     tiny_model, tokens)
 
 
 def hf_tiny(seed=0):
@@ -136,15 +144,168 @@ def test_save_pretrained_rejects_no_bias(tmp_path):
         GPT(GPTConfig(**TINY, bias=False)).save_pretrained(tmp_path)
 
 
-def test_trained_model_exports_to_transformers(tmp_path):
-    data_dir = make_data(tmp_path)
-    cfg = tiny_cfg(tmp_path, data_dir, max_iters=2, export_hf=True)
+# -----------------------------------------------------------------------------
+# getting a model out: export.py and --export_hf, the tokenizer files, a run folder loaded back
+
+TOKENIZER_FILES = ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+HF_FILES = sorted(["config.json", "model.safetensors", *TOKENIZER_FILES])
+# spaces (runs of them, leading, trailing), contractions, digits, punctuation, accents, CJK, emoji,
+# tabs, \r\n, and <|endoftext|> written in the text: prepare.py encodes all of it as plain text
+SAMPLE_TEXT = ("Hello, world!  It's 3.14159 -- naïve café's (über) 日本語 😀🦜\n\n\tindented  "
+               "line\r\nwe'll   see<|endoftext|>after <|endoftext|> x\n   \n")
+
+
+def read_folder(folder):
+    """{file name: bytes}, or None if there is no such folder"""
+    if not os.path.exists(folder):
+        return None
+    return {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """a 2-step tiny DPO run with --export_hf: its out_dir holds ckpt.pt and hf/"""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_cfg(tmp, make_data(tmp), max_iters=2, export_hf=True)
     train(cfg)
-    ours = checkpoint.load_model(cfg.out_dir, cfg).eval()  # from ckpt.pt
-    hf = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(cfg.out_dir, "hf")).eval()
-    idx = torch.randint(0, 50257, (2, 20))
+    return cfg
+
+
+def test_export_loads_in_transformers_as_the_export_hf_folder(trained_run, tmp_path):
+    run = trained_run.out_dir
+    r = cli("export.py", f"--init_from={run}", f"--out_dir={tmp_path / 'exported'}")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'exported'}: model.safetensors, config.json, vocab.json" in r.stdout
+    # dpo.py --export_hf and export.py write the same folder, byte for byte
+    exported = read_folder(tmp_path / "exported")
+    assert sorted(exported) == HF_FILES and exported == read_folder(os.path.join(run, "hf"))
+    ours = checkpoint.load_model(run, trained_run).eval()  # from ckpt.pt
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
+        theirs = hf.generate(idx[:1], max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    assert torch.equal(ours.generate(idx[:1], 12, temperature=0), theirs)  # the same greedy tokens
+
+
+def test_exported_tokenizer_is_tiktokens_gpt2(trained_run):
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(trained_run.out_dir, "hf"))
+    enc = tiktoken.get_encoding("gpt2")
+    ids = enc.encode_ordinary(SAMPLE_TEXT)
+    assert tok(SAMPLE_TEXT)["input_ids"] == ids
+    assert tok.decode(ids) == SAMPLE_TEXT
+    assert tok.eos_token_id == tok.bos_token_id == 50256 and tok.eos_token == "<|endoftext|>"
+    assert tok.decode([50256]) == "<|endoftext|>"
+    assert len(tok) == 50257 and tok.model_max_length == trained_run.block_size
+    every_byte = bytes(range(256)).decode("latin-1") + " 'll 'S ĠĊ"  # and text that looks spelled
+    assert tok(every_byte)["input_ids"] == enc.encode_ordinary(every_byte)
+
+
+def test_tokenizer_merges_rebuild_tiktokens_ranks():
+    # merge k (in file order) makes token 256 + k; every token past the bytes is one merge
+    files = weights.gpt2_tokenizer_files(block_size=1024)
+    vocab = json.loads(files["vocab.json"])
+    merges = files["merges.txt"].splitlines()
+    assert merges[0] == "#version: 0.2" and len(merges) == 1 + 50000
+    made = [vocab[line.replace(" ", "")] for line in merges[1:]]
+    assert made == list(range(256, 50256))
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == 50256
+
+
+def test_from_pretrained_reads_a_run_folder(trained_run):
+    ck = torch.load(os.path.join(trained_run.out_dir, "ckpt.pt"), weights_only=True)
+    for source in (trained_run.out_dir, os.path.join(trained_run.out_dir, "ckpt.pt")):
+        m = GPT.from_pretrained(source, dropout=0.1)
+        assert m.config.dropout == 0.1 and m.lm_head.weight is m.transformer.wte.weight
+        sd = m.state_dict()
+        assert sd.keys() == ck["model"].keys()
+        assert all(torch.equal(sd[k], ck["model"][k]) for k in sd)
+
+
+def test_export_failure_leaves_no_folder(tmp_path, monkeypatch):
+    def offline(block_size):
+        raise PrepareError("could not load tiktoken's GPT-2 tokenizer")
+    monkeypatch.setattr(model_module, "gpt2_tokenizer_files", offline)
+    with pytest.raises(PrepareError):
+        tiny_model().save_pretrained(tmp_path / "new")
+    monkeypatch.undo()
+
+    def boom(tensors, path):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(model_module, "save_safetensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_model().save_pretrained(tmp_path / "new")
+    assert os.listdir(tmp_path) == []
+
+
+# export.py's main, with a disk that stalls after the first bytes of model.safetensors
+STALLING_EXPORT = """
+import sys, time
+import export, model
+def stall(tensors, path):
+    open(path, "wb").write(b"partial")
+    print("writing", flush=True)
+    time.sleep(60)
+model.save_safetensors = stall
+export.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("folder, signum", [("new", signal.SIGINT), ("old", signal.SIGTERM)])
+def test_export_stopped_while_writing_leaves_the_old_folder(trained_run, tmp_path, folder, signum):
+    out = tmp_path / folder
+    if folder == "old":  # an earlier export there
+        shutil.copytree(os.path.join(trained_run.out_dir, "hf"), out)
+    before = read_folder(out)
+    args = [sys.executable, "-c", STALLING_EXPORT, f"--init_from={trained_run.out_dir}", f"--out_dir={out}"]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.stdout.readline() == "writing\n"
+    p.send_signal(signum)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.splitlines() == ["export.py: interrupted before the export finished; "
+                                "run the same command again"]
+    assert read_folder(out) == before  # no folder made, or the old export untouched; no temp file
+
+
+def test_export_bad_inputs_are_one_line(trained_run, tmp_path, capsys):
+    run, out = trained_run.out_dir, f"--out_dir={tmp_path / 'x'}"
+    before = sorted(os.listdir(run))
+    r = cli("export.py", f"--init_from={run}", "--out_dri=x")  # as users run it
+    assert_one_error(r.returncode, r.stderr, r"unknown config key 'out_dri' .*mean out_dir\?")
+    cases = [([], r"--init_from and --out_dir are required"),
+             ([f"--init_from={run}", f"--out_dir={run}"], r"holds a run \(ckpt.pt\): export into a"),
+             (["--init_from=resume", out], r"--init_from=resume: export takes a trained model"),
+             ([f"--init_from={tmp_path / 'nope'}", out], r"nope does not exist"),
+             ([f"--init_from={tmp_path}", out], r"config.json not found and no ckpt.pt"),
+             ([f"--init_from={run}", f"--out_dir={run}/metrics.jsonl"], r"metrics.jsonl is a file: expected a")]
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        for args, pattern in cases:  # main() in-process
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                export_module.main(args)
+            assert_one_error(e.value.code, capsys.readouterr().err, pattern)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert sorted(os.listdir(run)) == before and not os.path.exists(tmp_path / "x")
+
+
+def test_from_pretrained_bad_run_files(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"ckpt.pt: not a readable dpo.py checkpoint .*pass a run"):
+        GPT.from_pretrained(tmp_path)
+    torch.save({"model": {}, "model_config": dict(n_layer=2)}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"model_config has no GPT-2 shape"):
+        GPT.from_pretrained(tmp_path)
+    m = tiny_model()
+    sd = m.state_dict()
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:10]
+    torch.save({"model": sd, "model_config": dict(vars(m.config))}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"ckpt.pt: its weights do not match its model config .*wpe"):
+        GPT.from_pretrained(tmp_path / "ckpt.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +321,7 @@ def make_hub(tmp_path, hf_dir, name, truncate=False):
 
 
 def test_download_and_cache(hf_dir, tmp_path, monkeypatch, capfd):
-    monkeypatch.setitem(model_module.PRETRAINED, "tiny-gpt", TINY)
+    monkeypatch.setitem(weights.PRETRAINED, "tiny-gpt", TINY)
     base, src = make_hub(tmp_path, hf_dir, "tiny-gpt")
     monkeypatch.setenv("NANODPO_HF_BASE_URL", base)
     monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
@@ -177,7 +338,7 @@ def test_download_and_cache(hf_dir, tmp_path, monkeypatch, capfd):
 
 
 def test_download_truncated_leaves_nothing(hf_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(model_module.PRETRAINED, "tiny-gpt", TINY)
+    monkeypatch.setitem(weights.PRETRAINED, "tiny-gpt", TINY)
     base, _ = make_hub(tmp_path, hf_dir, "tiny-gpt", truncate=True)
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match="tiny-gpt.*truncated"):
@@ -186,10 +347,63 @@ def test_download_truncated_leaves_nothing(hf_dir, tmp_path, monkeypatch):
 
 
 def test_download_missing_source(tmp_path, monkeypatch):
-    monkeypatch.setitem(model_module.PRETRAINED, "tiny-gpt", TINY)
+    monkeypatch.setitem(weights.PRETRAINED, "tiny-gpt", TINY)
     with pytest.raises(OSError, match="could not download .*tiny-gpt/resolve/main/model.safetensors"):
         GPT.from_pretrained("tiny-gpt", cache_dir=tmp_path / "c", base_url=(tmp_path / "nohub").as_uri())
     assert [f for _, _, fs in os.walk(tmp_path / "c") for f in fs] == []
+
+
+def make_repo(tmp_path, hf_dir, name, files):
+    """a file:// hub, its repo `name` holding `files` from hf_dir (the .bin made here)"""
+    src = tmp_path / "hub" / name / "resolve" / "main"
+    src.mkdir(parents=True)
+    for f in files:
+        if f == "pytorch_model.bin":
+            torch.save(hf_dir[1].state_dict(), src / f)
+        else:
+            shutil.copy(hf_dir[0] / f, src / f)
+    return (tmp_path / "hub").as_uri()
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_hub_repo_downloads_and_loads(hf_dir, tmp_path, monkeypatch, weights_file):
+    base = make_repo(tmp_path, hf_dir, "someone/tiny-gpt2", ["config.json", weights_file])
+    monkeypatch.setenv("NANODPO_HF_BASE_URL", base)
+    monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
+    m = GPT.from_pretrained("someone/tiny-gpt2").eval()
+    idx = tokens()
+    assert (m(idx) - hf_logits(hf_dir[1], idx)).abs().max().item() <= 1e-4
+    cached = sorted(os.listdir(tmp_path / "cache" / "someone" / "tiny-gpt2"))
+    assert cached == ["config.json", weights_file]
+    shutil.rmtree(tmp_path / "hub")  # offline now: --init_from=user/repo comes from the cache
+    cfg = tiny_cfg(tmp_path, "unused", init_from="someone/tiny-gpt2")
+    again = checkpoint.load_model(cfg.init_from, cfg).eval()
+    assert torch.equal(again(idx), m(idx))
+
+
+def test_hub_repo_bad_inputs(hf_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
+    base = make_repo(tmp_path, hf_dir, "someone/no-weights", ["config.json"])
+    with pytest.raises(OSError, match=r"someone/no-weights is not a local folder, and as a Hugging Face "
+                                      r"hub repo: could not download .*model.safetensors.*pytorch_model.bin"):
+        GPT.from_pretrained("someone/no-weights", base_url=base)
+    with pytest.raises(OSError, match=r"someone/nothing is not a local folder, .*could not download "
+                                      r".*someone/nothing/resolve/main/config.json.*check the network"):
+        GPT.from_pretrained("someone/nothing", base_url=base)
+    src = tmp_path / "hub" / "someone" / "llama" / "resolve" / "main"
+    src.mkdir(parents=True)
+    shutil.copy(hf_dir[0] / "config.json", src / "config.json")
+    edit_config(src, model_type="llama")
+    with pytest.raises(ValueError, match=r"downloaded .*someone/llama/resolve/main/config.json is "
+                                         r"not valid: .*model_type = 'llama' is not supported"):
+        GPT.from_pretrained("someone/llama", base_url=base)
+    # only the repo with a GPT-2 config.json left a file in the cache
+    assert [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs] == ["config.json"]
+    # a missing folder under one that exists here is a typo, not a download
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model folder out/typo does not exist"):
+        GPT.from_pretrained("out/typo", base_url=base)
 
 
 # -----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import pytest
 import tiktoken
 
 import prepare as P
+import shards
+import toy
 from testlib import EOT, HH_FILE, HH_MISSING, ROOT, cli
 
 
@@ -467,6 +469,7 @@ def test_unwritable_output_is_one_line_and_keeps_previous_output(tmp_path, monke
         with monkeypatch.context() as m:
             if name == "open":
                 m.setattr(P, "open", fake, raising=False)  # the files prepare.py opens itself
+                m.setattr(shards, "open", fake, raising=False)  # and the shard writer
             elif name == "replace":
                 m.setattr(os, "replace", fake)
             else:
@@ -764,29 +767,29 @@ def test_real_hh_file(tmp_path):
 
 
 def test_toy_reward_reference():
-    assert P.toy_reward(" good great bad the .") == pytest.approx((2 - 1) / 4)
-    assert P.toy_reward(" terrible awful .") == -1.0 and P.toy_reward(" the pizza was .") == 0.0
-    assert P.toy_reward("") == 0.0
+    assert toy.toy_reward(" good great bad the .") == pytest.approx((2 - 1) / 4)
+    assert toy.toy_reward(" terrible awful .") == -1.0 and toy.toy_reward(" the pizza was .") == 0.0
+    assert toy.toy_reward("") == 0.0
     # text after the end token is ignored
-    assert P.toy_reward(" Great nice .<|endoftext|> bad bad bad") == 1.0
+    assert toy.toy_reward(" Great nice .<|endoftext|> bad bad bad") == 1.0
 
 
 def test_toy_pairs():
-    a, b = P.make_toy_pairs(400, seed=1), P.make_toy_pairs(400, seed=1)
-    assert a == b and a != P.make_toy_pairs(400, seed=2)
-    assert all(P.toy_reward(x["chosen"]) > P.toy_reward(x["rejected"]) for x in a)
-    train, val = P.toy_prompts("train"), P.toy_prompts("val")
+    a, b = toy.make_toy_pairs(400, seed=1), toy.make_toy_pairs(400, seed=1)
+    assert a == b and a != toy.make_toy_pairs(400, seed=2)
+    assert all(toy.toy_reward(x["chosen"]) > toy.toy_reward(x["rejected"]) for x in a)
+    train, val = toy.toy_prompts("train"), toy.toy_prompts("val")
     assert set(x["prompt"] for x in a) <= set(train) | set(val) and not set(train) & set(val)
-    assert (P.toy_prompts("val", seed=3) != val
-            and sorted(P.toy_prompts("val", seed=3)) == sorted(val))
+    assert (toy.toy_prompts("val", seed=3) != val
+            and sorted(toy.toy_prompts("val", seed=3)) == sorted(val))
     assert "Review of the pizza:" in train + val
     item = lambda prompt: prompt.split(" the ")[-1].rstrip(":")
     assert (not {item(p) for p in train} & {item(p) for p in val}
             and len({item(p) for p in val}) >= 5)
     # every word is one GPT-2 token, so sequences stay short
-    for w in P.TOY_ITEMS + P.TOY_POSITIVE + P.TOY_NEGATIVE + P.TOY_NEUTRAL:
+    for w in toy.TOY_ITEMS + toy.TOY_POSITIVE + toy.TOY_NEGATIVE + toy.TOY_NEUTRAL:
         assert len(enc(w)) == 1 and w.startswith(" "), w
-    assert len(P.TOY_ITEMS) >= 50 and len(P.TOY_POSITIVE) >= 10 and len(P.TOY_NEGATIVE) >= 10
+    assert len(toy.TOY_ITEMS) >= 50 and len(toy.TOY_POSITIVE) >= 10 and len(toy.TOY_NEGATIVE) >= 10
     for x in a:
         assert (len(enc(x["prompt"])) <= 10 and len(enc(x["chosen"])) <= 13
                 and len(enc(x["rejected"])) <= 13)
@@ -803,9 +806,9 @@ def test_toy_prepare(tmp_path):
     train_items = {item(p) for p, _, _ in decoded["train"]}
     # held-out items never seen in train
     assert not train_items & {item(p) for p, _, _ in decoded["val"]}
-    assert {p for p, _, _ in decoded["val"]} <= set(P.toy_prompts("val"))
+    assert {p for p, _, _ in decoded["val"]} <= set(toy.toy_prompts("val"))
     for p, c, r in decoded["train"] + decoded["val"]:
-        assert c.endswith(" .<|endoftext|>") and P.toy_reward(c) > P.toy_reward(r)
+        assert c.endswith(" .<|endoftext|>") and toy.toy_reward(c) > toy.toy_reward(r)
     again = P.prepare(P.parse_args(["--toy_pairs=600", f"--out_dir={tmp_path / 'toy2'}"]), log=None)
     assert (tmp_path / "toy2" / "train_000000.bin").read_bytes() == (out / "train_000000.bin").read_bytes()
     assert again["tokens"] == meta["tokens"]

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,23 @@ def test_combined_loss_run_is_the_weighted_sum_of_its_single_losses_step_by_step
     assert hist[0]["loss"] == pytest.approx(float(np.dot(weights, single)), rel=1e-6)
 
 
+@pytest.mark.parametrize("kw", [dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),
+                                dict(loss_type="ipo", sft_weight=0.5, use_weighting=True)])
+def test_combined_losses_log_each_term_and_their_weighted_sum_is_the_loss(tmp_path, kw):
+    data_dir = make_data(tmp_path)
+    train(tiny_cfg(tmp_path, data_dir, max_iters=3, learning_rate=3e-3, **kw))
+    terms = dpo.loss_terms(tiny_cfg(tmp_path, data_dir, **kw))
+    recs = read_metrics(tmp_path / "out")
+    assert [r["iter"] for r in recs] == [0, 0, 1, 2, 3]  # eval 0, steps 0-2, eval 3
+    for r in recs:
+        pre = "val/" if "val/loss" in r else ""
+        total = sum(w * r[f"{pre}loss/{t}"] for t, w in terms)
+        assert total == pytest.approx(r[f"{pre}loss"], rel=1e-6), r
+    # one loss type alone: no terms logged
+    train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "one"), max_iters=1))
+    assert not [k for r in read_metrics(tmp_path / "one") for k in r if "loss/" in k]
+
+
 ISSUE21_OPTIONS = {
     "mpo": dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),
     "js_ipo": dict(loss_type="ipo", f_divergence_type="js_divergence"),
@@ -353,7 +371,7 @@ def test_issue21_options_compiled_equals_eager(tmp_path):
     assert eager[-1]["loss"] != eager[0]["loss"]
 
 
-def test_tr_dpo_reference_after_a_sync_is_the_mix_and_the_next_step_uses_it(tmp_path):
+def test_tr_dpo_reference_after_a_sync_is_the_mix_and_the_next_step_uses_it(tmp_path, capsys):
     # sync after optimizer steps tau, 2 tau, ... (TRL's SyncRefModelCallback,
     # global_step % tau == 0): with tau = 2 the reference after step 2 is 0.6 * policy
     # + 0.4 * reference, and step index 2 (the third) is scored against it
@@ -361,6 +379,8 @@ def test_tr_dpo_reference_after_a_sync_is_the_mix_and_the_next_step_uses_it(tmp_
     kw = dict(reference="model", learning_rate=3e-3, eval_interval=0, sync_ref_model=True,
               ref_model_sync_steps=2, ref_model_mixup_alpha=0.6)
     hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), max_iters=2, **kw))
+    synced = [l for l in capsys.readouterr().out.splitlines() if "synced" in l]
+    assert synced == ["iter 1: TR-DPO reference synced: 0.6 * policy + 0.4 * reference"]
     ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     # the first reference
     init = checkpoint.load_model("scratch", tiny_cfg(tmp_path, data_dir)).state_dict()
@@ -466,7 +486,18 @@ def test_bad_option_values_are_one_line_before_any_work(tmp_path, capsys, bad, p
     (["--f_divergence_type=js_divergence", "--loss_type=orpo"],
      r"js_divergence works with .* not orpo$"),
     (["--ld_alpha=1.5"], r"--ld_alpha=1.5: must be in \[0, 1\]"),
-    (["--ld_alpha=0.5", "--loss_type=sft"], r"--ld_alpha=0.5: .*not with sft alone"),
+    (["--ld_alpha=0.5", "--loss_type=sft"],
+     r"^error: --ld_alpha=0.5: not with sft alone \(ld_alpha weighs the tokens past a pair's shorter"),
+    (["--f_alpha_divergence_coef=nan"], r"--f_alpha_divergence_coef=nan: expected a finite number$"),
+    (["--loss_weights=1e999"], r"--loss_weights=1e999: each weight must be finite and >= 0$"),
+    (["--loss_type=sigmoid,sft", "--loss_weights=1,-0.5"], r"--loss_weights=1,-0.5: each weight must be"),
+    (["--loss_type=sigmoid,sft", "--loss_weights=0,0"],
+     r"--loss_weights=0,0: all zero, the run would learn nothing$"),
+    (["--sft_weight=-1"], r"--sft_weight=-1.0: must be >= 0$"),
+    (["--loss_type=sigmoid,sigmoid"], r"--loss_type=sigmoid,sigmoid .*: a loss type twice"),
+    (["--loss_type=sft", "--sft_weight=1"], r"--loss_type=sft \(with --sft_weight=1.0\): a loss type twice"),
+    (["--beta2=1"], r"--beta2=1.0: must be in \[0, 1\)$"),
+    (["--discopop_tau=0"], r"--discopop_tau=0.0: must be > 0$"),
     (["--use_weighting=true", "--loss_type=sigmoid,aot_pair"],
      r"--use_weighting=true: not with --loss_type aot_pair"),
     (["--sync_ref_model=true"], r"--sync_ref_model=true needs --reference=model"),  # tiny_cfg: reference cached
@@ -480,6 +511,16 @@ def test_issue21_bad_options_are_one_line_before_any_work(tmp_path, capsys, bad,
     data_dir = make_data(tmp_path)
     main_error(capsys, tiny_args(tmp_path, data_dir) + bad, pattern)
     assert not (tmp_path / "out").exists() and sorted(os.listdir(data_dir)) == ["train_000000.bin", "val_000000.bin"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_every_float_option_must_be_finite(value):
+    floats = [f.name for f in dataclasses.fields(Config) if f.type is float]
+    assert len(floats) > 15
+    for name in floats:
+        shown = re.escape(str(float(value)))
+        with pytest.raises(ValueError, match=rf"^--{name}={shown}: expected a finite number$"):
+            parse_config([f"--{name}={value}"])
 
 
 def test_help_the_old_mode_option_and_no_cuda_from_the_command_line(tmp_path):
@@ -562,6 +603,33 @@ def test_the_reference_pass_says_its_size_eta_and_how_to_skip_it_first(tmp_path,
                       "(--reference=model skips this pass")
     # the eta after the first chunk
     assert first < out.index("reference log-probs train: 16/40 pairs, eta ")
+
+
+def test_dpo_from_scratch_says_its_reference_is_the_same_random_model(tmp_path, capsys):
+    data_dir = make_data(tmp_path)
+    note = "note: --init_from=scratch: the policy and its reference are the same random model"
+    for loss_type, said in (("sigmoid", True), ("sft", False), ("simpo", False)):
+        train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / loss_type), loss_type=loss_type, max_iters=0))
+        out = capsys.readouterr().out
+        assert (note in out) == said and (said is False or "--config=config/toy_sft.py" in out), loss_type
+
+
+def test_a_data_dir_with_the_same_val_shards_reuses_their_reference_cache(tmp_path, capsys):
+    # online rounds: each round's train pairs differ, its val shards are the first round's (and
+    # their cache is copied beside them): the val reference is not computed again
+    data_dir = make_data(tmp_path)
+    train(tiny_cfg(tmp_path, data_dir, max_iters=1))
+    assert "reference log-probs val: 8 pairs" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    write_shard(other / "train_000000.bin", random_pairs(20, 300, 7))
+    shutil.copy(Path(data_dir) / "val_000000.bin", other)
+    for cache in Path(data_dir).glob("ref_logps_val_*.pt"):
+        shutil.copy(cache, other)
+    train(tiny_cfg(tmp_path, str(other), out_dir=str(tmp_path / "o2"), max_iters=1))
+    out = capsys.readouterr().out
+    assert "reference log-probs train: 20 pairs" in out and "reference log-probs val" not in out
+    assert len(list(other.glob("ref_logps_*.pt"))) == 2
 
 
 def test_the_end_of_a_run_says_where_its_result_is(tmp_path, capsys):

@@ -1,12 +1,15 @@
 """
-GPT-2's weight files in Hugging Face's format, read and written by torch and the standard library
-alone: config.json, safetensors (or a pytorch_model.bin), the hub download. GPT.from_pretrained and
-GPT.save_pretrained (model.py) use them. Our parameter names are HF's, but its Conv1D weights are
-(in, out), the transpose of nn.Linear's.
+GPT-2's files in Hugging Face's format, read and written by torch and the standard library
+alone: config.json, safetensors (or a pytorch_model.bin), the hub download, the tokenizer files
+(from tiktoken's own data), and what a name for GPT.from_pretrained leads to (find_weights).
+GPT.from_pretrained and GPT.save_pretrained (model.py) use them. Our parameter names are HF's,
+but its Conv1D weights are (in, out), the transpose of nn.Linear's.
 """
 import json
 import math
 import os
+import re
+from typing import NamedTuple
 
 import torch
 
@@ -147,24 +150,219 @@ def save_safetensors(tensors: dict, path) -> None:
             f.write(v.numpy().astype("<f4", copy=False).data)  # little-endian on any machine
 
 
-def download_weights(name, cache_dir=None, base_url=None):
+# -----------------------------------------------------------------------------
+# what a name leads to: a folder, a dpo.py run, an official name or a hub repo (downloaded once)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# a hub repo id, user/name, each part starting with a letter or digit (never . or ..: the cache
+# path is made from it); a path that does not exist may look the same, so its error says both
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# the fields of GPTConfig a dpo.py checkpoint's model_config must give (dropout is the loader's)
+RUN_SHAPE = {"block_size": int, "vocab_size": int, "n_layer": int, "n_head": int, "n_embd": int,
+             "bias": bool}
+
+
+class Found(NamedTuple):
+    config: dict  # GPTConfig's arguments
+    tensors: dict  # the state dict as stored
+    path: str  # the weights file, for messages
+    ours: bool  # a dpo.py checkpoint: our layout; else Hugging Face's (from_hf_layout)
+
+
+def is_hub_repo(name) -> bool:
+    """user/name, unless it ends in .pt or its first part is a folder here: out/typo is a
+    missing run folder, not a download"""
+    if not HUB_REPO.fullmatch(name) or name.endswith(".pt"):
+        return False
+    return not os.path.isdir(name.split("/")[0])
+
+
+def find_weights(name, cache_dir=None, base_url=None) -> Found:
+    """GPT.from_pretrained's name_or_path -> the config and the tensors it names: a folder with
+    config.json (Hugging Face's), a run folder with ckpt.pt or that file (dpo.py's), an official
+    GPT-2 name, or a hub repo user/name in GPT-2's layout (both downloaded once into the cache)"""
+    hint = (f"expected one of {', '.join(PRETRAINED)}, a hub repo user/name, a folder with "
+            f"config.json and model.safetensors, or a dpo.py run folder with ckpt.pt")
+    if os.path.isdir(name):
+        has_config = os.path.isfile(os.path.join(name, "config.json"))
+        if not has_config and os.path.isfile(os.path.join(name, "ckpt.pt")):
+            return read_run(os.path.join(name, "ckpt.pt"))
+        if not has_config:
+            raise FileNotFoundError(f"{name}: config.json not found and no ckpt.pt: {hint}")
+        return read_hf_folder(name)
+    if os.path.isfile(name):
+        return read_run(name)
+    if name in PRETRAINED:
+        path = download_file(name, "model.safetensors", cache_dir, base_url)
+        return Found(dict(PRETRAINED[name]), load_safetensors(path), path, ours=False)
+    if is_hub_repo(name):
+        return read_hf_folder(download_repo(name, cache_dir, base_url))
+    if os.sep in name or name.startswith((".", "~")):
+        raise FileNotFoundError(f"model folder {name} does not exist ({hint})")
+    raise ValueError(f"unknown model name {name!r}: {hint}")
+
+
+def read_hf_folder(folder) -> Found:
+    config = read_hf_config(os.path.join(folder, "config.json"))
+    found = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no weights file, expected model.safetensors or "
+                                f"pytorch_model.bin (a sharded checkpoint must be re-saved as one file)")
+    path = os.path.join(folder, found[0])
+    tensors = load_torch_bin(path) if path.endswith(".bin") else load_safetensors(path)
+    return Found(config, tensors, path, ours=False)
+
+
+def read_run(path) -> Found:
+    """a dpo.py checkpoint's weights ("model") and shape ("model_config"); mmap: the optimizer
+    state beside them is never read"""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle we refuse to run
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:150]
+        raise ValueError(f"{path}: not a readable dpo.py checkpoint ({why}); pass a run folder, "
+                         f"its ckpt.pt, or a Hugging Face folder with config.json") from None
+    weights = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(weights, dict) or not isinstance(ck.get("model_config"), dict):
+        raise ValueError(f"{path}: not a dpo.py checkpoint (no model / model_config)")
+    saved = ck["model_config"]
+    bad = []
+    for key, typ in RUN_SHAPE.items():
+        value = saved.get(key)
+        if type(value) is not typ or (typ is int and value < 1):
+            bad.append(key)
+    if bad:
+        raise ValueError(f"{path}: model_config has no GPT-2 shape ({bad} missing, mistyped or < 1)")
+    if saved["n_embd"] % saved["n_head"]:
+        raise ValueError(f"{path}: model_config: n_head={saved['n_head']} must divide "
+                         f"n_embd={saved['n_embd']}")
+    config = {k: saved[k] for k in RUN_SHAPE}
+    # float32 copies: the model does not keep the mapped file behind its tensors
+    tensors = {}
+    for k, v in weights.items():
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v.to(torch.float32, copy=True)
+    return Found(config, tensors, path, ours=True)
+
+
+def check_safetensors(path) -> None:
+    load_safetensors(path, header_only=True)
+
+
+def download_file(name, filename, cache_dir=None, base_url=None, check=None) -> str:
+    """the hub's name/resolve/main/filename, fetched once into $NANODPO_CACHE/name/filename;
+    check(path) raises ValueError for a file not to keep (truncated, a config that is not GPT-2)"""
     from prepare import download  # the shared downloader: progress, size check, no leftovers
     cache_dir = cache_dir or os.environ.get("NANODPO_CACHE") or os.path.expanduser("~/.cache/nanodpo")
     base_url = base_url or os.environ.get("NANODPO_HF_BASE_URL") or "https://huggingface.co"
-    url = f"{base_url.rstrip('/')}/{name}/resolve/main/model.safetensors"
-    path = os.path.join(cache_dir, name, "model.safetensors")
+    url = f"{base_url.rstrip('/')}/{name}/resolve/main/{filename}"
+    path = os.path.join(cache_dir, name, filename)
+    check = check or check_safetensors
     if not os.path.isfile(path):  # fetched under a per-process name (ranks may race), then moved
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             download(url, tmp)
-            load_safetensors(tmp, header_only=True)
+            check(tmp)
             os.replace(tmp, path)
         except OSError as e:
             raise OSError(f"{e}; check the network, set $NANODPO_HF_BASE_URL, or pass a local "
                           f"model folder") from e
         except ValueError as e:
-            raise ValueError(f"downloaded {url} is not a valid safetensors file: {e}") from e
+            raise ValueError(f"downloaded {url} is not valid: {e}") from e
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return path
+
+
+def download_repo(name, cache_dir=None, base_url=None) -> str:
+    """a hub repo user/name in GPT-2's layout -> its folder in the cache: config.json first (a
+    repo that is not GPT-2 is refused before its weights come), then model.safetensors, else
+    pytorch_model.bin"""
+    where = f"{name} is not a local folder, and as a Hugging Face hub repo"
+    try:
+        config = download_file(name, "config.json", cache_dir, base_url, check=read_hf_config)
+    except OSError as e:
+        raise OSError(f"{where}: {e}") from None
+    folder = os.path.dirname(config)
+    if any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES):
+        return folder
+    try:
+        download_file(name, WEIGHT_FILES[0], cache_dir, base_url)
+    except OSError as e:  # no safetensors there: the older format
+        try:
+            download_file(name, WEIGHT_FILES[1], cache_dir, base_url, check=load_torch_bin)
+        except OSError:
+            raise OSError(f"{where}: {e} (pytorch_model.bin could not be downloaded either; "
+                          f"a sharded checkpoint is not supported)") from None
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's tokenizer files for transformers.AutoTokenizer, from tiktoken's own data
+
+GPT2_VOCAB = 50257  # tiktoken's GPT-2: 256 bytes, 50000 merges, <|endoftext|>
+EOT_TEXT = "<|endoftext|>"
+
+
+def byte_to_unicode() -> dict:
+    """GPT-2's vocab.json and merges.txt spell each byte as one printable character: the 188
+    printable ones as themselves, the other 68 (controls, space, ...) as chr(256), chr(257), ...
+    in byte order"""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    for i, b in enumerate(others):
+        table[b] = chr(256 + i)
+    return table
+
+
+def merge_parts(token, rank, ranks) -> list:
+    """the two tokens whose merge made `token`: BPE over its bytes with only the merges ranked
+    before it (the lowest rank first, the leftmost of equals) stops at exactly those two"""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        candidates = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+        best, i = min(candidates)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"tiktoken's GPT-2 data: token {rank} {token!r} is not one merge of two "
+                         f"earlier tokens")
+    return parts
+
+
+def gpt2_tokenizer_files(block_size) -> dict:
+    """{file name: text}: vocab.json (tiktoken's ranks are GPT-2's token ids), merges.txt (recovered
+    from the ranks, in rank order), tokenizer_config.json, special_tokens_map.json. <|endoftext|> is
+    the eos token (id 50256), but inside a text it stays text, as prepare.py encodes it"""
+    from prepare import gpt2_encoding  # tiktoken's data, downloaded once into its cache
+    enc = gpt2_encoding()
+    eot = enc.eot_token
+    char = byte_to_unicode()
+
+    def spell(token):  # bytes -> the characters vocab.json and merges.txt write
+        return "".join(char[b] for b in token)
+
+    ranks = {}  # token bytes -> id, in id order
+    for i in range(enc.n_vocab):
+        if i != eot:
+            ranks[enc.decode_single_token_bytes(i)] = i
+    vocab = {spell(token): i for token, i in ranks.items()}
+    vocab[EOT_TEXT] = eot
+    merges = ["#version: 0.2"]
+    for token, rank in ranks.items():
+        if len(token) > 1:
+            left, right = merge_parts(token, rank, ranks)
+            merges.append(f"{spell(left)} {spell(right)}")
+    special = dict(bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT)
+    # split_special_tokens: <|endoftext|> inside a text is text; clean_up...=False: decode is exact
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=block_size,
+                  add_prefix_space=False, split_special_tokens=True,
+                  clean_up_tokenization_spaces=False, errors="replace", **special)
+    return {"vocab.json": json.dumps(vocab) + "\n",
+            "merges.txt": "\n".join(merges) + "\n",
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
