@@ -5,8 +5,10 @@ sample.py's compare shares with it.
 At each eval the policy samples eval_judge_samples responses (temperature 1) to each of a fixed set
 of val prompts, the first eval_judge_prompts unique ones; the reference sampled them once, at the
 start. Logged (metrics.jsonl, wandb), each with its standard error:
-    judge/reward      the judge's mean reward of the policy's samples (judge/ref_reward: the reference's)
-    judge/win_rate    how often a policy sample beats a reference sample of the same prompt (ties 1/2)
+    judge/reward      the judge's mean reward of the policy's samples (judge/ref_reward: the
+                      reference's)
+    judge/win_rate    how often a policy sample beats a reference sample of the same prompt
+                      (ties count 1/2)
     judge/kl          KL(policy || reference), the mean of log pi(y|x) - log pi_ref(y|x) over the
                       policy's samples y (an unbiased estimate: temperature 1, no top_k)
 The reference and the policy draw from generators of their own, the policy's restarted at each eval:
@@ -36,8 +38,8 @@ def check_config(cfg):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key}={getattr(cfg, key)}: must be >= 1")
     if cfg.fsdp:
-        raise ValueError(f"--eval_judge={cfg.eval_judge}: not with --fsdp=true (sampling from sharded "
-                         f"weights is not built); evaluate a saved checkpoint with sample.py instead")
+        raise ValueError(f"--eval_judge={cfg.eval_judge}: not with --fsdp=true (sampling from "
+                         f"sharded weights is not built); evaluate a saved checkpoint with sample.py")
 
 
 # -----------------------------------------------------------------------------
@@ -154,9 +156,10 @@ class JudgedEval:
         # the reference as it starts (cached: the policy itself, which training then moves)
         self.reference = copy.deepcopy(ref_model).to(run.device).eval().requires_grad_(False)
         gen = generator(run.device, cfg.seed, REFERENCE_STREAM)
+        k = cfg.eval_judge_samples
         with run.ctx:
-            samples = draw(self.reference, self.prompts, cfg.eval_judge_samples, cfg.eval_judge_tokens, gen)
-        rewards = judge_samples(self.judge, cfg.eval_judge, self.texts, samples, cfg.eval_judge_samples)
+            samples = draw(self.reference, self.prompts, k, cfg.eval_judge_tokens, gen)
+        rewards = judge_samples(self.judge, cfg.eval_judge, self.texts, samples, k)
         self.ref = self.gather(rewards)
 
     def gather(self, mine):
@@ -171,7 +174,7 @@ class JudgedEval:
 
     def __call__(self, policy):
         cfg, run = self.cfg, self.run
-        gen = generator(run.device, cfg.seed, POLICY_STREAM)  # restarted: the same noise at every eval
+        gen = generator(run.device, cfg.seed, POLICY_STREAM)  # restarted: the same noise each eval
         with run.ctx:
             samples = draw(policy, self.prompts, cfg.eval_judge_samples, cfg.eval_judge_tokens, gen)
             kl = [sequence_logps(policy, p, s) - sequence_logps(self.reference, p, s)
@@ -182,7 +185,8 @@ class JudgedEval:
         wins = win_rates(rewards, self.ref)
         clusters = np.repeat(np.arange(self.n), rewards.shape[1])
         rec = {}
-        for name, values in (("reward", rewards), ("ref_reward", self.ref), ("win_rate", wins), ("kl", kl)):
+        fields = (("reward", rewards), ("ref_reward", self.ref), ("win_rate", wins), ("kl", kl))
+        for name, values in fields:
             rec[f"judge/{name}"] = float(values.mean())
             rec[f"judge/{name}_se"] = clustered_sem(values.ravel(), clusters)
         print0(f"judge {cfg.eval_judge} ({self.n} val prompts x {rewards.shape[1]}): reward "

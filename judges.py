@@ -19,7 +19,8 @@ import types
 import torch
 
 import checkpoint
-from prepare import EOT, gpt2_encoding, toy_reward, truncate
+from prepare import EOT, gpt2_encoding, truncate
+from toy import toy_reward
 
 FORMS = "toy, module:function (module on sys.path) or rm:PATH (a dpo.py --loss_type=reward run)"
 
@@ -61,7 +62,8 @@ def per_pair(fn, spec):
             try:
                 out.append(fn(p, r))
             except Exception as e:  # the user's code: any failure is one line naming the pair
-                raise JudgeError(f"judge {spec} raised {type(e).__name__}: {checkpoint.one_line(e, 200)} "
+                why = checkpoint.one_line(e, 200)
+                raise JudgeError(f"judge {spec} raised {type(e).__name__}: {why} "
                                  f"(prompt {p!r}, response {r!r})") from None
         return out
     return judge
@@ -74,7 +76,8 @@ def score(judge, spec, prompts, responses):
     except JudgeError:
         raise
     except Exception as e:
-        raise ValueError(f"judge {spec} raised {type(e).__name__}: {checkpoint.one_line(e, 200)}") from None
+        why = checkpoint.one_line(e, 200)
+        raise ValueError(f"judge {spec} raised {type(e).__name__}: {why}") from None
     if len(values) != len(responses):
         raise ValueError(f"judge {spec} returned {len(values)} values for {len(responses)} responses")
     for s, p, r in zip(values, prompts, responses):
@@ -91,8 +94,8 @@ class RewardModelJudge:
     def __init__(self, spec, path, device, rows=32):
         ck_path = checkpoint.checkpoint_path(path)
         if ck_path is None:
-            raise ValueError(f"judge {spec}: no checkpoint at {path} (expected a dpo.py --loss_type=reward "
-                             f"run's folder or its ckpt.pt)")
+            raise ValueError(f"judge {spec}: no checkpoint at {path} (expected a dpo.py "
+                             f"--loss_type=reward run's folder or its ckpt.pt)")
         ck = checkpoint.read_checkpoint(ck_path)  # an unreadable file: one line already
         if not ck["model_config"].get("reward_head"):
             raise ValueError(f"judge {spec}: {ck_path} is not a reward model (train one with "
@@ -121,7 +124,8 @@ class RewardModelJudge:
             ids = order[start: start + self.rows]
             T = max(len(seqs[i]) for i in ids)
             idx = torch.tensor([seqs[i] + [EOT] * (T - len(seqs[i])) for i in ids], device=self.device)
-            last = torch.tensor([row * T + len(seqs[i]) - 1 for row, i in enumerate(ids)], device=self.device)
+            ends = [row * T + len(seqs[i]) - 1 for row, i in enumerate(ids)]  # each row's last token
+            last = torch.tensor(ends, device=self.device)
             h = self.model.hidden(idx).flatten(0, 1)  # causal: padding on the right is never seen
             out[ids] = self.model.score(h[last]).squeeze(-1).float().cpu()
         return out.tolist()

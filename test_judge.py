@@ -1,6 +1,6 @@
 """
 A learned judge (issue 27): the reward model (reward.py, --loss_type=reward) against a naive forward
-and on a separable set, resumed and under torchrun; judge specs (judges.py) and their one-line errors;
+and on a separable set, resumed and under torchrun; judge specs (judges.py), their one-line errors;
 judged evaluation while training (judged.py, --eval_judge); the clustered standard error; compare's
 reference numbers that never move with the policy.
 """
@@ -18,8 +18,8 @@ import judges
 import reward
 import sample as sample_module
 from dpo import Config, PairData, train
-from testlib import (cli, assert_one_error, main_error, make_data, read_metrics, run_dpo, sample_cfg,
-                     tiny_cfg, tiny_model, torchrun_args, write_shard)
+from testlib import (assert_one_error, cli, main_error, make_data, read_metrics, run_dpo,
+                     sample_cfg, tiny_cfg, tiny_model, torchrun_args, write_shard)
 
 
 # -----------------------------------------------------------------------------
@@ -27,7 +27,7 @@ from testlib import (cli, assert_one_error, main_error, make_data, read_metrics,
 
 
 def naive_rewards(model, pair):
-    """one sequence at a time, plain causal forward: the head at the last token of prompt + response"""
+    """one sequence at a time, plain causal forward: the head at prompt + response's last token"""
     p, c, r = pair
     out = []
     for resp in (c, r):
@@ -90,8 +90,13 @@ def test_with_head_is_seeded_and_kept_on_resume():
 def separable_pairs(n, seed):
     """chosen responses of tokens 1-50, rejected of 51-100: a reward model separates them in steps"""
     rng = np.random.default_rng(seed)
-    return [(rng.integers(200, 300, rng.integers(2, 6)), np.r_[rng.integers(1, 51, rng.integers(2, 6)), 50256],
-             np.r_[rng.integers(51, 101, rng.integers(2, 6)), 50256]) for _ in range(n)]
+    pairs = []
+    for _ in range(n):
+        prompt = rng.integers(200, 300, rng.integers(2, 6))
+        chosen = np.r_[rng.integers(1, 51, rng.integers(2, 6)), 50256]
+        rejected = np.r_[rng.integers(51, 101, rng.integers(2, 6)), 50256]
+        pairs.append((prompt, chosen, rejected))
+    return pairs
 
 
 def separable_data(tmp_path):
@@ -104,9 +109,9 @@ def separable_data(tmp_path):
 
 def test_reward_model_learns_a_separable_set_and_its_judge_scores_like_it(tmp_path):
     data_dir = separable_data(tmp_path)
-    cfg = tiny_cfg(tmp_path, data_dir, loss_type="reward", max_iters=20, eval_interval=20, n_layer=1,
-                   learning_rate=1e-2, min_lr=1e-3, warmup_iters=0, global_batch_size=16, batch_size=16,
-                   center_rewards_coefficient=0.01)
+    cfg = tiny_cfg(tmp_path, data_dir, loss_type="reward", max_iters=20, eval_interval=20,
+                   n_layer=1, learning_rate=1e-2, min_lr=1e-3, warmup_iters=0, global_batch_size=16,
+                   batch_size=16, center_rewards_coefficient=0.01)
     hist = train(cfg)
     val = read_metrics(cfg.out_dir)[-1]
     assert val["val/accuracy"] >= 0.95, val
@@ -131,7 +136,8 @@ def test_reward_run_resumed_equals_one_run(tmp_path):
     kw = dict(loss_type="reward", eval_interval=2, center_rewards_coefficient=0.1)
     whole = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "a"), max_iters=4, **kw))
     train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), max_iters=2, **kw))
-    rest = train(dpo.parse_config(["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=4"]))
+    resume = ["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=4"]
+    rest = train(dpo.parse_config(resume))
     for x, y in zip(whole[2:], rest):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
     a, b = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("a", "b"))
@@ -175,7 +181,8 @@ def test_reward_and_eval_judge_options_are_one_line_before_any_work(tmp_path, ca
 def rm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     data_dir = make_data(root)
-    cfg = tiny_cfg(root, data_dir, out_dir=str(root / "rm"), loss_type="reward", max_iters=2, eval_interval=0)
+    cfg = tiny_cfg(root, data_dir, out_dir=str(root / "rm"), loss_type="reward", max_iters=2,
+                   eval_interval=0)
     train(cfg)
     policy = tiny_cfg(root, data_dir, out_dir=str(root / "policy"), max_iters=1, eval_interval=0)
     train(policy)
@@ -189,7 +196,8 @@ def test_every_judge_spec_error_is_one_line(rm_run, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cases = {"": "expected toy, module:function", "toys": "expected toy, module:function",
              "rm:": "expected toy", ":f": "expected toy",
-             f"rm:{tmp_path}/none": "no checkpoint at", f"rm:{tmp_path}/garbage": "not a readable checkpoint",
+             f"rm:{tmp_path}/none": "no checkpoint at",
+             f"rm:{tmp_path}/garbage": "not a readable checkpoint",
              f"rm:{rm_run}/policy": "is not a reward model", "no_such_module:f": "could not load it",
              "judge_mod:missing": "could not load it", "judge_mod:constant": "is not a function"}
     for spec, pattern in cases.items():
@@ -209,7 +217,8 @@ def test_score_checks_every_value_in_one_line():
         judges.score(lambda p, r: [0.5], "j", ["a", "b"], ["x", "y"])
     with pytest.raises(ValueError, match=r"^judge j raised ZeroDivisionError: division by zero$"):
         judges.score(lambda p, r: [1 / 0], "j", ["a"], ["x"])
-    assert judges.score(judges.load_judge("toy"), "toy", ["p"], ["good good bad"]) == [pytest.approx(1 / 3)]
+    toy = judges.load_judge("toy")
+    assert judges.score(toy, "toy", ["p"], ["good good bad"]) == [pytest.approx(1 / 3)]
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +226,8 @@ def test_score_checks_every_value_in_one_line():
 
 
 def naive_clustered_sem(values, clusters):
-    """the cluster-robust variance of a mean, written out: (n/(n-1)) sum_c (sum_{i in c} (x_i - mean))^2 / N^2"""
+    """the cluster-robust variance of a mean, written out:
+    (n/(n-1)) sum_c (sum_{i in c} (x_i - mean))^2 / N^2, n clusters, N values"""
     mean = sum(values) / len(values)
     sums = {}
     for x, c in zip(values, clusters):
@@ -230,7 +240,8 @@ def test_clustered_sem_against_a_naive_computation():
     rng = np.random.default_rng(0)
     clusters = rng.integers(0, 9, 60)  # unequal clusters
     values = rng.normal(size=60) + clusters * 0.3
-    assert judged.clustered_sem(values, clusters) == pytest.approx(naive_clustered_sem(values, clusters), rel=1e-12)
+    want = naive_clustered_sem(values, clusters)
+    assert judged.clustered_sem(values, clusters) == pytest.approx(want, rel=1e-12)
     # equal clusters: the standard deviation of the cluster means over sqrt(n)
     values = rng.normal(size=(30, 8)) + rng.normal(size=(30, 1))
     ids = np.repeat(np.arange(30), 8)
@@ -250,18 +261,20 @@ def test_win_rates_count_ties_half():
 # compare: the reference's numbers never move with the policy
 
 
-def test_compare_reference_numbers_are_identical_with_two_different_policies(rm_run, tmp_path, capsys):
+def test_compare_reference_numbers_are_identical_with_two_policies(rm_run, tmp_path, capsys):
     data_dir = str(rm_run / "data")
     results = []
     # one policy barely moved, one that learned to end its responses (EOT): different lengths, so
     # a shared generator would hand the reference other numbers after the first prompt
-    for name, kw in (("dpo", dict(max_iters=2)), ("sft", dict(loss_type="sft", max_iters=30, learning_rate=3e-2))):
+    runs = (("dpo", dict(max_iters=2)), ("sft", dict(loss_type="sft", max_iters=30, learning_rate=3e-2)))
+    for name, kw in runs:
         cfg = tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / name), eval_interval=0, **kw)
         train(cfg)
-        results.append(sample_module.compare(sample_cfg(tmp_path, data_dir, init_from=cfg.out_dir, num_samples=3,
-                                                        max_new_tokens=6), torch.device("cpu")))
+        compare_cfg = sample_cfg(tmp_path, data_dir, init_from=cfg.out_dir, num_samples=3, max_new_tokens=6)
+        results.append(sample_module.compare(compare_cfg, torch.device("cpu")))
     a, b = results
-    assert a["reference"] == b["reference"] and a["sampled_sem"]["reference"] == b["sampled_sem"]["reference"]
+    assert a["reference"] == b["reference"]
+    assert a["sampled_sem"]["reference"] == b["sampled_sem"]["reference"]
     assert a["kl"] != b["kl"]  # the policies differ
     assert a["prompts"] == 8 and math.isfinite(a["kl_sem"])
     assert "± clustered by prompt" in capsys.readouterr().out
@@ -305,7 +318,8 @@ def test_eval_judge_needs_val_pairs_and_short_samples(tmp_path):
         train(tiny_cfg(tmp_path, str(d), eval_judge="toy"))
     data_dir = make_data(tmp_path)
     with pytest.raises(ValueError, match=r"^--eval_judge_tokens=64: must be < block_size 64$"):
-        train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), eval_judge="toy", eval_judge_tokens=64))
+        train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / "b"), eval_judge="toy",
+                       eval_judge_tokens=64))
 
 
 def test_judged_eval_keys_reach_wandb_as_logged(rm_run, tmp_path, monkeypatch):
@@ -319,3 +333,16 @@ def test_judged_eval_keys_reach_wandb_as_logged(rm_run, tmp_path, monkeypatch):
     train(cfg)
     assert any("judge/win_rate_se" in r for r in logged)
     assert json.loads(open(f"{cfg.out_dir}/metrics.jsonl").readline())["judge/kl"] == 0.0
+
+
+def test_eval_judge_under_torchrun_ddp_gathers_every_prompt(tmp_path):
+    # two ranks split the prompts and all-reduce them: every field logged, the reference's numbers
+    # the same at every eval, KL 0 while the policy is the reference
+    data_dir = make_data(tmp_path)
+    args = torchrun_args(data_dir, "packed", eval_judge="toy", eval_judge_prompts=5, eval_judge_samples=2,
+                         eval_judge_tokens=4)
+    metrics, _ = run_dpo(tmp_path, "ddp", args, nproc=2)
+    evals = [r for r in metrics if "judge/kl" in r]
+    assert [r["iter"] for r in evals] == [0, 2, 4] and evals[0]["judge/kl"] == 0.0
+    assert len({r["judge/ref_reward"] for r in evals}) == 1
+    assert all(math.isfinite(r[f"judge/{name}_se"]) for r in evals for name in JUDGE_FIELDS)
