@@ -689,8 +689,7 @@ def setup_training(cfg, stack, stop):
         print0("note: --init_from=scratch: the policy and its reference are the same random model, so "
                "this DPO learns nothing useful; start from an SFT model (--config=config/toy_sft.py, then "
                "--config=config/toy_dpo.py) or --init_from=gpt2")
-    if cfg.loss_type == "reward":  # a reward model: the trunk and a scalar head (reward.py)
-        model = reward.with_head(model, cfg.seed)
+    model = reward.model_for(cfg, model)  # --loss_type=reward: the trunk and a scalar head
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.to(run.device)
 

@@ -17,6 +17,19 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from checkpoint import show
+
+
+def model_for(cfg, model):
+    """the model this run trains: with a scalar head for --loss_type=reward; a reward model is
+    refused as the start of a run with another loss (its head would sit unused)"""
+    if cfg.loss_type == "reward":
+        return with_head(model, cfg.seed)
+    if model.config.reward_head:
+        raise ValueError(f"--init_from={cfg.init_from} is a reward model (--loss_type=reward); "
+                         f"--loss_type={cfg.loss_type} starts from a language model (SFT or GPT-2)")
+    return model
+
 
 def with_head(model, seed):
     """the model with a fresh scalar head (N(0, 0.02), as HF's) unless it has one (a resume)"""
@@ -51,5 +64,5 @@ def check_config(cfg):
               "eval_judge": ""}
     for key, default in others.items():
         if getattr(cfg, key) != default:
-            raise ValueError(f"--{key}={getattr(cfg, key)}: not with --loss_type=reward (a reward "
-                             f"model has no log-probs; leave it at {default})")
+            raise ValueError(f"--{key}={show(getattr(cfg, key))}: not with --loss_type=reward (a "
+                             f"reward model has no log-probs; leave it at {show(default)})")

@@ -346,3 +346,10 @@ def test_eval_judge_under_torchrun_ddp_gathers_every_prompt(tmp_path):
     assert [r["iter"] for r in evals] == [0, 2, 4] and evals[0]["judge/kl"] == 0.0
     assert len({r["judge/ref_reward"] for r in evals}) == 1
     assert all(math.isfinite(r[f"judge/{name}_se"]) for r in evals for name in JUDGE_FIELDS)
+
+
+def test_a_reward_model_is_no_start_for_dpo(rm_run, tmp_path):
+    cfg = tiny_cfg(tmp_path, str(rm_run / "data"), init_from=str(rm_run / "rm"), max_iters=1)
+    with pytest.raises(ValueError, match=r"is a reward model \(--loss_type=reward\); --loss_type=sigmoid starts"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
