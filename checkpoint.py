@@ -105,10 +105,14 @@ def data_block_size(data_dir):
                 longest = max(longest, int((lengths[:, 0] + lengths[:, 1:].max(1)).max()))
     return min(1024, longest or 1024)
 
-def data_hash(data_dir):
-    """the identity of the pairs, all shard bytes: a resume may find its data under another path"""
+def data_hash(data_dir, split=None):
+    """the identity of the pairs, all shard bytes (of one split if named): a resume may find its
+    data under another path"""
     h = hashlib.sha256()
-    for path in list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False):
+    paths = list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False)
+    if split:
+        paths = list_shards(data_dir, split)
+    for path in paths:
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):

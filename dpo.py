@@ -459,7 +459,8 @@ def reference_logps(ref_model, meta, data, run):
     (ranks split the pairs) and cached beside the shards, under the hashes of the reference's
     weights and of the data (the run's meta)"""
     ld = f"_ld{run.cfg.ld_alpha}" if run.cfg.ld_alpha != 1 else ""  # LD-DPO's sums differ
-    name = f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{meta['data_hash']}_{data.block_size}.pt"
+    split_hash = checkpoint.data_hash(data.data_dir, data.split)  # the split's own shards
+    name = f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{split_hash}_{data.block_size}.pt"
     path = os.path.join(data.data_dir, name)
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
 
@@ -684,13 +685,24 @@ def setup_training(cfg, stack):
 # -----------------------------------------------------------------------------
 # training
 
-def train(cfg):
-    """one training run; returns the per-step metric dicts (all-reduced, the same on every rank)"""
+def train(cfg, continue_with=None):
+    """one training run; returns the per-step metric dicts (all-reduced, the same on every rank).
+    continue_with: the command a stopped run tells the user to rerun (default: dpo.py's resume)"""
     with contextlib.ExitStack() as stack:  # the out_dir lock goes when a run fails, even in setup
         trainer = setup_training(cfg, stack)
         stop = checkpoint.Stop()
         stack.callback(stop.restore)
-        return training_loop(trainer, stop)
+        history = training_loop(trainer, stop, continue_with)
+        if stop.asked:  # the signal came after the last step's check: the run is saved, and stops
+            stopped(cfg, max(trainer.start, cfg.max_iters) - 1, continue_with)
+        return history
+
+def stopped(cfg, it, continue_with):
+    """the one line a stopped run ends with, then checkpoint.Interrupted"""
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    command = continue_with or f"python dpo.py --init_from=resume --out_dir={cfg.out_dir}"
+    print0(f"stopped after step {it}: saved {ckpt}; continue with: {command}")
+    raise checkpoint.Interrupted()
 
 def step_batches(t, it):
     """this rank's micro-batches of step it, on the device"""
@@ -711,7 +723,7 @@ def eval_and_save(t, it):
     if cfg.save_checkpoint and (interval or last):
         checkpoint.save(cfg, t.model, t.optimizer, it, t.meta)
 
-def training_loop(t, stop):
+def training_loop(t, stop, continue_with=None):
     cfg, run, model, module, optimizer = t.cfg, t.run, t.model, t.module, t.optimizer
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     peak = peak_flops(run.device)
@@ -783,9 +795,7 @@ def training_loop(t, stop):
                    f"{rec['pairs_per_s']:.1f} pairs/s{mfu_text}, eta {eta:.0f}s")
         if stats.stop:  # every rank stops after the same step, saved before step it + 1's eval
             checkpoint.save(cfg, model, optimizer, it + 1, t.meta | {"stopped": True})
-            print0(f"stopped after step {it}: saved {ckpt}; continue with: python dpo.py "
-                   f"--init_from=resume --out_dir={cfg.out_dir}")
-            raise checkpoint.Interrupted()
+            stopped(cfg, it, continue_with)
     checkpoint.finish(cfg, model, max(t.start, cfg.max_iters))
     return history
 

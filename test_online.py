@@ -176,19 +176,30 @@ def test_toy_pipeline_sft_then_dpo_then_compare(tmp_path, capsys):
 
 def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
     # the demo's recipe files live beside dpo.py; its data and checkpoints go under the current
-    # folder
+    # folder; each stage trains into out/NAME.tmp, which replaces out/NAME once done
     import prepare as prep
     seen = []
-    monkeypatch.setattr(prep, "main", lambda argv: seen.append(("prepare", argv)))
-    monkeypatch.setattr(dpo, "train", lambda cfg: seen.append(("train", cfg)))
-    monkeypatch.setattr(sample_module, "compare", lambda cfg, device: seen.append(("compare", cfg)))
+
+    def fake_train(cfg, continue_with=None):
+        os.makedirs(cfg.out_dir)
+        (Path(cfg.out_dir) / "ckpt.pt").write_text("new")
+        seen.append(("train", cfg, continue_with))
+
+    monkeypatch.setattr(prep, "prepare", lambda args: seen.append(("prepare", args, None)))
+    monkeypatch.setattr(dpo, "train", fake_train)
+    monkeypatch.setattr(sample_module, "compare", lambda cfg, device: seen.append(("compare", cfg, None)))
     monkeypatch.chdir(tmp_path)
+    os.makedirs("out/toy_sft")
+    Path("out/toy_sft/ckpt.pt").write_text("earlier")
     sample_module.demo()
-    assert [k for k, _ in seen] == ["prepare", "train", "train", "compare"]
-    sft, dpo_cfg, cmp = (c for k, c in seen[1:])
-    assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft"
+    assert [k for k, _, _ in seen] == ["prepare", "train", "train", "compare"]
+    sft, dpo_cfg, cmp = (c for k, c, _ in seen[1:])
+    assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft.tmp"
     assert dpo_cfg.loss_type == "sigmoid" and dpo_cfg.init_from == "out/toy_sft"
     assert cmp.init_from == "out/toy_dpo" and cmp.data_dir == "data/toy"
+    assert seen[1][2] == "python sample.py --mode=demo"  # what a stopped stage says to rerun
+    assert sorted(os.listdir("out")) == ["toy_dpo", "toy_sft"]
+    assert Path("out/toy_sft/ckpt.pt").read_text() == "new"
 
 
 def test_sample_py_says_what_it_needs_that_a_model_is_untrained_and_its_progress(tmp_path, capsys):
@@ -321,11 +332,16 @@ def test_online_judge_from_module(tmp_path, toy_sft, monkeypatch):
 ])
 def test_online_bad_judge_is_one_clear_error_and_done_rounds_stay(tmp_path, toy_sft, monkeypatch,
                                                                   body, pattern):
-    # round 0 with the toy judge
-    online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2))
+    # round 0 judged well (a rerun may not change the judge: the judge goes bad in round 1)
+    wrapped = "import os\n" + body.replace("def score", "def bad") + (
+        "def score(prompt, response):\n    if os.environ.get('JUDGE_GOOD'):\n"
+        "        return float(len(response))\n    return bad(prompt, response)\n")
+    spec = write_judge(tmp_path, monkeypatch, f"judge_bad{len(body)}", wrapped)
+    monkeypatch.setenv("JUDGE_GOOD", "1")
+    online_module.online(online_cfg(tmp_path, toy_sft, judge=spec, rounds=1, max_iters=2))
+    monkeypatch.delenv("JUDGE_GOOD")
     r0 = tmp_path / "out" / "round_000"
     before = {p: p.read_bytes() for p in r0.rglob("*") if p.is_file()}
-    spec = write_judge(tmp_path, monkeypatch, f"judge_bad{len(body)}", body)
     with pytest.raises(ValueError, match=rf"^judge {spec} {pattern}") as e:
         online_module.online(online_cfg(tmp_path, toy_sft, judge=spec))
     assert "\n" not in str(e.value)
