@@ -10,12 +10,11 @@ all) run through the rounds: against offline DPO with the same options, only the
     python prepare.py && python dpo.py --config=config/toy_sft.py  # toy data and the SFT model
     python online.py --config=config/toy_online.py  # 4 rounds -> out/toy_online/round_000 .. 003
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_online/round_003
-    python online.py --config=config/toy_online.py --judge=my_judge:score  # (prompt, response) -> float
-A stopped run (Ctrl-C, SIGTERM, a crash) goes on with the same command; a rerun prints each option
-it changes and refuses those that would mix rounds (the judge, the sampling, the trainer's fixed
-options). out_dir holds online.json (the options) and round_NNN/: pairs/ (the round's shards,
-pairs.jsonl as text, links to data_dir's val shards: evals are on the offline val pairs), ckpt.pt,
-metrics.jsonl and round.json (written last: the round is done). Any dpo.py option is accepted.
+    python online.py --config=config/toy_online.py --judge=my_judge:score  # any dpo.py option too
+A stopped run goes on with the same command; a rerun prints each option it changes and refuses those
+that would mix rounds (rounds.py). out_dir holds online.json (the options) and round_NNN/: pairs/
+(the round's shards, pairs.jsonl as text, links to data_dir's val shards: evals are on the offline
+val pairs), ckpt.pt, metrics.jsonl and round.json (written last: the round is done).
 Left out: generating inside the training loop, pairwise judges, torchrun, a moving reference.
 """
 import dataclasses
@@ -57,8 +56,7 @@ def sample_pairs(policy, prompts, cfg, r, device):
     enc, judge, k = gpt2_encoding(), judges.load_judge(cfg.judge, device), cfg.num_samples
     g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + r)  # reruns: same pairs
     order = np.random.default_rng([cfg.seed, r]).permutation(len(prompts))
-    pairs, scores, tried = [], [], 0
-    t0, shown = time.time(), 0.0
+    pairs, scores, tried, t0, shown = [], [], 0, time.time(), 0.0  # shown: when progress was printed
     while len(pairs) < cfg.prompts_per_round:
         if tried >= 10 * cfg.prompts_per_round:
             raise ValueError(f"judge {cfg.judge}: the samples of {tried - len(pairs)} of {tried} "
@@ -149,6 +147,7 @@ def online(cfg, continue_with=None):
         train = dpo.PairData(cfg.data_dir, "train", block, truncate=True)  # prompts; checks data_dir
         firsts = dict.fromkeys(tuple(train[i][0].tolist()) for i in range(len(train)))
         prompts = [list(x) for x in firsts]
+        rounds.write_json(out / "online.json", vars(cfg))  # what the next rerun compares with
         for r in range(len(records), cfg.rounds):
             records.append(one_round(cfg, r, prompts, device, continue_with))
     last = out / f"round_{cfg.rounds - 1:03d}"
@@ -171,8 +170,10 @@ def main(argv):
         raise ValueError(f"--num_samples={cfg.num_samples}: must be >= 2 (a best and a worst)")
     if not cfg.temperature > 0:
         raise ValueError(f"--temperature={cfg.temperature}: must be > 0 (online.py samples)")
-    if cfg.top_k < 0 or cfg.judge_timeout < 0:
-        raise ValueError(f"--top_k={cfg.top_k} --judge_timeout={cfg.judge_timeout}: must be >= 0")
+    if cfg.top_k < 0:
+        raise ValueError(f"--top_k={cfg.top_k}: must be >= 0 (0 = all tokens)")
+    if cfg.judge_timeout < 0:
+        raise ValueError(f"--judge_timeout={cfg.judge_timeout}: must be >= 0 (0 = no limit)")
     if cfg.max_iters < cfg.rounds:
         raise ValueError(f"--max_iters={cfg.max_iters}: must be >= --rounds={cfg.rounds}")
     judges.load_judge(cfg.judge)  # a bad --judge fails now, not after the first round

@@ -52,8 +52,8 @@ def write_json(path, obj):
 
 def begin(cfg, out):
     """a run or a rerun on out_dir (locked): each option changed since online.json printed, one that
-    would mix rounds refused, a round of 0 steps refused; stale temp folders removed; the options
-    recorded. -> the records of the rounds done"""
+    would mix rounds refused, a round of 0 steps refused; stale temp folders removed. -> the
+    records of the rounds done"""
     saved = {}
     if (out / "online.json").exists():
         saved = json.loads((out / "online.json").read_text())
@@ -81,7 +81,6 @@ def begin(cfg, out):
                          f"round)")
     for stale in out.glob("round_*/pairs.tmp"):  # a run killed while writing them
         shutil.rmtree(stale)
-    write_json(out / "online.json", vars(cfg))
     return records
 
 

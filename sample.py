@@ -6,10 +6,11 @@ and the whole offline toy pipeline in one command.
     python sample.py --init_from=out/hh_gpt2 --prompts="\\n\\nHuman: hi\\n\\nAssistant:"  # \\n=newline
     python sample.py --mode=compare --config=config/toy_dpo.py --init_from=out/toy_dpo
     python sample.py --mode=demo  # prepare, SFT, DPO against the SFT model, the table; on a CPU
-compare prints the table and one JSON line. A stopped demo (Ctrl-C, SIGTERM) goes on at its stage
-with the same command; each stage replaces out/toy_sft or out/toy_dpo only once it is done. Any dpo.py option is accepted too (device, dtype, seed,
+compare prints the table and one JSON line. Any dpo.py option is accepted too (device, dtype, seed,
 data_dir, ...); with --init_from=RUN (one of our checkpoints) they default to that run's own (its
-data_dir for compare, its seed), except where it computes (device, dtype, ...).
+data_dir for compare, its seed), except where it computes (device, dtype, ...). A stopped demo
+(Ctrl-C, SIGTERM) goes on at its stage with the same command; each stage replaces out/toy_sft or
+out/toy_dpo only once it is done.
 """
 import json
 import math
@@ -266,7 +267,7 @@ if __name__ == "__main__":
     except checkpoint.Interrupted:  # the demo's training said where it saved and what continues
         sys.exit(130)
     except KeyboardInterrupt as e:
-        again = shlex.join(["python", "sample.py", *sys.argv[1:]])
+        again = shlex.join(["python", *sys.argv])  # this command
         print(f"\n{str(e) or 'SIGINT'}: sample.py stopped, nothing half-written; continue with: "
               f"{again}", file=sys.stderr)
         sys.exit(130)
