@@ -24,7 +24,7 @@ def _convert(key, text, typ):
     except ValueError:
         raise ValueError(f"--{key}={text}: expected {typ.__name__}") from None
     if typ is float and not math.isfinite(value):  # nan passes every < and > check after
-        raise ValueError(f"--{key}={text}: expected a finite float")
+        raise ValueError(f"--{key}={value}: expected a finite number")
     return value
 
 
@@ -64,7 +64,7 @@ def read_config_file(path, types):
             got = f"{type(value).__name__} {value!r}"
             raise ValueError(f"{where}: {key} expects {types[key].__name__}, got {got}")
         if type(value) is float and not math.isfinite(value):  # 1e999 is a literal: inf
-            raise ValueError(f"{where}: {key} expects a finite float, got {value!r}")
+            raise ValueError(f"{where}: {key} expects a finite number, got {value!r}")
         out[key] = value
     return out
 
