@@ -1,5 +1,6 @@
 """
-checkpoint.py: how a dpo.py run starts, saves, resumes and stops, kept out of the trainer.
+checkpoint.py: how a dpo.py run loads its models, starts or resumes, saves and ends (launch.py:
+where it computes, its lock and its stop signals).
 A checkpoint is the full (unsharded) state, written atomically, with the identity of the run's data
 and reference (its source and a hash of its weights): a resume on any number of ranks continues the
 run as it was, with the options from the checkpoint and the changes the command line names.
@@ -7,18 +8,17 @@ run as it was, with the options from the checkpoint and the changes the command 
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 import configurator
+from launch import Interrupted, Run, Stop, is_rank0, lock, print0, setup  # noqa: F401 (callers' names)
 from model import GPT, GPTConfig
 from prepare import list_shards, load_pairs
 from weights import is_hub_repo
@@ -31,52 +31,8 @@ MACHINE = ("device", "dtype", "compile", "fsdp")  # this launch's (an FSDP run m
 RESUME_NEEDS = {"config": "options", "optimizer": "optimizer state", "iter_num": "step",
                 "rng_cpu": "random state", "ref_from": "reference source"}
 
-@dataclass
-class Run:
-    """where and how this process computes: from the config and torchrun's environment"""
-    rank: int
-    world: int
-    device: torch.device
-    dtype: str  # float32 | bfloat16
-    ctx: contextlib.AbstractContextManager  # bf16 autocast, or nothing
-    compile: bool  # torch.compile the transformer
-    flex: bool  # FlexAttention block masks (CUDA, packed): kernels that skip masked-out blocks
-    cfg: object  # dpo.Config
-    shape: object = None  # dpo.Shape, set once the data is loaded (make_shape)
-
-def is_rank0():
-    return int(os.environ.get("RANK", 0)) == 0
-
-def print0(*args):
-    if is_rank0():
-        print(*args, flush=True)
-
 def one_line(error, limit):
     return " ".join(str(error).split())[:limit]
-
-def setup(cfg):
-    """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE: one process group, nccl on GPUs, gloo on CPU"""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" in os.environ:
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    elif cfg.fsdp:
-        raise ValueError("--fsdp=true shards over torchrun's ranks: start it with torchrun (--nproc_per_node=1 works)")
-    if cfg.global_batch_size % world:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be divisible by the {world} ranks")
-    device = torch.device(device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    ctx = contextlib.nullcontext()
-    if dtype == "bfloat16":
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16)
-    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    flex = device.type == "cuda" and cfg.layout == "packed"
-    return Run(rank=rank, world=world, device=device, dtype=dtype, ctx=ctx, compile=compile_, flex=flex, cfg=cfg)
 
 # ---- loading: models, checkpoints, a run's reference
 def load_model(source, cfg):
@@ -351,38 +307,6 @@ def metrics_log(cfg, stack, ck):
             wandb.log(rec, step=rec["iter"])
     return log
 
-@contextlib.contextmanager
-def lock(out_dir):
-    """one trainer per out_dir: a second one refuses (the lock goes with the process, even on
-    kill -9). rank 0 makes out_dir and holds the lock; a start that fails early leaves no trace"""
-    if not is_rank0():
-        yield
-        return
-    made = []  # the folders this run makes, deepest first
-    folder = os.path.abspath(out_dir)
-    while not os.path.isdir(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    os.makedirs(out_dir, exist_ok=True)
-    found = set(os.listdir(out_dir))
-    with open(os.path.join(out_dir, ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"out_dir={out_dir} is in use by another running trainer; wait for it "
-                             f"or choose another out_dir") from None
-        try:
-            yield
-        except BaseException:
-            new = [os.path.join(out_dir, name) for name in set(os.listdir(out_dir)) - found]
-            if not any(os.path.isdir(p) or os.path.getsize(p) for p in new):  # only empty files
-                for p in new:
-                    os.remove(p)
-                for d in made:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(d)
-            raise
-
 def finish(cfg, model, step):
     """the end of a run: the Hugging Face export if asked, and where the result is"""
     hf = os.path.join(cfg.out_dir, "hf")
@@ -398,27 +322,3 @@ def finish(cfg, model, step):
     if cfg.export_hf:
         result += f" and {hf} (transformers)"
     print0(f"{result}; metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
-
-class Stop:
-    """SIGINT / SIGTERM (a cluster preempts the job): finish the step, save, exit; twice: quit.
-    before the first step (during = what runs) either one quits at once"""
-
-    def __init__(self):
-        self.asked = False
-        self.during = "setup"
-        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __call__(self, signum, frame):
-        if self.asked or self.during:
-            raise KeyboardInterrupt
-        self.asked = True
-        if is_rank0():  # os.write: a print here can re-enter a print the step is in
-            name = signal.Signals(signum).name
-            os.write(2, f"\n{name}: stopping after this step (again to quit now)\n".encode())
-
-    def restore(self):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-class Interrupted(Exception):
-    """raised after the stop checkpoint is saved (exit status 130)"""

@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import sys
@@ -19,9 +20,12 @@ def _convert(key, text, typ):
             raise ValueError(f"--{key}={text}: expected a bool (true/false/1/0)")
         return text.lower() in ("1", "true", "yes")
     try:
-        return typ(text)
+        value = typ(text)
     except ValueError:
         raise ValueError(f"--{key}={text}: expected {typ.__name__}") from None
+    if typ is float and not math.isfinite(value):  # nan passes every < and > check after
+        raise ValueError(f"--{key}={value}: expected a finite number")
+    return value
 
 
 def _check_key(key, types, where):
@@ -59,6 +63,8 @@ def read_config_file(path, types):
         if type(value) is not types[key]:
             got = f"{type(value).__name__} {value!r}"
             raise ValueError(f"{where}: {key} expects {types[key].__name__}, got {got}")
+        if type(value) is float and not math.isfinite(value):  # 1e999 is a literal: inf
+            raise ValueError(f"{where}: {key} expects a finite number, got {value!r}")
         out[key] = value
     return out
 
@@ -72,11 +78,15 @@ def help_text(cls):
     lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config=FILE] [--key=value ...]"]
     if not cls.__doc__.startswith(f"{cls.__name__}("):  # written, not the dataclass's signature
         lines.append(cls.__doc__.strip())
+    listed = set()  # an option a subclass overrides: once, with the subclass's default and comment
     for c in cls.__mro__:  # a subclass's own options first
         if not dataclasses.is_dataclass(c):
             continue
         for name, default, comment, section in FIELD.findall(inspect.getsource(c)):
+            if name in listed:
+                continue
             if name:
+                listed.add(name)
                 value = default.strip('"')
                 lines.append(f"  --{name}={value}".ljust(36) + comment)
             else:

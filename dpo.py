@@ -770,7 +770,12 @@ def train(cfg, continue_with=None):
             stop.during = None  # from here a signal finishes the step, saves and stops
             if trainer is None:
                 return []
-            return training_loop(trainer, stop, again)
+            history = training_loop(trainer, stop, again)
+            if stop.asked:  # the signal came after the last step's check: all is saved; stop here too
+                ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+                print0(f"stopped after step {cfg.max_iters - 1}: saved {ckpt}; continue with: {again}")
+                raise checkpoint.Interrupted()
+            return history
         except KeyboardInterrupt:  # in setup, or a second signal in a step
             ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
             # before the first step only a resumed run's checkpoint is this run's

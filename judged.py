@@ -32,7 +32,7 @@ REFERENCE_STREAM, POLICY_STREAM = 1, 2  # each model's own generator: seed * 10 
 def check_config(cfg):
     if not cfg.eval_judge:
         return
-    if not judges.well_formed(cfg.eval_judge):
+    if cfg.eval_judge != "toy" and ":" not in cfg.eval_judge:
         raise ValueError(f"--eval_judge={cfg.eval_judge}: expected {judges.FORMS}")
     for key in ("eval_judge_prompts", "eval_judge_samples", "eval_judge_tokens"):
         if getattr(cfg, key) < 1:

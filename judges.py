@@ -1,85 +1,113 @@
 """
-Judges: one spec everywhere (online.py --judge, dpo.py --eval_judge) for a function of
-(prompts, responses) -> rewards, called once per batch:
-
-    toy              prepare.toy_reward of each response: the toy task's exact reward
-    module:function  your function (prompt text, response text) -> float, called per pair
-    rm:PATH          a reward model, a run of dpo.py --loss_type=reward (reward.py): a batched
-                     forward on the device, read at each response's end (<|endoftext|>, as trained)
-
-    judge = load_judge("rm:out/toy_rm", device="cuda")
-    rewards = score(judge, "rm:out/toy_rm", prompts, responses)  # checked: finite floats
+The judges online.py scores its samples with. A judge is called on a batch:
+    judge(prompts: list[str], responses: list[str]) -> list[float]
+load_judge(spec) builds one from --judge (online.py) or --eval_judge (dpo.py):
+    toy              prepare.toy_reward of each response (the toy task's exact reward)
+    module:function  your (prompt, response) -> float, called pair by pair (module on sys.path)
+    rm:PATH          a reward model, a dpo.py --loss_type=reward run (reward.py): batched forwards on
+                     the device, read at each response's end (<|endoftext|>, where it was trained to)
+score() calls it and checks every value: a judge that fails, hangs or returns a non-number is one
+line naming the judge (a ValueError), never a traceback from inside the rounds.
 """
+import contextlib
 import importlib
 import math
 import numbers
-import os
+import signal
+import threading
 import types
 
 import torch
 
 import checkpoint
-from prepare import EOT, gpt2_encoding, truncate
-from toy import toy_reward
+from prepare import EOT, gpt2_encoding, toy_reward, truncate
 
 FORMS = "toy, module:function (module on sys.path) or rm:PATH (a dpo.py --loss_type=reward run)"
 
 
-class JudgeError(ValueError):
-    """a judge failed on one pair: the message names it"""
+def toy(prompts, responses):
+    return [toy_reward(r) for r in responses]
 
 
-def well_formed(spec):
-    """toy, or two non-empty parts around a colon (nothing is loaded)"""
-    kind, colon, rest = spec.partition(":")
-    return spec == "toy" or bool(colon and kind and rest)
+class PairJudge:
+    """the user's (prompt, response) -> float function as a batched judge"""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, prompts, responses):
+        return [self.function(p, r) for p, r in zip(prompts, responses)]
 
 
 def load_judge(spec, device=None):
-    """spec -> judge(prompts, responses) -> list of floats; a bad spec is one ValueError line"""
-    if not well_formed(spec):
-        raise ValueError(f"judge {spec!r}: expected {FORMS}")
+    """--judge=SPEC -> a judge; a spec that does not load is one ValueError line.
+    device: where a model judge runs (the toy and function judges ignore it)"""
     if spec == "toy":
-        return lambda prompts, responses: [toy_reward(r) for r in responses]
-    kind, _, rest = spec.partition(":")
-    if kind == "rm":
-        return RewardModelJudge(spec, rest, torch.device(device or "cpu"))
+        return toy
+    if spec.startswith("rm:"):
+        return RewardModelJudge(spec, spec[3:], torch.device(device or "cpu"))
+    module, _, name = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(kind), rest)
+        function = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"judge {spec}: could not load it ({checkpoint.one_line(e, 200)}); "
-                         f"expected {FORMS}") from None
-    if not callable(fn):
-        raise ValueError(f"judge {spec}: {rest} is not a function (expected {FORMS})")
-    return per_pair(fn, spec)
+        raise ValueError(f"--judge={spec}: could not load it ({e}); expected {FORMS}") from None
+    except Exception as e:  # the module's own code failed on import
+        raise ValueError(f"--judge={spec}: importing {module} raised {type(e).__name__}: {e}") from None
+    if not callable(function):
+        raise ValueError(f"--judge={spec} is not a function")
+    return PairJudge(function)
 
 
-def per_pair(fn, spec):
-    """a (prompt, response) -> float function as a batched judge"""
-    def judge(prompts, responses):
-        out = []
-        for p, r in zip(prompts, responses):
-            try:
-                out.append(fn(p, r))
-            except Exception as e:  # the user's code: any failure is one line naming the pair
-                why = checkpoint.one_line(e, 200)
-                raise JudgeError(f"judge {spec} raised {type(e).__name__}: {why} "
-                                 f"(prompt {p!r}, response {r!r})") from None
-        return out
-    return judge
+class Timeout(BaseException):
+    """a judge call ran past its time (a BaseException: the judge's own `except Exception` lets it by)"""
 
 
-def score(judge, spec, prompts, responses):
-    """judge(prompts, responses), every value checked: a finite float, one per response"""
+def on_alarm(signum, frame):
+    raise Timeout()
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """raise Timeout in the code within after `seconds` (0: no limit). signals reach the main
+    thread only: elsewhere there is no limit"""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        values = list(judge(prompts, responses))
-    except JudgeError:
-        raise
-    except Exception as e:
-        why = checkpoint.one_line(e, 200)
-        raise ValueError(f"judge {spec} raised {type(e).__name__}: {why}") from None
-    if len(values) != len(responses):
-        raise ValueError(f"judge {spec} returned {len(values)} values for {len(responses)} responses")
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def score(judge, spec, prompts, responses, timeout=0.0):
+    """the judge's scores of the responses (a list of floats), each checked finite. a function judge
+    is called (and timed) pair by pair, so that an error names its pair; other judges batch by batch"""
+    if isinstance(judge, PairJudge):
+        scores = []
+        for p, r in zip(prompts, responses):
+            scores += call(judge, spec, [p], [r], timeout)
+        return scores
+    return call(judge, spec, prompts, responses, timeout)
+
+
+def call(judge, spec, prompts, responses, timeout):
+    which = f"{len(prompts)} responses"
+    if len(prompts) == 1:
+        which = f"prompt {prompts[0]!r}, response {responses[0]!r}"
+    try:
+        with deadline(timeout):
+            values = judge(prompts, responses)
+    except Timeout:
+        raise ValueError(f"judge {spec} gave no answer within --judge_timeout={timeout:g} seconds "
+                         f"({which}): fix the judge, or raise --judge_timeout") from None
+    except Exception as e:  # the judge is the user's code: any failure is one clear line
+        raise ValueError(f"judge {spec} raised {type(e).__name__}: {e} ({which})") from None
+    if not isinstance(values, (list, tuple)) or len(values) != len(prompts):
+        raise ValueError(f"judge {spec} returned {type(values).__name__} {str(values)[:80]} for "
+                         f"{len(prompts)} responses: expected a list of {len(prompts)} floats")
     for s, p, r in zip(values, prompts, responses):
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
             raise ValueError(f"judge {spec} returned {s!r} ({type(s).__name__}) for prompt {p!r}, "
@@ -92,9 +120,9 @@ class RewardModelJudge:
     place it was trained to read; rows padded on the right, `rows` per forward"""
 
     def __init__(self, spec, path, device, rows=32):
-        ck_path = checkpoint.checkpoint_path(path)
+        ck_path = checkpoint.checkpoint_path(path) if path else None
         if ck_path is None:
-            raise ValueError(f"judge {spec}: no checkpoint at {path} (expected a dpo.py "
+            raise ValueError(f"judge {spec}: no checkpoint at {path!r} (expected a dpo.py "
                              f"--loss_type=reward run's folder or its ckpt.pt)")
         ck = checkpoint.read_checkpoint(ck_path)  # an unreadable file: one line already
         if not ck["model_config"].get("reward_head"):
@@ -105,7 +133,6 @@ class RewardModelJudge:
         self.device = device
         self.rows = rows
         self.enc = gpt2_encoding()
-        self.name = os.path.abspath(ck_path)
 
     def tokens(self, prompt, response):
         """as prepare.py writes a pair: the response ends with EOT; a long one is cut as there"""
@@ -123,7 +150,8 @@ class RewardModelJudge:
         for start in range(0, len(order), self.rows):
             ids = order[start: start + self.rows]
             T = max(len(seqs[i]) for i in ids)
-            idx = torch.tensor([seqs[i] + [EOT] * (T - len(seqs[i])) for i in ids], device=self.device)
+            rows = [seqs[i] + [EOT] * (T - len(seqs[i])) for i in ids]
+            idx = torch.tensor(rows, device=self.device)
             ends = [row * T + len(seqs[i]) - 1 for row, i in enumerate(ids)]  # each row's last token
             last = torch.tensor(ends, device=self.device)
             h = self.model.hidden(idx).flatten(0, 1)  # causal: padding on the right is never seen

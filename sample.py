@@ -8,10 +8,15 @@ and the whole offline toy pipeline in one command.
     python sample.py --mode=demo  # prepare, SFT, DPO against the SFT model, the table; on a CPU
 compare prints the table and one JSON line. Any dpo.py option is accepted too (device, dtype, seed,
 data_dir, ...); with --init_from=RUN (one of our checkpoints) they default to that run's own (its
-data_dir for compare, its seed), except where it computes (device, dtype, ...).
+data_dir for compare, its seed), except where it computes (device, dtype, ...). A stopped demo
+(Ctrl-C, SIGTERM) goes on at its stage with the same command; each stage replaces out/toy_sft or
+out/toy_dpo only once it is done.
 """
 import json
 import os
+import shlex
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from prepare import EOT, PrepareError, gpt2_encoding, list_shards, toy_reward
 
 # the demo works from any folder
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+DEMO = "python sample.py --mode=demo"  # what a stopped demo tells the user to rerun
 
 
 @dataclass
@@ -38,7 +44,7 @@ class SampleConfig(dpo.Config):
     max_new_tokens: int = 32
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = all tokens
-    num_samples: int = 8  # samples per prompt in compare
+    num_samples: int = 8  # samples per prompt in compare (sample mode draws one per model)
 
 
 def load_pair_of_models(cfg, device):
@@ -164,16 +170,25 @@ def mean(xs):
 
 def demo():
     """the whole toy pipeline in one command: prepare, SFT, DPO against the SFT model, the
-    before/after table. data and checkpoints go to data/toy and out/ under the current folder"""
+    before/after table. data and checkpoints go to data/toy and out/ under the current folder.
+    each stage trains into out/NAME.tmp, which replaces out/NAME once done: a stop leaves out/NAME
+    as it was, and the rerun goes on at the stopped stage (those before it are done)"""
     import prepare
     times, t0 = {}, time.time()
     if not list_shards("data/toy", "train", required=False):
-        prepare.main([])
+        prepare.prepare(prepare.parse_args([]))
     times["prepare"] = time.time() - t0
-    for name in ("toy_sft", "toy_dpo"):
+    stages = ("toy_sft", "toy_dpo")
+    stopped = [i for i, name in enumerate(stages) if os.path.isdir(f"out/{name}.tmp")]
+    for name in stages[max(stopped, default=0):]:
         print(f"\n=== {name}", flush=True)
         t = time.time()
-        dpo.train(dpo.parse_config([f"--config={os.path.join(CONFIG_DIR, name)}.py"]))
+        staging = f"out/{name}.tmp"
+        args = [f"--config={os.path.join(CONFIG_DIR, name)}.py", f"--out_dir={staging}"]
+        if os.path.isfile(os.path.join(staging, "ckpt.pt")):
+            args.append("--init_from=resume")
+        dpo.train(dpo.parse_config(args), continue_with=DEMO)
+        swap(staging, f"out/{name}")
         times[name[4:]] = time.time() - t
     t = time.time()
     args = [f"--config={os.path.join(CONFIG_DIR, 'toy_dpo')}.py", "--init_from=out/toy_dpo"]
@@ -182,6 +197,42 @@ def demo():
     times["compare"] = time.time() - t
     parts = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
     print(f"\ntotal {time.time() - t0:.0f}s ({parts})")
+
+
+def swap(staging, final):
+    """staging replaces final, by renames (the earlier final is removed last)"""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check(cfg, argv):
+    """the sampling options, one rule each"""
+    if cfg.mode not in ("sample", "compare", "demo"):
+        raise ValueError(f"--mode={cfg.mode}: expected sample | compare | demo")
+    others = [a for a in argv if not a.startswith("--mode=")]
+    if cfg.mode == "demo" and others:
+        raise ValueError(f"--mode=demo runs config/toy_sft.py and config/toy_dpo.py as they are: "
+                         f"it takes no other options (got {' '.join(others)})")
+    if cfg.top_k < 0:
+        raise ValueError(f"--top_k={cfg.top_k} is below 0: expected top_k >= 0 (0 = all tokens)")
+    if not cfg.temperature >= 0:
+        raise ValueError(f"--temperature={cfg.temperature}: expected temperature >= 0 (0 = greedy)")
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens={cfg.max_new_tokens}: expected max_new_tokens >= 1")
+    if cfg.num_samples < 1:
+        raise ValueError(f"--num_samples={cfg.num_samples}: expected num_samples >= 1")
+    if cfg.mode == "sample" and cfg.num_samples != SampleConfig.num_samples:
+        raise ValueError(f"--num_samples={cfg.num_samples}: the samples per prompt of "
+                         f"--mode=compare; --mode=sample draws one per prompt and model")
+    prompts = cfg.prompts.split("|")
+    if cfg.mode == "sample" and cfg.prompts and "" in prompts:  # a prompt of no tokens
+        which = f"prompt {prompts.index('') + 1} of {len(prompts)}"
+        raise ValueError(f"--prompts={cfg.prompts}: {which} is empty; expected \"|\"-separated "
+                         f"prompts, each with some text")
 
 
 def main(argv):
@@ -193,11 +244,7 @@ def main(argv):
         saved = checkpoint.read_checkpoint(path, mmap=True).get("config", {})
         skip = checkpoint.MACHINE + ("init_from", "out_dir")  # where this process runs, what it loads
         cfg = dpo.parse_config(argv, SampleConfig, {k: v for k, v in saved.items() if k not in skip})
-    if cfg.mode not in ("sample", "compare", "demo") or cfg.top_k < 0 or cfg.temperature < 0 \
-            or cfg.num_samples < 1:
-        raise ValueError(f"--mode={cfg.mode} --top_k={cfg.top_k} --temperature={cfg.temperature} "
-                         f"--num_samples={cfg.num_samples}: expected mode sample | compare | demo, "
-                         f"top_k >= 0, temperature >= 0, num_samples >= 1")
+    check(cfg, argv)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -205,9 +252,22 @@ def main(argv):
     run(cfg, torch.device(device))
 
 
+def on_signal(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_signal)  # the demo's training loop has its own (dpo.py's)
+    signal.signal(signal.SIGTERM, on_signal)  # a kill or a scheduler: as Ctrl-C
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError, PrepareError) as e:
+    except (ValueError, OSError, PrepareError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except checkpoint.Interrupted:  # the demo's training said where it saved and what continues
+        sys.exit(130)
+    except KeyboardInterrupt as e:
+        again = shlex.join(["python", *sys.argv])  # this command
+        print(f"\n{str(e) or 'SIGINT'}: sample.py stopped, nothing half-written; continue with: "
+              f"{again}", file=sys.stderr)
+        sys.exit(130)

@@ -194,8 +194,8 @@ def test_every_judge_spec_error_is_one_line(rm_run, tmp_path, monkeypatch):
     (tmp_path / "garbage" / "ckpt.pt").write_text("not a checkpoint")
     (tmp_path / "judge_mod.py").write_text("constant = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    cases = {"": "expected toy, module:function", "toys": "expected toy, module:function",
-             "rm:": "expected toy", ":f": "expected toy",
+    cases = {"": "could not load it", "toys": "could not load it", "rm:": "no checkpoint at ''",
+             ":f": "could not load it",
              f"rm:{tmp_path}/none": "no checkpoint at",
              f"rm:{tmp_path}/garbage": "not a readable checkpoint",
              f"rm:{rm_run}/policy": "is not a reward model", "no_such_module:f": "could not load it",
@@ -213,9 +213,9 @@ def test_score_checks_every_value_in_one_line():
         return [1.0, float("inf")]
     with pytest.raises(ValueError, match=r"^judge j returned inf \(float\) for prompt 'b'"):
         judges.score(judge, "j", ["a", "b"], ["x", "y"])
-    with pytest.raises(ValueError, match=r"^judge j returned 1 values for 2 responses$"):
+    with pytest.raises(ValueError, match=r"^judge j returned list \[0.5\] for 2 responses"):
         judges.score(lambda p, r: [0.5], "j", ["a", "b"], ["x", "y"])
-    with pytest.raises(ValueError, match=r"^judge j raised ZeroDivisionError: division by zero$"):
+    with pytest.raises(ValueError, match=r"^judge j raised ZeroDivisionError: division by zero \(prompt"):
         judges.score(lambda p, r: [1 / 0], "j", ["a"], ["x"])
     toy = judges.load_judge("toy")
     assert judges.score(toy, "toy", ["p"], ["good good bad"]) == [pytest.approx(1 / 3)]

@@ -8,7 +8,11 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +20,15 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import configurator
 import dpo
+import judges
 import model as model_module
 import online as online_module
 import prepare as P
 import sample as sample_module
+import testlib
 from dpo import train
 from testlib import (assert_one_error, cli, make_data, our_tiny, read_metrics, sample_cfg,
                      tiny_args, tiny_cfg, tokens)
@@ -176,19 +184,30 @@ def test_toy_pipeline_sft_then_dpo_then_compare(tmp_path, capsys):
 
 def test_demo_runs_from_any_folder(tmp_path, monkeypatch):
     # the demo's recipe files live beside dpo.py; its data and checkpoints go under the current
-    # folder
+    # folder; each stage trains into out/NAME.tmp, which replaces out/NAME once done
     import prepare as prep
     seen = []
-    monkeypatch.setattr(prep, "main", lambda argv: seen.append(("prepare", argv)))
-    monkeypatch.setattr(dpo, "train", lambda cfg: seen.append(("train", cfg)))
-    monkeypatch.setattr(sample_module, "compare", lambda cfg, device: seen.append(("compare", cfg)))
+
+    def fake_train(cfg, continue_with=None):
+        os.makedirs(cfg.out_dir)
+        (Path(cfg.out_dir) / "ckpt.pt").write_text("new")
+        seen.append(("train", cfg, continue_with))
+
+    monkeypatch.setattr(prep, "prepare", lambda args: seen.append(("prepare", args, None)))
+    monkeypatch.setattr(dpo, "train", fake_train)
+    monkeypatch.setattr(sample_module, "compare", lambda cfg, device: seen.append(("compare", cfg, None)))
     monkeypatch.chdir(tmp_path)
+    os.makedirs("out/toy_sft")
+    Path("out/toy_sft/ckpt.pt").write_text("earlier")
     sample_module.demo()
-    assert [k for k, _ in seen] == ["prepare", "train", "train", "compare"]
-    sft, dpo_cfg, cmp = (c for k, c in seen[1:])
-    assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft"
+    assert [k for k, _, _ in seen] == ["prepare", "train", "train", "compare"]
+    sft, dpo_cfg, cmp = (c for k, c, _ in seen[1:])
+    assert sft.loss_type == "sft" and sft.out_dir == "out/toy_sft.tmp"
     assert dpo_cfg.loss_type == "sigmoid" and dpo_cfg.init_from == "out/toy_sft"
     assert cmp.init_from == "out/toy_dpo" and cmp.data_dir == "data/toy"
+    assert seen[1][2] == "python sample.py --mode=demo"  # what a stopped stage says to rerun
+    assert sorted(os.listdir("out")) == ["toy_dpo", "toy_sft"]
+    assert Path("out/toy_sft/ckpt.pt").read_text() == "new"
 
 
 def test_sample_py_says_what_it_needs_that_a_model_is_untrained_and_its_progress(tmp_path, capsys):
@@ -289,10 +308,15 @@ def check_rounds(cfg, score):
         assert json.loads((d / "round.json").read_text())["pairs"] == cfg.prompts_per_round
 
 
-def test_online_toy_judge_end_to_end_and_resume(tmp_path, toy_sft):
+def test_online_toy_judge_end_to_end_and_resume(tmp_path, toy_sft, capsys):
     cfg = online_cfg(tmp_path, toy_sft)
     online_module.online(cfg)
     check_rounds(cfg, lambda p, r: P.toy_reward(r))
+    out = capsys.readouterr().out
+    assert "round 1 sampling: 6/6 pairs from 6 prompts, eta" in out  # progress while sampling
+    # the val pairs' reference log-probs: computed in round 0, reused by round 1 (only the train ones are new)
+    assert out.count("reference log-probs val: 56 pairs, computed once") == 1
+    assert out.count("reference log-probs train: 6 pairs, computed once") == 2
     r0, r1 = (torch.load(tmp_path / "out" / f"round_00{r}" / "ckpt.pt", weights_only=True)["model"] for r in (0, 1))
     assert any(not torch.equal(r0[k], r1[k]) for k in r0)  # round 1 trained further
     # stopped in round 1: it is done again from round 0's checkpoint, the same pairs; round 0 is not
@@ -321,11 +345,16 @@ def test_online_judge_from_module(tmp_path, toy_sft, monkeypatch):
 ])
 def test_online_bad_judge_is_one_clear_error_and_done_rounds_stay(tmp_path, toy_sft, monkeypatch,
                                                                   body, pattern):
-    # round 0 with the toy judge
-    online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2))
+    # round 0 judged well (a rerun may not change the judge: the judge goes bad in round 1)
+    wrapped = "import os\n" + body.replace("def score", "def bad") + (
+        "def score(prompt, response):\n    if os.environ.get('JUDGE_GOOD'):\n"
+        "        return float(len(response))\n    return bad(prompt, response)\n")
+    spec = write_judge(tmp_path, monkeypatch, f"judge_bad{len(body)}", wrapped)
+    monkeypatch.setenv("JUDGE_GOOD", "1")
+    online_module.online(online_cfg(tmp_path, toy_sft, judge=spec, rounds=1, max_iters=2))
+    monkeypatch.delenv("JUDGE_GOOD")
     r0 = tmp_path / "out" / "round_000"
     before = {p: p.read_bytes() for p in r0.rglob("*") if p.is_file()}
-    spec = write_judge(tmp_path, monkeypatch, f"judge_bad{len(body)}", body)
     with pytest.raises(ValueError, match=rf"^judge {spec} {pattern}") as e:
         online_module.online(online_cfg(tmp_path, toy_sft, judge=spec))
     assert "\n" not in str(e.value)
@@ -356,3 +385,198 @@ def test_online_with_a_reward_model_judge_runs_two_rounds(tmp_path, toy_sft):
                 again = judge([row["prompt"]], [strip(row[side])])[0]
                 assert row[f"{side}_score"] == pytest.approx(again, abs=1e-5)
         assert torch.load(d / "ckpt.pt", weights_only=True)["iter_num"] == (r + 1) * cfg.max_iters // cfg.rounds
+
+
+# -----------------------------------------------------------------------------
+# stops, reruns, the lock, the judge's time and the option checks (issue 29), as users run them
+
+
+def online_args(tmp_path, toy_sft, **kw):
+    """online_cfg as online.py's command-line options (those that differ from the defaults)"""
+    cfg = dataclasses.asdict(online_cfg(tmp_path, toy_sft, **kw))
+    return [f"--{k}={v}" for k, v in cfg.items() if v != getattr(online_module.OnlineConfig, k)]
+
+
+def run_signalled(tmp_path, script, args, target, sig, nth=1, after=False, cwd=None):
+    """script run as users run it, with `sig` sent to itself at the nth call of target
+    ("module.function"; before the call, or after it): a stop that lands at an exact moment"""
+    module, name = target.rsplit(".", 1)
+    wrapper = tmp_path / f"signal_{name}.py"
+    wrapper.write_text(f"""import importlib, os, runpy, signal, sys
+sys.path.insert(0, {str(testlib.ROOT)!r})
+module = importlib.import_module({module!r})
+original = module.{name}
+calls = []
+def hooked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {nth} and not {after}:
+        os.kill(os.getpid(), signal.{sig})
+    out = original(*args, **kwargs)
+    if len(calls) == {nth} and {after}:
+        os.kill(os.getpid(), signal.{sig})
+    return out
+module.{name} = hooked
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({str(testlib.ROOT / script)!r}, run_name="__main__")
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(wrapper), *args], cwd=cwd or testlib.ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("moment, target, sig, nth, after", [
+    ("sampling", "judges.score", "SIGINT", 1, False),
+    ("reference pass", "dpo.compute_reference", "SIGTERM", 1, False),
+    ("mid-round", "dpo.get_lr", "SIGTERM", 1, False),
+    ("last step of a round", "checkpoint.finish", "SIGINT", 1, False),
+    ("between rounds", "rounds.write_json", "SIGTERM", 2, True),  # after round 0's round.json
+])
+def test_online_stop_anywhere_is_one_line_with_the_command_and_no_further_round(
+        tmp_path, toy_sft, moment, target, sig, nth, after):
+    args = online_args(tmp_path, toy_sft)
+    command = shlex.join(["python", str(testlib.ROOT / "online.py"), *args])  # this command
+    r = run_signalled(tmp_path, "online.py", args, target, sig, nth, after)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    out = tmp_path / "out"
+    if moment in ("mid-round", "last step of a round"):  # dpo.train saved the round's checkpoint
+        step = 0 if moment == "mid-round" else 1
+        said = r.stderr.strip().splitlines()
+        assert said == [f"{sig}: stopping after this step (again to quit now)"]
+        expected = (f"stopped after step {step}: saved {out / 'round_000' / 'ckpt.pt'}; "
+                    f"continue with: {command}")
+        assert r.stdout.strip().splitlines()[-1] == expected
+    else:  # one line (in the reference pass dpo.train's own), with the online.py command
+        [last] = r.stderr.strip().splitlines()
+        assert last.endswith(f"continue with: {command}")
+        if moment != "reference pass":
+            assert last.startswith(f"{sig}: online.py stopped")
+    assert not (out / "round_001").exists() and "round 1" not in r.stdout  # no further round
+    assert (out / "round_000" / "round.json").exists() == (moment == "between rounds")
+    assert not list(out.rglob("*.tmp*"))  # nothing half-written
+    if moment in ("mid-round", "last step of a round"):
+        again = cli("online.py", *args)  # the command it printed goes on
+        assert again.returncode == 0, again.stderr[-3000:]
+        check_rounds(online_cfg(tmp_path, toy_sft), lambda p, r: P.toy_reward(r))
+
+
+def test_online_rerun_prints_changes_refuses_mixing_and_zero_step_rounds(tmp_path, toy_sft,
+                                                                          capsys):
+    online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2))
+    out = tmp_path / "out"
+    assert json.loads((out / "online.json").read_text())["judge"] == "toy"
+    capsys.readouterr()
+    online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2))  # a no-op says so
+    assert capsys.readouterr().out.strip() == (f"online: the 1 rounds in {out} are done already, "
+                                               f"nothing to do (raise --rounds and --max_iters to "
+                                               f"train more)")
+    mixing = (r"--num_samples=3, --judge=toyx would mix rounds \(num_samples=2, judge=toy "
+              r"there\): drop them to continue the run as it was")
+    with pytest.raises(ValueError, match=mixing):
+        online_module.online(online_cfg(tmp_path, toy_sft, rounds=1, max_iters=2, judge="toyx",
+                                        num_samples=3))
+    zero = (r"^--rounds=2 --max_iters=2: round 1 would train 0 steps \(round 0 ended at step 2\): "
+            r"raise --max_iters \(--max_iters=4 keeps 2 steps")
+    with pytest.raises(ValueError, match=zero):
+        online_module.online(online_cfg(tmp_path, toy_sft, rounds=2, max_iters=2))
+    capsys.readouterr()
+    online_module.online(online_cfg(tmp_path, toy_sft, rounds=2, max_iters=4, beta=0.2))
+    printed = capsys.readouterr().out.splitlines()
+    for change in ("rounds 1 -> 2", "max_iters 2 -> 4", "beta 0.1 -> 0.2"):
+        assert f"online: {change}" in printed
+    saved = json.loads((out / "online.json").read_text())
+    assert (saved["rounds"], saved["beta"]) == (2, 0.2) and not list(out.glob("*.tmp"))
+    assert json.loads((out / "round_001" / "round.json").read_text())["iter"] == 4
+
+
+def test_online_lock_and_stale_pairs_tmp(tmp_path, toy_sft):
+    args = online_args(tmp_path, toy_sft, rounds=1, max_iters=2)
+    out = tmp_path / "out"
+    stale = out / "round_000" / "pairs.tmp"
+    stale.mkdir(parents=True)
+    (stale / "train_000000.bin").write_bytes(b"cut short by a kill")
+    with checkpoint.lock(str(out)):  # another online.py holds out_dir
+        r = cli("online.py", *args)
+    assert_one_error(r.returncode, r.stderr, rf"out_dir={out} is in use by another running trainer")
+    # the loser touched nothing
+    assert stale.exists() and not (out / "round_000" / "pairs").exists()
+    r = cli("online.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not stale.exists() and (out / "round_000" / "round.json").exists()
+
+
+def test_judges_batched_bad_specs_and_a_judge_that_hangs(tmp_path, toy_sft, monkeypatch):
+    toy = judges.load_judge("toy")
+    assert toy(["a", "b"], ["great", "awful"]) == [P.toy_reward("great"), P.toy_reward("awful")]
+    body = "def score(prompt, response):\n    return len(response)\n"
+    spec = write_judge(tmp_path, monkeypatch, "judge_len", body)
+    assert judges.score(judges.load_judge(spec), spec, ["p", "q"], ["ab", "c"]) == [2.0, 1.0]
+    for bad, pattern in [("nosuchmodule:f", "could not load it"),
+                         ("os:nothing", "could not load it"), ("os:sep", "is not a function")]:
+        with pytest.raises(ValueError, match=rf"^--judge={bad}:? {pattern}"):
+            judges.load_judge(bad)
+    short = r"^judge short returned list \[1\.0\] for 2 responses: expected a list of 2"
+    with pytest.raises(ValueError, match=short):
+        judges.score(lambda prompts, responses: [1.0], "short", ["p", "q"], ["a", "b"])
+    # a judge that hangs (and catches Exception) ends in one line naming it, after judge_timeout
+    body = ("import time\ndef score(prompt, response):\n    try:\n        time.sleep(60)\n"
+            "    except Exception:\n        pass\n    return 1.0\n")
+    spec = write_judge(tmp_path, monkeypatch, "judge_hangs", body)
+    t0 = time.time()
+    hangs = (rf"^judge {spec} gave no answer within --judge_timeout=0\.5 seconds \(prompt '.*', "
+             r"response '.*'\): fix the judge, or raise --judge_timeout")
+    with pytest.raises(ValueError, match=hangs):
+        online_module.online(online_cfg(tmp_path, toy_sft, judge=spec, judge_timeout=0.5))
+    assert time.time() - t0 < 30
+    assert not list((tmp_path / "out").rglob("pairs*"))
+
+
+def test_sample_and_online_refuse_bad_options_in_one_line(tmp_path):
+    r = cli("sample.py", "--prompts=a|", "--device=cpu")
+    assert_one_error(r.returncode, r.stderr, r"--prompts=a\|: prompt 2 of 2 is empty")
+    for argv, pattern in [
+            (["--max_new_tokens=0"], r"--max_new_tokens=0: expected max_new_tokens >= 1"),
+            (["--temperature=nan"], r"--temperature=nan: expected a finite number"),
+            (["--temperature=-1"], r"--temperature=-1\.0: expected temperature >= 0"),
+            (["--num_samples=3"], r"--num_samples=3: the samples per prompt of --mode=compare"),
+            (["--mode=demo", "--max_iters=5"], r"--mode=demo .* no other options \(got --max_iters=5 ")]:
+        with pytest.raises(ValueError, match=pattern):
+            sample_module.main(argv + ["--device=cpu"])
+    for argv, pattern in [(["--temperature=inf"], r"--temperature=inf: expected a finite number"),
+                          (["--temperature=0"], r"--temperature=0\.0: must be > 0"),
+                          (["--judge_timeout=nan"], r"--judge_timeout=nan: expected a finite number"),
+                          (["--beta=1e999"], r"--beta=inf: expected a finite number"),
+                          (["--max_new_tokens=-1"], r"--max_new_tokens=-1: must be >= 1")]:
+        with pytest.raises(ValueError, match=pattern):
+            online_module.main(argv + ["--device=cpu"])
+    (tmp_path / "inf.py").write_text("beta = 1e999\n")
+    with pytest.raises(ValueError, match=r"inf\.py:1: beta expects a finite number, got inf"):
+        online_module.main([f"--config={tmp_path / 'inf.py'}"])
+
+
+def test_online_help_lists_an_override_once():
+    text = configurator.help_text(online_module.OnlineConfig)
+    assert text.count("--init_from=") == 1
+    assert "--init_from=out/toy_sft" in text and "the fixed reference of every round" in text
+    assert text.count("--judge_timeout=60.0") == 1 and "system:" in text and "loss:" in text
+
+
+def test_sample_py_stop_is_one_line_and_the_demo_keeps_the_earlier_sft(tmp_path, toy_sft):
+    # sample mode, Ctrl-C while loading
+    args = ["--prompts=hi", "--device=cpu"]
+    r = run_signalled(tmp_path, "sample.py", args, "checkpoint.load_model", "SIGINT")
+    command = shlex.join(["python", str(testlib.ROOT / "sample.py"), *args])
+    assert r.returncode == 130 and r.stderr.strip().splitlines() == [
+        f"SIGINT: sample.py stopped, nothing half-written; continue with: {command}"]
+    # the demo, stopped in its SFT stage: the earlier SFT checkpoint is untouched
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copytree(toy_sft / "data", work / "data" / "toy")
+    shutil.copytree(toy_sft / "sft", work / "out" / "toy_sft")
+    sft = work / "out" / "toy_sft"
+    before = {p: p.read_bytes() for p in sft.rglob("*") if p.is_file()}
+    r = run_signalled(tmp_path, "sample.py", ["--mode=demo"], "dpo.get_lr", "SIGTERM", nth=2, cwd=work)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == ("stopped after step 1: saved out/toy_sft.tmp/ckpt.pt; "
+                                                 "continue with: python sample.py --mode=demo")
+    assert {p: p.read_bytes() for p in sft.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(work / "out")) == ["toy_sft", "toy_sft.tmp"]
