@@ -44,6 +44,9 @@ def export(cfg) -> list:
         raise ValueError(f"--out_dir={cfg.out_dir} holds a run (ckpt.pt): export into a folder "
                          f"of its own, e.g. --out_dir={os.path.join(cfg.out_dir, 'hf')}")
     model = GPT.from_pretrained(cfg.init_from)
+    if model.config.reward_head:  # GPT2LMHeadModel has no place for the scalar head
+        raise ValueError(f"--init_from={cfg.init_from} is a reward model (--loss_type=reward): export "
+                         f"writes a language model; use it as a judge, --judge=rm:{cfg.init_from}")
     files = model.save_pretrained(cfg.out_dir)
     millions = model.num_params(non_embedding=False) / 1e6
     print(f"wrote {cfg.out_dir}: {', '.join(files)} ({millions:.1f}M parameters)")

@@ -353,3 +353,10 @@ def test_a_reward_model_is_no_start_for_dpo(rm_run, tmp_path):
     with pytest.raises(ValueError, match=r"is a reward model \(--loss_type=reward\); --loss_type=sigmoid starts"):
         train(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reward_model_is_refused_by_export(rm_run, tmp_path):
+    # GPT2LMHeadModel has no place for the scalar head: one line, nothing written
+    r = cli("export.py", f"--init_from={rm_run / 'rm'}", f"--out_dir={tmp_path / 'hf'}")
+    assert_one_error(r.returncode, r.stderr, r"is a reward model \(--loss_type=reward\): export writes a language")
+    assert not (tmp_path / "hf").exists()

@@ -237,6 +237,7 @@ def read_run(path) -> Found:
         raise ValueError(f"{path}: model_config: n_head={saved['n_head']} must divide "
                          f"n_embd={saved['n_embd']}")
     config = {k: saved[k] for k in RUN_SHAPE}
+    config["reward_head"] = saved.get("reward_head") is True  # a reward model's scalar head
     # float32 copies: the model does not keep the mapped file behind its tensors
     tensors = {}
     for k, v in weights.items():
