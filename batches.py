@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from prepare import EOT, list_shards, load_pairs, truncate as cut_pair
+from prepare import EOT, truncate as cut_pair
+from shards import list_shards, load_pairs
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 

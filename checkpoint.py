@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from launch import Interrupted, Run, Stop, is_rank0, lock, print0, setup  # noqa: F401 (callers' names)
+from launch import is_rank0, print0
 from model import GPT, GPTConfig
-from prepare import list_shards, load_pairs
+from shards import list_shards, load_pairs
 from weights import is_hub_repo
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")

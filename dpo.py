@@ -34,11 +34,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import configurator
 import judged
+import launch
 import reward
 from batches import PairData, make_shape, micro_batches, on_device, step_pairs, to_device
-from checkpoint import print0, setup
+from launch import print0, setup
 from model import attention_mask, flex_block_mask
-from prepare import PrepareError, list_shards
+from prepare import PrepareError
+from shards import list_shards
 
 # -----------------------------------------------------------------------------
 # config
@@ -656,7 +658,7 @@ def evaluate(module, data, ref, run, n_pairs):
 class Trainer:
     """what setup builds and the training loop uses"""
     cfg: Config
-    run: checkpoint.Run
+    run: launch.Run
     model: nn.Module  # the GPT being trained
     module: nn.Module  # its SequenceLogps, wrapped by DDP or sharded by FSDP
     optimizer: torch.optim.Optimizer
@@ -673,7 +675,7 @@ class Trainer:
 def setup_training(cfg, stack, stop):
     """-> Trainer, or None when a resumed run is already at --max_iters"""
     run = setup(cfg)
-    stack.enter_context(checkpoint.lock(cfg.out_dir))  # makes out_dir
+    stack.enter_context(launch.lock(cfg.out_dir))  # makes out_dir
     list_shards(cfg.data_dir, "train")  # no data: say so before loading (or downloading) weights
 
     # the policy, its reference, the checkpoint resumed from, and the reference's identity
@@ -763,7 +765,7 @@ def train(cfg, continue_with=None):
     continue_with: the command that continues a stopped run (default: dpo.py's resume)"""
     again = continue_with or f"python dpo.py --init_from=resume --out_dir={cfg.out_dir}"
     with contextlib.ExitStack() as stack:  # the out_dir lock goes when a run fails, even in setup
-        stop = checkpoint.Stop()  # a signal in setup interrupts at once: no step to finish
+        stop = launch.Stop()  # a signal in setup interrupts at once: no step to finish
         stack.callback(stop.restore)
         try:
             trainer = setup_training(cfg, stack, stop)
@@ -774,7 +776,7 @@ def train(cfg, continue_with=None):
             if stop.asked:  # the signal came after the last step's check: all is saved; stop here too
                 ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
                 print0(f"stopped after step {cfg.max_iters - 1}: saved {ckpt}; continue with: {again}")
-                raise checkpoint.Interrupted()
+                raise launch.Interrupted()
             return history
         except KeyboardInterrupt:  # in setup, or a second signal in a step
             ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -782,9 +784,9 @@ def train(cfg, continue_with=None):
             resumable = os.path.exists(ckpt) and (cfg.init_from == "resume" or not stop.during)
             saved = f"the last checkpoint is {ckpt}" if resumable else "nothing saved"
             rerun = f"continue with: {again}" if resumable or continue_with else "rerun the same command"
-            if checkpoint.is_rank0():  # on a line of its own, after the terminal's ^C
+            if launch.is_rank0():  # on a line of its own, after the terminal's ^C
                 print(f"\ninterrupted during {stop.during or 'a step'}: {saved}; {rerun}", file=sys.stderr)
-            raise checkpoint.Interrupted() from None
+            raise launch.Interrupted() from None
 
 def step_batches(t, it):
     """this rank's micro-batches of step it, on the device"""
@@ -883,7 +885,7 @@ def training_loop(t, stop, again):
         if stats.stop:  # every rank stops after the same step, saved before step it + 1's eval
             checkpoint.save(cfg, model, optimizer, it + 1, t.meta | {"stopped": True})
             print0(f"stopped after step {it}: saved {ckpt}; continue with: {again}")
-            raise checkpoint.Interrupted()
+            raise launch.Interrupted()
     checkpoint.finish(cfg, model, max(t.start, cfg.max_iters))
     return history
 
@@ -893,7 +895,7 @@ def main(argv):
     except (ValueError, OSError, PrepareError, FloatingPointError) as e:  # bad input, no file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (checkpoint.Interrupted, KeyboardInterrupt):
+    except (launch.Interrupted, KeyboardInterrupt):
         sys.exit(130)
     finally:
         if dist.is_initialized():

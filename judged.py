@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import judges
-from checkpoint import print0
+from launch import print0
 from prepare import EOT, gpt2_encoding
 
 REFERENCE_STREAM, POLICY_STREAM = 1, 2  # each model's own generator: seed * 10 + its stream

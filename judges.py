@@ -2,7 +2,7 @@
 The judges online.py scores its samples with. A judge is called on a batch:
     judge(prompts: list[str], responses: list[str]) -> list[float]
 load_judge(spec) builds one from --judge (online.py) or --eval_judge (dpo.py):
-    toy              prepare.toy_reward of each response (the toy task's exact reward)
+    toy              toy.toy_reward of each response (the toy task's exact reward)
     module:function  your (prompt, response) -> float, called pair by pair (module on sys.path)
     rm:PATH          a reward model, a dpo.py --loss_type=reward run (reward.py): batched forwards on
                      the device, read at each response's end (<|endoftext|>, where it was trained to)
@@ -20,7 +20,8 @@ import types
 import torch
 
 import checkpoint
-from prepare import EOT, gpt2_encoding, toy_reward, truncate
+from prepare import EOT, gpt2_encoding, truncate
+from toy import toy_reward
 
 FORMS = "toy, module:function (module on sys.path) or rm:PATH (a dpo.py --loss_type=reward run)"
 

@@ -1,11 +1,10 @@
 """
 Online DPO from the pieces that exist. Each round (1) samples num_samples responses per prompt from
 the current policy, (2) scores each with a judge, (3) keeps the best as chosen and the worst as
-rejected (a prompt whose scores all tie gives way to the next), (4) writes the pairs with
-prepare.py's ShardWriter and (5) trains one round of dpo.py's train() on them. The reference stays
-the starting (SFT) model, so beta * log pi/pi_ref measures the distance from one anchor; each round
-resumes the last one's checkpoint, so one AdamW state and one warmup + cosine schedule (max_iters in
-all) run through the rounds: against offline DPO with the same options, only the pairs differ.
+rejected (a prompt whose scores all tie gives way to the next), (4) writes the pairs as shards and
+(5) trains one round of dpo.py's train() on them. The reference stays the starting (SFT) model; each
+round resumes the last one's checkpoint, so one AdamW state and one schedule (max_iters in all) run
+through the rounds: against offline DPO with the same options, only the pairs differ.
 
     python prepare.py && python dpo.py --config=config/toy_sft.py  # toy data and the SFT model
     python online.py --config=config/toy_online.py  # 4 rounds -> out/toy_online/round_000 .. 003
@@ -14,8 +13,8 @@ all) run through the rounds: against offline DPO with the same options, only the
 A stopped run goes on with the same command; a rerun prints each option it changes and refuses those
 that would mix rounds (rounds.py). out_dir holds online.json (the options) and round_NNN/: pairs/
 (the round's shards, pairs.jsonl as text, links to data_dir's val shards: evals are on the offline
-val pairs), ckpt.pt, metrics.jsonl and round.json (written last: the round is done).
-Left out: generating inside the training loop, pairwise judges, torchrun, a moving reference.
+val pairs), ckpt.pt, metrics.jsonl and round.json (written last: the round is done). Left out:
+generating inside the training loop, pairwise judges, torchrun, a moving reference.
 """
 import dataclasses
 import json
@@ -33,9 +32,10 @@ import torch
 import checkpoint
 import dpo
 import judges
+import launch
 import rounds
-from prepare import EOT, PrepareError, gpt2_encoding, list_shards
-
+from prepare import EOT, PrepareError, gpt2_encoding
+from shards import list_shards
 
 @dataclass
 class OnlineConfig(dpo.Config):
@@ -49,7 +49,6 @@ class OnlineConfig(dpo.Config):
     temperature: float = 1.0
     top_k: int = 0  # 0 = all tokens
     generate_batch: int = 64  # rows per generate call (it runs to its longest row's end)
-
 
 def sample_pairs(policy, prompts, cfg, r, device):
     """round r's pairs: (prompt, chosen, rejected) token lists, scores; prompts in a seeded order"""
@@ -89,7 +88,6 @@ def sample_pairs(policy, prompts, cfg, r, device):
                    "chosen_score": float(np.mean([x[3] for x in pairs])),
                    "rejected_score": float(np.mean([x[4] for x in pairs]))}
 
-
 def one_round(cfg, r, prompts, device, continue_with):
     """sample, judge and write round r's pairs (unless a stopped round left them), then train it"""
     d, prev = Path(cfg.out_dir) / f"round_{r:03d}", Path(cfg.out_dir) / f"round_{r - 1:03d}"
@@ -125,7 +123,6 @@ def one_round(cfg, r, prompts, device, continue_with):
     rounds.write_json(d / "round.json", rec)
     return rec
 
-
 def online(cfg, continue_with=None):
     """all rounds -> their round.json records (round r starts at step r * max_iters // rounds).
     continue_with: the command a stop prints (main's: this online.py command line)"""
@@ -137,7 +134,7 @@ def online(cfg, continue_with=None):
         raise ValueError("online.py runs as one process (its sampling is not split over ranks): "
                          "run it without torchrun")
     out, t0 = Path(cfg.out_dir), time.time()
-    with checkpoint.lock(cfg.out_dir):  # one online.py per out_dir
+    with launch.lock(cfg.out_dir):  # one online.py per out_dir
         records = rounds.begin(cfg, out)
         if len(records) == cfg.rounds:
             print(f"online: the {cfg.rounds} rounds in {out} are done already, nothing to do "
@@ -154,12 +151,10 @@ def online(cfg, continue_with=None):
     print(f"online: {cfg.rounds} rounds in {time.time() - t0:.0f}s; the policy is {last}")
     return records
 
-
 def command(argv):
     """the online.py command line that continues a stopped run: this one"""
     script = sys.argv[0] if sys.argv[0].endswith("online.py") else "online.py"
     return shlex.join(["python", script, *argv])
-
 
 def main(argv):
     cfg = dpo.parse_config(argv, OnlineConfig)
@@ -179,10 +174,8 @@ def main(argv):
     judges.load_judge(cfg.judge)  # a bad --judge fails now, not after the first round
     online(cfg, continue_with=command(argv))
 
-
 def on_signal(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)  # at once outside dpo.train's loop (its own Stop there)
@@ -192,7 +185,7 @@ if __name__ == "__main__":
     except (ValueError, OSError, PrepareError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except checkpoint.Interrupted:  # dpo.train said where it saved and what continues
+    except launch.Interrupted:  # dpo.train said where it saved and what continues
         sys.exit(130)
     except KeyboardInterrupt as e:
         print(f"\n{str(e) or 'SIGINT'}: online.py stopped; the rounds done are kept, nothing is "

@@ -32,9 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import tiktoken
 
-# the readers of shards and of the toy task import them from here too
-from shards import MAGIC, VERSION, Pairs, ShardError, ShardWriter, list_shards, load_pairs  # noqa: F401
-from toy import TOY_SPLIT, TOY_VAL_ITEMS, make_toy_pairs, toy_prompts, toy_reward  # noqa: F401
+from shards import MAGIC, VERSION, ShardWriter
+from toy import TOY_SPLIT, TOY_VAL_ITEMS, make_toy_pairs
 
 EOT = 50256  # <|endoftext|> in GPT-2 BPE
 HUMAN, ASSIST = "\n\nHuman:", "\n\nAssistant:"

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 
 import checkpoint
-from prepare import ShardWriter, gpt2_encoding
+from prepare import gpt2_encoding
+from shards import ShardWriter
 
 
 # a rerun that changed one of these would mix rounds sampled, judged or trained differently

@@ -28,7 +28,10 @@ import torch.nn.functional as F
 import checkpoint
 import dpo
 import judged
-from prepare import EOT, PrepareError, gpt2_encoding, list_shards, toy_reward
+import launch
+from prepare import EOT, PrepareError, gpt2_encoding
+from shards import list_shards
+from toy import toy_reward
 
 # the demo works from any folder
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
@@ -264,7 +267,7 @@ if __name__ == "__main__":
     except (ValueError, OSError, PrepareError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except checkpoint.Interrupted:  # the demo's training said where it saved and what continues
+    except launch.Interrupted:  # the demo's training said where it saved and what continues
         sys.exit(130)
     except KeyboardInterrupt as e:
         again = shlex.join(["python", *sys.argv])  # this command

@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import dpo
+import launch
 import sample as sample_module
 from dpo import train
 from model import GPT
@@ -272,7 +273,7 @@ def test_a_stopped_run_prints_the_callers_continue_command(tmp_path, capsys, mon
     monkeypatch.setattr(dpo, "get_lr", signal_in_step_1)
     cfg = tiny_cfg(tmp_path, data_dir)
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(checkpoint.Interrupted):
+    with pytest.raises(launch.Interrupted):
         train(cfg, continue_with="python online.py --out_dir=runs/x")
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == (f"stopped after step 1: saved {cfg.out_dir}/ckpt.pt; continue with: "

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+import launch
 import dpo
 from dpo import Config, PairData, train
-from testlib import ROOT, make_data, our_tiny, packed_inputs, tiny_cfg, tiny_model
+from testlib import ROOT, compiled_run, make_data, our_tiny, packed_inputs, tiny_cfg, tiny_model
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -84,16 +84,11 @@ def test_cuda_compiled_packed_training_equals_eager_without_retracing(tmp_path):
     # new data every step, one fixed packed shape: the compiled run equals eager, and the steps
     # after the second (new pairs, same shape) trace no new graph (counted against a 2-step run:
     # flex and create_block_mask compile too)
-    from torch._dynamo.utils import counters
     data_dir = make_data(tmp_path)
     kw = dict(device="cuda", dtype="float32", eval_interval=0, pack_rows=2)
 
     def run(mode, steps):
-        torch._dynamo.reset()
-        counters.clear()
-        hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / f"{mode}{steps}"),
-                              compile=mode, max_iters=steps, **kw))
-        return hist, counters["stats"]["unique_graphs"]
+        return compiled_run(tmp_path, data_dir, mode, steps, **kw)
     (eager, _), (compiled, graphs), (_, graphs_2) = run("false", 5), run("true", 5), run("true", 2)
     for a, b in zip(eager, compiled):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
@@ -118,7 +113,7 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path):
     data_dir = make_data(tmp_path, n_train=64)
     cfg = tiny_cfg(tmp_path, data_dir, device="cuda", compile="true", global_batch_size=32,
                    batch_size=8)
-    run = checkpoint.setup(cfg)
+    run = launch.setup(cfg)
     data = PairData(data_dir, "train", 64)
     run.shape = dpo.make_shape(cfg, [data], fixed=True, multiple=128)
     model = tiny_model().cuda()

@@ -20,15 +20,17 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-import checkpoint
 import configurator
 import dpo
+import launch
 import judges
 import model as model_module
 import online as online_module
 import prepare as P
 import sample as sample_module
+import shards
 import testlib
+import toy
 from dpo import train
 from testlib import (assert_one_error, cli, make_data, our_tiny, read_metrics, sample_cfg,
                      tiny_args, tiny_cfg, tokens)
@@ -291,7 +293,7 @@ def check_rounds(cfg, score):
     for r in range(cfg.rounds):
         d = Path(cfg.out_dir) / f"round_{r:03d}"
         rows = [json.loads(line) for line in open(d / "pairs" / "pairs.jsonl")]
-        shard = P.load_pairs(str(d / "pairs" / "train_000000.bin"))
+        shard = shards.load_pairs(str(d / "pairs" / "train_000000.bin"))
         assert len(rows) == len(shard) == cfg.prompts_per_round
         for i, row in enumerate(rows):
             strip = lambda s: s.replace("<|endoftext|>", "")
@@ -311,7 +313,7 @@ def check_rounds(cfg, score):
 def test_online_toy_judge_end_to_end_and_resume(tmp_path, toy_sft, capsys):
     cfg = online_cfg(tmp_path, toy_sft)
     online_module.online(cfg)
-    check_rounds(cfg, lambda p, r: P.toy_reward(r))
+    check_rounds(cfg, lambda p, r: toy.toy_reward(r))
     out = capsys.readouterr().out
     assert "round 1 sampling: 6/6 pairs from 6 prompts, eta" in out  # progress while sampling
     # the val pairs' reference log-probs: computed in round 0, reused by round 1 (only the train ones are new)
@@ -456,7 +458,7 @@ def test_online_stop_anywhere_is_one_line_with_the_command_and_no_further_round(
     if moment in ("mid-round", "last step of a round"):
         again = cli("online.py", *args)  # the command it printed goes on
         assert again.returncode == 0, again.stderr[-3000:]
-        check_rounds(online_cfg(tmp_path, toy_sft), lambda p, r: P.toy_reward(r))
+        check_rounds(online_cfg(tmp_path, toy_sft), lambda p, r: toy.toy_reward(r))
 
 
 def test_online_rerun_prints_changes_refuses_mixing_and_zero_step_rounds(tmp_path, toy_sft,
@@ -494,7 +496,7 @@ def test_online_lock_and_stale_pairs_tmp(tmp_path, toy_sft):
     stale = out / "round_000" / "pairs.tmp"
     stale.mkdir(parents=True)
     (stale / "train_000000.bin").write_bytes(b"cut short by a kill")
-    with checkpoint.lock(str(out)):  # another online.py holds out_dir
+    with launch.lock(str(out)):  # another online.py holds out_dir
         r = cli("online.py", *args)
     assert_one_error(r.returncode, r.stderr, rf"out_dir={out} is in use by another running trainer")
     # the loser touched nothing
@@ -505,8 +507,8 @@ def test_online_lock_and_stale_pairs_tmp(tmp_path, toy_sft):
 
 
 def test_judges_batched_bad_specs_and_a_judge_that_hangs(tmp_path, toy_sft, monkeypatch):
-    toy = judges.load_judge("toy")
-    assert toy(["a", "b"], ["great", "awful"]) == [P.toy_reward("great"), P.toy_reward("awful")]
+    toy_judge = judges.load_judge("toy")
+    assert toy_judge(["a", "b"], ["great", "awful"]) == [toy.toy_reward("great"), toy.toy_reward("awful")]
     body = "def score(prompt, response):\n    return len(response)\n"
     spec = write_judge(tmp_path, monkeypatch, "judge_len", body)
     assert judges.score(judges.load_judge(spec), spec, ["p", "q"], ["ab", "c"]) == [2.0, 1.0]

@@ -62,8 +62,8 @@ def run(tmp_path, rows, *args, name="in.jsonl", out="out"):
 
 def read_split(out, split="train"):
     pairs = []
-    for path in P.list_shards(out, split):
-        shard = P.load_pairs(path)
+    for path in shards.list_shards(out, split):
+        shard = shards.load_pairs(path)
         pairs += [tuple(x.tolist() for x in shard[i]) for i in range(len(shard))]
     return pairs
 
@@ -235,10 +235,10 @@ def test_split_by_prompt_and_determinism(tmp_path):
 def test_shards_bounded_and_ordered(tmp_path):
     rows = [{"prompt": f"P{i}:", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(20)]
     meta, out = run(tmp_path, rows, "--shard_pairs=7", "--batch_rows=3", "--num_workers=1")
-    paths = P.list_shards(out, "train")
+    paths = shards.list_shards(out, "train")
     assert [Path(p).name for p in paths] == ["train_000000.bin", "train_000001.bin",
                                              "train_000002.bin"]
-    assert [len(P.load_pairs(p)) for p in paths] == [7, 7, 6]
+    assert [len(shards.load_pairs(p)) for p in paths] == [7, 7, 6]
     assert [s["pairs"] for s in meta["shards"]["train"]] == [7, 7, 6]
     assert read_split(out) == [ref_pair(*r.values()) for r in rows]
     # a rerun with fewer shards replaces the whole folder: no stale shard is left behind
@@ -632,10 +632,10 @@ def test_reader_matches_layout(tmp_path):
     rows = [{"prompt": f"Prompt {i}:", "chosen": " yes" * (i % 5 + 1),
              "rejected": " no" * (i % 3 + 1)} for i in range(30)]
     _, out = run(tmp_path, rows)
-    path = P.list_shards(out, "train")[0]
+    path = shards.list_shards(out, "train")[0]
     header, ref = naive_read(path)
     assert header[0] == 20241127 and header[1] == 1 and header[2] == 30 and not header[4:].any()
-    pairs = P.load_pairs(path)
+    pairs = shards.load_pairs(path)
     assert len(pairs) == 30 and pairs.lengths.shape == (30, 3) and pairs.offsets.shape == (30,)
     assert [tuple(x.tolist() for x in pairs[i]) for i in range(30)] == ref == [ref_pair(*r.values()) for r in rows]
     assert int(pairs.offsets[3]) == int(pairs.lengths[:3].sum())
@@ -671,13 +671,13 @@ def test_reader_errors(tmp_path, edit, pattern):
     _, out = run(tmp_path, HH_ROWS)
     bad = _corrupt(out / "train_000000.bin", out / "train_000001.bin", edit)
     with pytest.raises(ValueError, match=pattern) as e:
-        P.load_pairs(bad)
+        shards.load_pairs(bad)
     assert str(bad) in str(e.value) and "python prepare.py" in str(e.value)
 
 
 def test_list_shards_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + r".*python prepare.py"):
-        P.list_shards(tmp_path, "train")
+        shards.list_shards(tmp_path, "train")
 
 
 def hand_shard(path, lengths, tokens):  # the documented layout, by hand
@@ -700,23 +700,24 @@ def test_no_pair_with_an_empty_prompt_is_written_or_read(tmp_path):
     p, c, r = ref_pair(*rows[2].values())
     assert read_split(out) == [(p[-1:], c[:1], r[:1])]
     good = hand_shard(tmp_path / "good.bin", [[2, 1, 1], [1, 2, 1]], [7, 8, 9, 10, 11, 12, 13, 14])
-    assert ([tuple(x.tolist() for x in P.load_pairs(good)[i]) for i in range(2)]
+    assert ([tuple(x.tolist() for x in shards.load_pairs(good)[i]) for i in range(2)]
             == naive_read(good)[1])
     bad = hand_shard(tmp_path / "train_000000.bin", [[2, 1, 1], [0, 3, 1]],
                      [7, 8, 9, 10, 11, 12, 13, 14])
-    with pytest.raises(P.ShardError, match=re.escape(str(bad)) + r": 1 pairs have an empty prompt.*python prepare.py"):
-        P.load_pairs(bad)
+    empty_prompt = re.escape(str(bad)) + r": 1 pairs have an empty prompt.*python prepare.py"
+    with pytest.raises(shards.ShardError, match=empty_prompt):
+        shards.load_pairs(bad)
 
 
 def test_max_token(tmp_path):
     # the trainer checks token ids against its vocabulary once per shard, naming it: the largest id,
     # read once
     path = hand_shard(tmp_path / "s.bin", [[1, 1, 1], [2, 1, 1]], [3, 50300, 5, 6, 7, 50256, 9])
-    assert (P.load_pairs(path).max_token
+    assert (shards.load_pairs(path).max_token
             == max(t for pair in naive_read(path)[1] for x in pair for t in x) == 50300)
-    assert P.load_pairs(hand_shard(tmp_path / "e.bin", [], [])).max_token == -1
+    assert shards.load_pairs(hand_shard(tmp_path / "e.bin", [], [])).max_token == -1
     _, out = run(tmp_path, HH_ROWS)
-    assert (P.load_pairs(out / "train_000000.bin").max_token
+    assert (shards.load_pairs(out / "train_000000.bin").max_token
             == max(t for pair in read_split(out) for x in pair for t in x))
 
 

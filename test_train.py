@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import checkpoint
 import dpo
 from dpo import LOSS_TYPES, Config, PairData, parse_config, train
-from testlib import (assert_one_error, assert_same_runs, cli, logsig, main_error, make_data,
+from testlib import (assert_one_error, assert_same_runs, cli, compiled_run, logsig, main_error, make_data,
                      naive_logps, random_pairs, read_metrics, run_dpo, tiny_args, tiny_cfg,
                      tiny_model, torchrun_args, write_shard)
 
@@ -137,16 +137,11 @@ def test_compiled_steps_equal_eager_and_trace_nothing_after_the_first(tmp_path, 
     # the whole forward is compiled (mask, transformer, gather, chunked lm_head, sums); fixed shapes
     # and padded response tokens: the steps after the first (new pairs, other pair counts) add no
     # graph
-    from torch._dynamo.utils import counters
     data_dir = make_data(tmp_path)
     kw = dict(eval_interval=0, pack_rows=2, layout=layout, logprob_chunk=32)
 
     def run(mode, steps):
-        torch._dynamo.reset()
-        counters.clear()
-        hist = train(tiny_cfg(tmp_path, data_dir, out_dir=str(tmp_path / f"{mode}{steps}"),
-                              compile=mode, max_iters=steps, **kw))
-        return hist, counters["stats"]["unique_graphs"]
+        return compiled_run(tmp_path, data_dir, mode, steps, **kw)
     (eager, _), (compiled, graphs), (_, graphs_1) = run("false", 5), run("true", 5), run("true", 1)
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]

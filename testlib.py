@@ -199,3 +199,13 @@ def torchrun_args(data_dir, layout, **kw):
                 global_batch_size=8, batch_size=2, max_iters=4, eval_interval=2, device="cpu",
                 compile="false", learning_rate=1e-3, layout=layout, reference="model") | kw
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+def compiled_run(tmp_path, data_dir, mode, steps, **kw):
+    """a tiny run with compile=mode -> (its history, how many graphs torch.compile traced in it)"""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    out_dir = str(tmp_path / f"{mode}{steps}")
+    hist = dpo.train(tiny_cfg(tmp_path, data_dir, out_dir=out_dir, compile=mode, max_iters=steps, **kw))
+    return hist, counters["stats"]["unique_graphs"]
