@@ -177,7 +177,8 @@ def run_dpo(tmp_path, name, args, nproc=0):
                                                   f"--nproc_per_node={nproc}"]
     out = subprocess.run([*launch, "dpo.py", f"--out_dir={tmp_path}/{name}", *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    # a rank's own error comes first, torchrun's report of it last: show both ends
+    assert out.returncode == 0, out.stderr[:3000] + "\n...\n" + out.stderr[-3000:]
     ck = torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True)
     return read_metrics(f"{tmp_path}/{name}"), ck["model"]
 
