@@ -892,6 +892,8 @@ def training_loop(t, stop, again):
 def main(argv):
     try:
         train(parse_config(argv))
+        if dist.is_initialized():  # leave together: a rank torn down while rank 0 still writes can abort
+            dist.barrier()
     except (ValueError, OSError, PrepareError, FloatingPointError) as e:  # bad input, no file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
