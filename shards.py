@@ -28,7 +28,8 @@ class Pairs:
             try:
                 cmd = json.loads((Path(path).parent / "meta.json").read_text())["command"]
             except (OSError, ValueError, KeyError):
-                cmd = f"python prepare.py --out_dir={Path(path).parent} (with the --dataset/--input you used)"
+                folder = Path(path).parent
+                cmd = f"python prepare.py --out_dir={folder} (with the --dataset/--input you used)"
             raise ShardError(f"{path}: {msg}; regenerate it with: {cmd}")
         size, head = os.path.getsize(path), HEADER_INTS * 4  # head: the header's bytes
         check(size >= head, f"{size} bytes is too small for the {head}-byte header (truncated file?)")
@@ -40,7 +41,8 @@ class Pairs:
               f"({n} pairs, {ntok} tokens) says {expected} (truncated or corrupted)")
         L = np.fromfile(path, dtype=np.int32, count=3 * n, offset=head).reshape(n, 3)
         L = self.lengths = L.astype(np.int64)  # (N, 3) prompt, chosen, rejected
-        check((L >= 0).all() and (L[:, 1:] > 0).all(), "has a negative length or an empty response (corrupted)")
+        lengths_ok = (L >= 0).all() and (L[:, 1:] > 0).all()
+        check(lengths_ok, "has a negative length or an empty response (corrupted)")
         # an empty prompt would have its first response token predicted from the previous pair's
         empty = (L[:, 0] == 0).sum()
         check(not empty, f"{empty} pairs have an empty prompt (prepare.py never writes one)")
@@ -69,7 +71,8 @@ def list_shards(data_dir, split, required=True):
     paths = sorted(str(p) for p in Path(data_dir).glob(f"{split}_{'[0-9]' * 6}.bin"))
     if not paths and required:
         raise FileNotFoundError(f"no {split} shards ({split}_*.bin) in {data_dir}; create them with: "
-                                f"python prepare.py --out_dir={data_dir} (toy), or add --dataset=hh / --input=FILE")
+                                f"python prepare.py --out_dir={data_dir} (toy), or add --dataset=hh / "
+                                f"--input=FILE")
     return paths
 
 
