@@ -62,19 +62,26 @@ def data_block_size(data_dir):
                 longest = max(longest, int((lengths[:, 0] + lengths[:, 1:].max(1)).max()))
     return min(1024, longest or 1024)
 
-def data_hash(data_dir):
-    """the identity of the pairs, all shard bytes: a resume may find its data under another path"""
-    return files_hash(list_shards(data_dir, "train") + list_shards(data_dir, "val", required=False))
+def data_hashes(data_dir):
+    """one read of every shard -> the hash of all the pairs (a resume's identity of its data, which
+    may sit under another path) and each split's own (its reference cache's key); names and bytes"""
+    whole = hashlib.sha256()
+    split_hash = {}
+    for split in ("train", "val"):
+        part = hashlib.sha256()
+        for path in list_shards(data_dir, split, required=split == "train"):
+            name = os.path.basename(path).encode()
+            whole.update(name)
+            part.update(name)
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    whole.update(chunk)
+                    part.update(chunk)
+        split_hash[split] = part.hexdigest()[:16]
+    return whole.hexdigest()[:16], split_hash
 
-def files_hash(paths):
-    """a hash of the files' names and bytes"""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(os.path.basename(path).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+def data_hash(data_dir):
+    return data_hashes(data_dir)[0]
 
 def weights_hash(model):
     h = hashlib.sha256()
@@ -175,10 +182,10 @@ def resume_config(out_dir, argv, cls, check):
 
 def start(cfg):
     """-> (policy, reference, the checkpoint resumed from or None, meta). meta, saved in every
-    checkpoint: the reference's source (absolute, relative to out_dir), hash, seed; the data hash"""
+    checkpoint: the reference's source (absolute, relative to out_dir), hash, seed; the data hashes"""
     if cfg.init_from == "resume":  # resume_config took the options from the checkpoint
         ck, path = read_resumable(cfg.out_dir)
-        h = data_hash(cfg.data_dir)
+        h, split_hash = data_hashes(cfg.data_dir)
         if ck.get("data_hash") not in (None, h):  # the same data may sit under another path
             raise ValueError(f"resume: {cfg.data_dir} holds other data than the run in {path} trained on "
                              f"(from {ck['config']['data_dir']}): restore it, or start a new run: "
@@ -188,7 +195,7 @@ def start(cfg):
             ref_model.load_state_dict(ck["ref_model"])
         meta = dict(ref_from=ck["ref_from"], ref_hash=ck.get("ref_hash") or weights_hash(ref_model),
                     ref_rel=ck.get("ref_rel"), ref_seed=ck.get("ref_seed", ck["config"]["seed"]),
-                    data_hash=h)
+                    data_hash=h, split_hash=split_hash)
         return model, ref_model, ck, meta
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     source = checkpoint_path(cfg.init_from) if cfg.init_from != "scratch" else None
@@ -202,8 +209,9 @@ def start(cfg):
     if os.path.exists(cfg.init_from):  # a path
         ref_from = os.path.abspath(cfg.init_from)
         ref_rel = os.path.relpath(ref_from, cfg.out_dir)
+    h, split_hash = data_hashes(cfg.data_dir)
     meta = dict(ref_from=ref_from, ref_hash=weights_hash(model), ref_rel=ref_rel, ref_seed=cfg.seed,
-                data_hash=data_hash(cfg.data_dir))
+                data_hash=h, split_hash=split_hash)
     return model, model, None, meta
 
 # ---- saving and restoring

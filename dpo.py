@@ -502,7 +502,7 @@ def reference_logps(ref_model, meta, data, run):
     (ranks split the pairs) and cached beside the shards, under the hashes of the reference's
     weights and of this split's shards (online rounds share their val split)"""
     ld = f"_ld{run.cfg.ld_alpha}" if run.cfg.ld_alpha != 1 else ""  # LD-DPO's sums differ
-    shards = checkpoint.files_hash([s.path for s in data.shards])
+    shards = meta["split_hash"][data.split]  # computed with the data hash, in the same read
     name = f"ref_logps_{data.split}_{meta['ref_hash']}{ld}_{shards}_{data.block_size}.pt"
     path = os.path.join(data.data_dir, name)
     return checkpoint.cached(path, len(data), run, lambda: compute_reference(ref_model, data, run))
