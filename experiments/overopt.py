@@ -5,7 +5,8 @@ part ways with the ground truth. Per seed, from toy data and the SFT model (toy_
     rm_all, rm_tenth   reward models (dpo.py --loss_type=reward from the SFT model) on all the train
                        pairs and on a tenth (prepare.py --toy_pairs=600: the same first pairs)
     online_JUDGE       online DPO (config/toy_online.py, 8 rounds of 25 steps, 800 fresh pairs each)
-                       judged by rm_all, rm_tenth or the exact reward (toy)
+                       judged by rm_all, rm_tenth or the exact reward (toy), at beta 0.1;
+    online_JUDGE_b0.01 the same at beta 0.01
     offline_bBETA      offline DPO (config/toy_dpo.py) at beta 0.01, 0.1, 1.0 for 3 passes over the
                        pairs, with dpo.py's judged eval (--eval_judge=toy) every 25 steps
     bon                best-of-n from the SFT model, n = 1..64, picked by each judge
