@@ -99,7 +99,8 @@ def read_checkpoint(path, mmap=False):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle we refuse to run
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {one_line(e, 100)})") from None
+        why = f"{type(e).__name__}: {one_line(e, 100)}"
+        raise ValueError(f"{path}: not a readable checkpoint ({why})") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ValueError(f"{path}: not a dpo.py checkpoint (no model / model_config)")
     return ck
@@ -162,7 +163,8 @@ def resume_config(out_dir, argv, cls, check):
     # {option: (the run's value, this launch's)}; an option this version no longer has is no change
     changes = {k: (old, getattr(cfg, k)) for k, old in saved.items() if getattr(cfg, k, old) != old}
     breaking = {k: change for k, change in changes.items() if k in FIXED}
-    if breaking and list_shards(cfg.data_dir, "train", required=False):  # named with the rest (start checks it)
+    # other data is named with the rest of the breaking changes (start checks it too)
+    if breaking and list_shards(cfg.data_dir, "train", required=False):
         if ck.get("data_hash") not in (None, data_hash(cfg.data_dir)):
             breaking["data_dir"] = (ck["config"]["data_dir"], f"{cfg.data_dir} (other data)")
     if breaking:
